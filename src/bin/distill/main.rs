@@ -1,0 +1,154 @@
+//! The `distill` command line: the counterpart of Distiller's `compress_classifier.py`.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use distill::data::{self, DataSplits};
+use distill::models;
+use distill::optim::OptimizerConfig;
+use distill::train::{self, Progress, TrainConfig, Trainer};
+use distill::Result;
+
+#[derive(Parser)]
+#[command(name = "distill", version, about = "Neural-network compression: train, prune, quantize and analyze models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model of the zoo, writing checkpoints, metrics.csv and summary.json to --out.
+    Train(TrainArgs),
+    /// List the model zoo's architectures by dataset.
+    Models,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerKind {
+    Sgd,
+    Adam,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Architecture (see `distill models`).
+    #[arg(long)]
+    arch: String,
+    /// Dataset: mnist (the bundled 5,000 digits unless --data-dir is given) or cifar10 (needs --data-dir).
+    #[arg(long)]
+    dataset: String,
+    /// Folder with the full MNIST IDX files or the CIFAR-10 binary batches.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Total epochs (a resumed run continues up to this number).
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Initial learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    optimizer: OptimizerKind,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// L2 weight decay.
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// Seed of initialization, shuffling and dropout.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output folder for checkpoint.safetensors, best.safetensors, metrics.csv and summary.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue from a checkpoint written by an earlier run.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Progress display: auto, bar, lines or quiet.
+    #[arg(long, default_value = "auto")]
+    progress: String,
+}
+
+fn load_data(dataset: &str, dir: Option<&PathBuf>) -> Result<DataSplits> {
+    match (dataset, dir) {
+        ("mnist", None) => data::mnist_bundled(),
+        ("mnist", Some(d)) => data::mnist_idx(d),
+        ("cifar10", Some(d)) => data::cifar10(d),
+        ("cifar10", None) => Err(distill::Error::invalid("--data-dir", "cifar10 needs --data-dir pointing at the CIFAR-10 binary batches")),
+        (other, _) => Err(distill::Error::unknown("dataset", other, models::DATASETS.iter().map(|(d, ..)| *d))),
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let device = train::parse_device(&args.device)?;
+    let progress: Progress = args.progress.parse()?;
+    tch::manual_seed(args.seed as i64);
+    let mut model = models::create_model(&args.arch, &args.dataset, device)?;
+    let data = load_data(&args.dataset, args.data_dir.as_ref())?;
+    let optimizer = match args.optimizer {
+        OptimizerKind::Sgd => OptimizerConfig::sgd(args.momentum, args.weight_decay),
+        OptimizerKind::Adam => OptimizerConfig::adam(args.weight_decay),
+    };
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        optimizer,
+        seed: args.seed,
+        out_dir: Some(args.out.clone()),
+        progress,
+    };
+    println!(
+        "distill: {} on {} ({} train / {} valid / {} test samples), {} parameters, {:?}",
+        args.arch,
+        args.dataset,
+        data.train.len(),
+        data.valid.len(),
+        data.test.len(),
+        model.num_parameters(),
+        device
+    );
+    let mut trainer = Trainer::new(&mut model, config)?;
+    if let Some(ckpt) = &args.resume {
+        trainer.resume(ckpt)?;
+        println!("resuming from {} after epoch {}", ckpt.display(), trainer.history().len().saturating_sub(1));
+    }
+    let summary = trainer.run(&data)?;
+    println!(
+        "done in {:.1} s: best epoch {} (valid top1 {:.2}%), final test top1 {:.2}%, sparsity {:.2}%; results in {}",
+        summary.wall_seconds,
+        summary.best.epoch,
+        summary.best.top1,
+        summary.test.top1,
+        100.0 * summary.sparsity,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Models => {
+            for (dataset, ..) in models::DATASETS {
+                println!("{dataset}: {}", models::architectures(Some(dataset)).join(", "));
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Datasets and batching.
+//!
+//! * [`mnist_bundled`]: the 5,000 MNIST digits shipped with distill (500 per class), split per class at random
+//!   (fixed seed) into 400 training, 50 validation and 50 test digits: 4,000 / 500 / 500, the same everywhere.
+//! * [`mnist_idx`]: the standard MNIST IDX files (optionally gzipped), for users who have them.
+//! * [`cifar10`]: the CIFAR-10 binary batches.
+//! * [`Dataset::synthetic`]: random data of any shape, for benchmarks.
+//!
+//! A [`Dataset`] keeps all samples in one tensor; [`Dataset::batches`] walks it in order or in a seeded random
+//! order. Images are normalized as Distiller's loaders do (MNIST: mean 0.1307, std 0.3081; CIFAR-10: 0.5, 0.5).
+mod cifar;
+mod mnist;
+mod rng;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::{Error, Result};
+
+pub use cifar::cifar10;
+pub use mnist::{mnist_bundled, mnist_csv, mnist_idx, MNIST_MEAN, MNIST_STD};
+pub use rng::{epoch_seed, SplitMix64};
+
+/// Labelled images held in memory: `images` `[N, C, H, W]` (float, normalized) and `labels` `[N]` (int64).
+#[derive(Debug)]
+pub struct Dataset {
+    name: String,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: i64,
+    augmentation: Option<RandomCrop>,
+}
+
+/// Training-time augmentation: pad each image by `padding` pixels of value `fill`, crop it back at a random
+/// offset, and mirror it horizontally with probability ½ if `horizontal_flip` (torchvision's `RandomCrop` and
+/// `RandomHorizontalFlip`, as Distiller's CIFAR-10 loader uses them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RandomCrop {
+    /// Pixels added on each side before cropping; the largest shift.
+    pub padding: i64,
+    /// Value of the added pixels, in normalized units (the normalized value of a black pixel).
+    pub fill: f64,
+    /// Mirror left-right with probability ½.
+    pub horizontal_flip: bool,
+}
+
+impl RandomCrop {
+    fn apply(&self, x: &Tensor, rng: &mut SplitMix64) -> Result<Tensor> {
+        let size = x.size();
+        let (h, w, p) = (size[2], size[3], self.padding);
+        let padded = x.f_pad([p, p, p, p], "constant", Some(self.fill))?;
+        let span = (2 * p + 1) as u64;
+        let mut crops = Vec::with_capacity(size[0] as usize);
+        for i in 0..size[0] {
+            let (dy, dx) = (rng.below(span) as i64, rng.below(span) as i64);
+            let crop = padded.f_select(0, i)?.f_narrow(1, dy, h)?.f_narrow(2, dx, w)?;
+            let flip = self.horizontal_flip && rng.next_u64() & 1 == 1;
+            crops.push(if flip { crop.f_flip([2])? } else { crop });
+        }
+        Ok(Tensor::f_stack(&crops, 0)?)
+    }
+}
+
+/// Training, validation and test sets.
+#[derive(Debug)]
+pub struct DataSplits {
+    /// Data the model is trained on.
+    pub train: Dataset,
+    /// Held out from training; used each epoch to pick the best checkpoint.
+    pub valid: Dataset,
+    /// Held out from everything; used once on the final model.
+    pub test: Dataset,
+}
+
+impl Dataset {
+    /// A dataset from images `[N, C, H, W]` and labels `[N]` in `0..num_classes`.
+    pub fn new(name: impl Into<String>, images: Tensor, labels: Tensor, num_classes: i64) -> Result<Self> {
+        let name = name.into();
+        let (is, ls) = (images.size(), labels.size());
+        if is.len() != 4 || ls.len() != 1 || is[0] != ls[0] {
+            return Err(Error::Shape(format!("dataset '{name}': images must be [N, C, H, W] and labels [N]; got {is:?} and {ls:?}")));
+        }
+        let images = images.f_to_kind(Kind::Float)?;
+        let labels = labels.f_to_kind(Kind::Int64)?;
+        if is[0] > 0 {
+            let (lo, hi) = (labels.f_min()?.int64_value(&[]), labels.f_max()?.int64_value(&[]));
+            if lo < 0 || hi >= num_classes {
+                return Err(Error::invalid("labels", format!("dataset '{name}': labels span {lo}..={hi}, expected 0..{num_classes}")));
+            }
+        }
+        Ok(Dataset { name, images, labels, num_classes, augmentation: None })
+    }
+
+    /// Gaussian images with uniformly random labels, from a seed; for benchmarks, where only shapes matter.
+    pub fn synthetic(len: usize, sample_shape: [i64; 3], num_classes: i64, seed: u64) -> Result<Self> {
+        if num_classes <= 0 || sample_shape.iter().any(|&d| d <= 0) {
+            return Err(Error::invalid("synthetic dataset", format!("shape {sample_shape:?} and {num_classes} classes must be positive")));
+        }
+        let mut rng = SplitMix64::new(seed);
+        let numel = len * sample_shape.iter().product::<i64>() as usize;
+        let pixels: Vec<f32> = (0..numel).map(|_| rng.next_normal() as f32).collect();
+        let labels: Vec<i64> = (0..len).map(|_| rng.below(num_classes as u64) as i64).collect();
+        let [c, h, w] = sample_shape;
+        let images = Tensor::f_from_slice(&pixels)?.f_reshape([len as i64, c, h, w])?;
+        Dataset::new("synthetic", images, Tensor::f_from_slice(&labels)?, num_classes)
+    }
+
+    /// The dataset's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.size()[0] as usize
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of classes.
+    pub fn num_classes(&self) -> i64 {
+        self.num_classes
+    }
+
+    /// Shape of one sample, `[C, H, W]`.
+    pub fn sample_shape(&self) -> Vec<i64> {
+        self.images.size()[1..].to_vec()
+    }
+
+    /// All images, `[N, C, H, W]`.
+    pub fn images(&self) -> &Tensor {
+        &self.images
+    }
+
+    /// All labels, `[N]`.
+    pub fn labels(&self) -> &Tensor {
+        &self.labels
+    }
+
+    /// Samples per class, in class order.
+    pub fn class_counts(&self) -> Result<Vec<i64>> {
+        let counts = self.labels.f_bincount(None::<Tensor>, self.num_classes)?;
+        Ok(Vec::<i64>::try_from(&counts)?)
+    }
+
+    /// The samples at `indices`, in that order.
+    pub fn subset(&self, name: impl Into<String>, indices: &[i64]) -> Result<Dataset> {
+        let n = self.len() as i64;
+        if let Some(bad) = indices.iter().find(|&&i| i < 0 || i >= n) {
+            return Err(Error::invalid("subset index", format!("{bad} is outside 0..{n}")));
+        }
+        let idx = Tensor::f_from_slice(indices)?;
+        Ok(Dataset {
+            name: name.into(),
+            images: self.images.f_index_select(0, &idx)?,
+            labels: self.labels.f_index_select(0, &idx)?,
+            num_classes: self.num_classes,
+            augmentation: self.augmentation,
+        })
+    }
+
+    /// Applies `augmentation` to every training pass ([`Dataset::train_batches`]).
+    pub fn with_augmentation(mut self, augmentation: Option<RandomCrop>) -> Self {
+        self.augmentation = augmentation;
+        self
+    }
+
+    /// The training-time augmentation, if any.
+    pub fn augmentation(&self) -> Option<&RandomCrop> {
+        self.augmentation.as_ref()
+    }
+
+    /// Number of batches of `batch_size` in one pass (the last one may be short), Distiller's
+    /// `steps_per_epoch = ceil(len / batch_size)`.
+    pub fn steps(&self, batch_size: usize) -> usize {
+        self.len().div_ceil(batch_size.max(1))
+    }
+
+    /// Mini-batches of `batch_size` moved to `device`, in order and unaugmented: for evaluation.
+    pub fn batches(&self, batch_size: usize, device: Device) -> Result<Batches<'_>> {
+        self.make_batches(batch_size, None, device)
+    }
+
+    /// Mini-batches for one training pass: in a random order and with random augmentation, both fixed by `seed`.
+    pub fn train_batches(&self, batch_size: usize, seed: u64, device: Device) -> Result<Batches<'_>> {
+        self.make_batches(batch_size, Some(seed), device)
+    }
+
+    fn make_batches(&self, batch_size: usize, seed: Option<u64>, device: Device) -> Result<Batches<'_>> {
+        if batch_size == 0 {
+            return Err(Error::invalid("batch size", "must be at least 1"));
+        }
+        let (order, augment) = match seed {
+            Some(seed) => {
+                let mut rng = SplitMix64::new(seed);
+                let order = Tensor::f_from_slice(&rng.permutation(self.len()))?;
+                (Some(order), self.augmentation.map(|a| (a, rng)))
+            }
+            None => (None, None),
+        };
+        Ok(Batches { dataset: self, order, augment, batch_size: batch_size as i64, next: 0, device })
+    }
+}
+
+/// Iterator over the mini-batches of a [`Dataset`], yielding `(images, labels)`.
+pub struct Batches<'a> {
+    dataset: &'a Dataset,
+    order: Option<Tensor>,
+    augment: Option<(RandomCrop, SplitMix64)>,
+    batch_size: i64,
+    next: i64,
+    device: Device,
+}
+
+impl Batches<'_> {
+    fn batch(&mut self, start: i64, len: i64) -> Result<(Tensor, Tensor)> {
+        let d = self.dataset;
+        let (x, y) = match &self.order {
+            Some(order) => {
+                let idx = order.f_narrow(0, start, len)?;
+                (d.images.f_index_select(0, &idx)?, d.labels.f_index_select(0, &idx)?)
+            }
+            None => (d.images.f_narrow(0, start, len)?, d.labels.f_narrow(0, start, len)?),
+        };
+        let x = match &mut self.augment {
+            Some((crop, rng)) => crop.apply(&x, rng)?,
+            None => x,
+        };
+        Ok((x.f_to_device(self.device)?, y.f_to_device(self.device)?))
+    }
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Result<(Tensor, Tensor)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let n = self.dataset.len() as i64;
+        if self.next >= n {
+            return None;
+        }
+        let len = self.batch_size.min(n - self.next);
+        let start = self.next;
+        self.next += len;
+        Some(self.batch(start, len))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = ((self.dataset.len() as i64 - self.next).max(0) + self.batch_size - 1) / self.batch_size;
+        (left as usize, Some(left as usize))
+    }
+}
+
+impl ExactSizeIterator for Batches<'_> {}
+
+/// Splits `dataset` per class: the samples of each class, in the order given by a permutation drawn from
+/// `seed`, go `per_class[0]` to the first set, the next `per_class[1]` to the second, and so on. Every set keeps
+/// the dataset's order.
+pub fn split_per_class(dataset: &Dataset, per_class: &[usize], names: &[&str], seed: u64) -> Result<Vec<Dataset>> {
+    let labels = Vec::<i64>::try_from(&dataset.labels)?;
+    let mut seen = vec![0usize; dataset.num_classes as usize];
+    let mut parts: Vec<Vec<i64>> = vec![Vec::new(); per_class.len()];
+    let order = SplitMix64::new(seed).permutation(labels.len());
+    let mut ranked: Vec<usize> = vec![0; labels.len()];
+    for (rank, &i) in order.iter().enumerate() {
+        ranked[i as usize] = rank;
+    }
+    let mut by_rank: Vec<usize> = (0..labels.len()).collect();
+    by_rank.sort_by_key(|&i| ranked[i]);
+    for &i in &by_rank {
+        let l = labels[i];
+        let k = seen[l as usize];
+        seen[l as usize] += 1;
+        let mut bound = 0;
+        for (part, &count) in per_class.iter().enumerate() {
+            bound += count;
+            if k < bound {
+                parts[part].push(i as i64);
+                break;
+            }
+        }
+    }
+    let needed: usize = per_class.iter().sum();
+    if let Some((class, &have)) = seen.iter().enumerate().find(|(_, &s)| s < needed) {
+        return Err(Error::invalid(
+            "per-class split",
+            format!("class {class} of '{}' has {have} samples, the split needs {needed}", dataset.name),
+        ));
+    }
+    parts.iter_mut().zip(names).map(|(idx, name)| {
+        idx.sort_unstable();
+        dataset.subset(*name, idx)
+    }).collect()
+}
+
+/// Normalizes `u8` pixels (`[N, C, H, W]`) to `(x/255 - mean[c]) / std[c]`.
+fn normalize_pixels(pixels: &Tensor, mean: &[f64], std: &[f64]) -> Result<Tensor> {
+    let c = mean.len() as i64;
+    let mean = Tensor::f_from_slice(mean)?.f_to_kind(Kind::Float)?.f_view([1, c, 1, 1])?;
+    let std = Tensor::f_from_slice(std)?.f_to_kind(Kind::Float)?.f_view([1, c, 1, 1])?;
+    Ok(pixels.f_to_kind(Kind::Float)?.f_div_scalar(255.0)?.f_sub(&mean)?.f_div(&std)?)
+}
+
+/// Reads a file, inflating it if it is gzip-compressed.
+fn read_maybe_gz(path: &std::path::Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    maybe_gunzip(path, raw)
+}
+
+/// Inflates `raw` if it starts with the gzip magic bytes; `origin` names it in errors.
+fn maybe_gunzip(origin: &std::path::Path, raw: Vec<u8>) -> Result<Vec<u8>> {
+    use std::io::Read;
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw.as_slice())
+        .read_to_end(&mut out)
+        .map_err(|e| Error::data(origin, format!("corrupt gzip stream: {e}")))?;
+    Ok(out)
+}

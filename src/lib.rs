@@ -1,0 +1,52 @@
+//! # distill
+//!
+//! Neural-network compression research in Rust, on libtorch through [tch]: a compression scheduler that plugs
+//! into an ordinary training loop, with pruners, regularizers, quantizers and learning-rate schedules, in the
+//! spirit of Intel's Distiller, made to be driven from Jupyter notebooks through the evcxr kernel.
+//!
+//! The pieces, each in its own module:
+//! * [`nn`]: the named module tree (`layer1.0.conv1.weight`), replace-by-name and observers;
+//! * [`models`]: the model zoo with Distiller's layer names, and [`models::create_model`];
+//! * [`data`]: the bundled 5,000-digit MNIST subset, MNIST IDX and CIFAR-10 loaders, seeded batching;
+//! * [`optim`]: SGD and Adam with inspectable, checkpointable state;
+//! * [`scheduler`]: the compression scheduler, its policies and parameter masks;
+//! * [`train`]: Distiller's training loop with every scheduler callback, validation and checkpoints.
+//!
+//! ```no_run
+//! use distill::prelude::*;
+//!
+//! # fn main() -> distill::Result<()> {
+//! let data = distill::data::mnist_bundled()?;
+//! let mut model = distill::models::create_model("lenet", "mnist", Device::Cpu)?;
+//! let config = TrainConfig { epochs: 2, ..TrainConfig::default() };
+//! let run = distill::train::fit(&mut model, &data, None, &config)?;
+//! println!("best top-1 {:.2}%", run.best.top1);
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod data;
+pub mod metrics;
+pub mod summary;
+mod error;
+pub mod models;
+pub mod nn;
+pub mod optim;
+pub mod scheduler;
+pub mod train;
+
+pub use error::{did_you_mean, Error, Result};
+/// Re-exported so a notebook needs a single `:dep distill`.
+pub use tch;
+
+/// The names most programs need: `use distill::prelude::*;`.
+pub mod prelude {
+    pub use crate::data::{DataSplits, Dataset};
+    pub use crate::models::create_model;
+    pub use crate::nn::{Model, Module};
+    pub use crate::optim::{Optimizer, OptimizerConfig};
+    pub use crate::scheduler::{CompressionScheduler, Policy, PolicyLoss, PolicySchedule};
+    pub use crate::train::{TrainConfig, TrainSummary};
+    pub use crate::{Error, Result};
+    pub use tch::{Device, Kind, Tensor};
+}

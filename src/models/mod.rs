@@ -1,0 +1,104 @@
+//! The model zoo, with Distiller's module names and shapes so that Distiller's YAML schedules apply unchanged.
+//!
+//! | dataset | architectures |
+//! |---|---|
+//! | `mnist` | `simplenet_mnist`, `simplenet_v2_mnist`, `lenet` (LeNet-5), `mlp` (LeNet-300-100) |
+//! | `cifar10` | `simplenet_cifar`, `resnet20_cifar`, `resnet32_cifar`, `resnet44_cifar`, `resnet56_cifar`, `plain20_cifar`, `preact_resnet20_cifar`, `preact_resnet32_cifar`, `preact_resnet44_cifar`, `preact_resnet56_cifar`, `vgg11_cifar` … `vgg19_bn_cifar` |
+//!
+//! ```no_run
+//! let model = distill::models::create_model("resnet20_cifar", "cifar10", tch::Device::Cpu)?;
+//! assert_eq!(model.num_parameters(), 272_474);
+//! # Ok::<(), distill::Error>(())
+//! ```
+mod mnist;
+mod plain_cifar;
+mod preact_resnet_cifar;
+mod resnet_cifar;
+mod simplenet_cifar;
+mod vgg_cifar;
+
+use tch::nn::{Path, VarStore};
+use tch::Device;
+
+use crate::nn::{Model, ModelInfo, Sequential};
+use crate::{Error, Result};
+
+pub use preact_resnet_cifar::PreactBasicBlock;
+pub use resnet_cifar::BasicBlock;
+
+/// `x.view(x.size(0), -1)`, the inline reshape of Distiller's models before their classifier.
+fn flatten(xs: &tch::Tensor) -> Result<tch::Tensor> {
+    Ok(xs.f_flatten(1, -1)?)
+}
+
+/// The datasets the zoo has models for, with their input shape `[C, H, W]` and number of classes.
+pub const DATASETS: &[(&str, [i64; 3], i64)] = &[("mnist", [1, 28, 28], 10), ("cifar10", [3, 32, 32], 10)];
+
+type Builder = fn(&Path) -> Result<Sequential>;
+
+/// One architecture of the zoo.
+struct Arch {
+    name: &'static str,
+    dataset: &'static str,
+    build: Builder,
+}
+
+const ZOO: &[Arch] = &[
+    Arch { name: "simplenet_mnist", dataset: "mnist", build: mnist::simplenet_mnist },
+    Arch { name: "simplenet_v2_mnist", dataset: "mnist", build: mnist::simplenet_v2_mnist },
+    Arch { name: "lenet", dataset: "mnist", build: mnist::lenet },
+    Arch { name: "mlp", dataset: "mnist", build: mnist::mlp },
+    Arch { name: "simplenet_cifar", dataset: "cifar10", build: simplenet_cifar::simplenet_cifar },
+    Arch { name: "resnet20_cifar", dataset: "cifar10", build: |p| resnet_cifar::resnet_cifar(p, 3) },
+    Arch { name: "resnet32_cifar", dataset: "cifar10", build: |p| resnet_cifar::resnet_cifar(p, 5) },
+    Arch { name: "resnet44_cifar", dataset: "cifar10", build: |p| resnet_cifar::resnet_cifar(p, 7) },
+    Arch { name: "resnet56_cifar", dataset: "cifar10", build: |p| resnet_cifar::resnet_cifar(p, 9) },
+    Arch { name: "plain20_cifar", dataset: "cifar10", build: plain_cifar::plain20_cifar },
+    Arch { name: "preact_resnet20_cifar", dataset: "cifar10", build: |p| preact_resnet_cifar::preact_resnet_cifar(p, 3) },
+    Arch { name: "preact_resnet32_cifar", dataset: "cifar10", build: |p| preact_resnet_cifar::preact_resnet_cifar(p, 5) },
+    Arch { name: "preact_resnet44_cifar", dataset: "cifar10", build: |p| preact_resnet_cifar::preact_resnet_cifar(p, 7) },
+    Arch { name: "preact_resnet56_cifar", dataset: "cifar10", build: |p| preact_resnet_cifar::preact_resnet_cifar(p, 9) },
+    Arch { name: "vgg11_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG11, false) },
+    Arch { name: "vgg11_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG11, true) },
+    Arch { name: "vgg13_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG13, false) },
+    Arch { name: "vgg13_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG13, true) },
+    Arch { name: "vgg16_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG16, false) },
+    Arch { name: "vgg16_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG16, true) },
+    Arch { name: "vgg19_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG19, false) },
+    Arch { name: "vgg19_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG19, true) },
+];
+
+/// The architectures available for `dataset` (all of them for `None`), in the zoo's order.
+pub fn architectures(dataset: Option<&str>) -> Vec<&'static str> {
+    ZOO.iter().filter(|a| dataset.is_none_or(|d| a.dataset == d)).map(|a| a.name).collect()
+}
+
+/// Input shape `[C, H, W]` and number of classes of a dataset the zoo knows.
+pub fn dataset_shape(dataset: &str) -> Result<([i64; 3], i64)> {
+    DATASETS
+        .iter()
+        .find(|(d, ..)| *d == dataset)
+        .map(|(_, shape, classes)| (*shape, *classes))
+        .ok_or_else(|| Error::unknown("dataset", dataset, DATASETS.iter().map(|(d, ..)| *d)))
+}
+
+/// Builds architecture `arch` for `dataset` on `device`, with freshly initialized weights drawn from libtorch's
+/// generator (seed it with `tch::manual_seed` for reproducible weights).
+///
+/// Unknown names are errors that list the valid ones, and an architecture asked for on the wrong dataset says
+/// which dataset it belongs to.
+pub fn create_model(arch: &str, dataset: &str, device: Device) -> Result<Model> {
+    let (input_shape, num_classes) = dataset_shape(dataset)?;
+    let Some(spec) = ZOO.iter().find(|a| a.name == arch && a.dataset == dataset) else {
+        if let Some(other) = ZOO.iter().find(|a| a.name == arch) {
+            return Err(Error::invalid(
+                "architecture",
+                format!("'{arch}' is a {} model, not a {dataset} one (for {dataset}: {})", other.dataset, architectures(Some(dataset)).join(", ")),
+            ));
+        }
+        return Err(Error::unknown("architecture", arch, architectures(Some(dataset))));
+    };
+    let vs = VarStore::new(device);
+    let root = (spec.build)(&vs.root())?;
+    Model::new(vs, root, ModelInfo::new(arch, dataset, input_shape, num_classes))
+}

@@ -1,0 +1,371 @@
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use super::{normalize_name, BoxModule, Forward, Module, Observer, ObserverId, SharedObserver};
+use crate::{Error, Result};
+
+/// What a model is for: its architecture name, dataset, input shape and classes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Architecture name, as in the model zoo (`resnet20_cifar`).
+    pub arch: String,
+    /// Dataset name (`mnist`, `cifar10`).
+    pub dataset: String,
+    /// Shape of one input sample, `[C, H, W]`.
+    pub input_shape: Vec<i64>,
+    /// Number of output classes.
+    pub num_classes: i64,
+}
+
+impl ModelInfo {
+    /// Describes a model.
+    pub fn new(arch: &str, dataset: &str, input_shape: impl Into<Vec<i64>>, num_classes: i64) -> Self {
+        ModelInfo { arch: arch.into(), dataset: dataset.into(), input_shape: input_shape.into(), num_classes }
+    }
+}
+
+/// One entry of [`Model::named_modules`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleInfo {
+    /// Dotted name; the root is `""`, as in PyTorch.
+    pub name: String,
+    /// PyTorch class name.
+    pub type_name: String,
+    /// Whether the module has no children.
+    pub is_leaf: bool,
+}
+
+/// A network: the module tree, the `VarStore` holding its parameters, its mode and its observers.
+pub struct Model {
+    vs: VarStore,
+    root: BoxModule,
+    info: ModelInfo,
+    training: bool,
+    observers: Vec<SharedObserver>,
+    next_observer_id: u64,
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") }
+}
+
+fn visit<'m>(module: &'m dyn Module, prefix: &str, f: &mut dyn FnMut(&str, &'m dyn Module)) {
+    f(prefix, module);
+    for (name, child) in module.children() {
+        visit(child, &join(prefix, name), f);
+    }
+}
+
+fn find_slot<'m>(children: Vec<(&str, &'m mut BoxModule)>, parts: &[&str]) -> Option<&'m mut BoxModule> {
+    let (first, rest) = parts.split_first()?;
+    let slot = children.into_iter().find(|(n, _)| n == first).map(|(_, m)| m)?;
+    if rest.is_empty() {
+        Some(slot)
+    } else {
+        find_slot(slot.children_mut(), rest)
+    }
+}
+
+impl Model {
+    /// Wraps a module tree whose parameters live in `vs`.
+    ///
+    /// Checks that child names are non-empty, dot-free and unique among siblings, and that the tree's parameter
+    /// and buffer names are exactly the `VarStore`'s, so checkpoints, optimizers and schedules all agree.
+    pub fn new(vs: VarStore, root: impl Module, info: ModelInfo) -> Result<Model> {
+        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0 };
+        model.check_tree()?;
+        Ok(model)
+    }
+
+    fn check_tree(&self) -> Result<()> {
+        let mut problem = None;
+        visit(self.root.as_ref(), "", &mut |prefix, m| {
+            let mut seen = HashSet::new();
+            for (name, _) in m.children() {
+                if name.is_empty() || name.contains('.') || !seen.insert(name) {
+                    problem.get_or_insert_with(|| {
+                        format!("child '{name}' of '{prefix}' must be non-empty, contain no '.', and be unique")
+                    });
+                }
+            }
+        });
+        if let Some(p) = problem {
+            return Err(Error::invalid("module tree", p));
+        }
+        let store = self.vs.variables();
+        let tree = self.state_dict();
+        for (name, t) in &tree {
+            match store.get(name) {
+                Some(v) if v.data_ptr() == t.data_ptr() => {}
+                Some(_) => {
+                    return Err(Error::invalid(
+                        "module tree",
+                        format!("'{name}' in the tree is not the VarStore variable of that name"),
+                    ))
+                }
+                None => {
+                    return Err(Error::invalid(
+                        "module tree",
+                        format!("'{name}' is not in the VarStore: create it through the path of its module"),
+                    ))
+                }
+            }
+        }
+        let tree_names: HashSet<&str> = tree.iter().map(|(n, _)| n.as_str()).collect();
+        let mut orphans: Vec<&String> = store.keys().filter(|k| !tree_names.contains(k.as_str())).collect();
+        orphans.sort();
+        if let Some(orphan) = orphans.first() {
+            return Err(Error::invalid(
+                "module tree",
+                format!("VarStore variable '{orphan}' belongs to no module of the tree ({} such)", orphans.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Architecture, dataset, input shape and classes.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The `VarStore` holding every parameter and buffer (for tch optimizers and tch's own I/O).
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// Mutable access to the `VarStore`, e.g. to create parameters for a replacement module.
+    pub fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
+    /// The device the parameters are on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Moves every parameter and buffer to `device` (in place, so existing tensor handles follow).
+    pub fn to_device(&mut self, device: Device) {
+        self.vs.set_device(device);
+    }
+
+    /// Switches to training mode (dropout on, batch-norm statistics updated).
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Switches to evaluation mode.
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    /// Whether the model is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Forward pass in the current mode.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, self.training)
+    }
+
+    /// Forward pass in train (`true`) or eval mode, whatever the current mode.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        Forward::new(train, &self.observers).run(self.root.as_ref(), &[xs])
+    }
+
+    /// The root module.
+    pub fn root(&self) -> &dyn Module {
+        self.root.as_ref()
+    }
+
+    /// Every module with its dotted name, root first, in PyTorch's `named_modules()` order.
+    pub fn named_modules(&self) -> Vec<ModuleInfo> {
+        let mut out = Vec::new();
+        visit(self.root.as_ref(), "", &mut |name, m| {
+            out.push(ModuleInfo { name: name.to_string(), type_name: m.type_name().to_string(), is_leaf: m.children().is_empty() })
+        });
+        out
+    }
+
+    /// Calls `f` on every module with its dotted name, root first.
+    pub fn for_each_module(&self, mut f: impl FnMut(&str, &dyn Module)) {
+        visit(self.root.as_ref(), "", &mut |n, m| f(n, m));
+    }
+
+    fn collect(&self, which: fn(&dyn Module) -> Vec<(&str, &Tensor)>) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        visit(self.root.as_ref(), "", &mut |prefix, m| {
+            out.extend(which(m).into_iter().map(|(n, t)| (join(prefix, n), t.shallow_clone())));
+        });
+        out
+    }
+
+    /// Parameters in registration order (`conv1.weight`, `conv1.bias`, `layer1.0.conv1.weight`, ...), as
+    /// PyTorch's `named_parameters()`. The tensors share storage with the model.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.collect(|m| m.parameters())
+    }
+
+    /// Buffers in registration order (`bn1.running_mean`, ...).
+    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.collect(|m| m.buffers())
+    }
+
+    /// Parameters and buffers, module by module, as PyTorch's `state_dict()` (without `num_batches_tracked`).
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.collect(|m| {
+            let mut all = m.parameters();
+            all.extend(m.buffers());
+            all
+        })
+    }
+
+    /// Total number of parameter elements.
+    pub fn num_parameters(&self) -> i64 {
+        self.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum()
+    }
+
+    /// The parameter called `name`; Distiller's `module.` prefix is accepted. Unknown names get suggestions.
+    pub fn parameter(&self, name: &str) -> Result<Tensor> {
+        let wanted = normalize_name(name);
+        let params = self.named_parameters();
+        match params.iter().position(|(n, _)| *n == wanted) {
+            Some(i) => Ok(params[i].1.shallow_clone()),
+            None => Err(Error::unknown("parameter", name, params.into_iter().map(|(n, _)| n))),
+        }
+    }
+
+    fn module_names(&self) -> Vec<String> {
+        self.named_modules().into_iter().map(|m| m.name).filter(|n| !n.is_empty()).collect()
+    }
+
+    /// The module called `name` (`layer1.0.conv1`; `""` is the root).
+    pub fn module(&self, name: &str) -> Result<&dyn Module> {
+        let wanted = normalize_name(name);
+        let mut found = None;
+        visit(self.root.as_ref(), "", &mut |n, m| {
+            if n == wanted && found.is_none() {
+                found = Some(m);
+            }
+        });
+        found.ok_or_else(|| Error::unknown("module", name, self.module_names()))
+    }
+
+    fn slot_mut(&mut self, name: &str) -> Result<&mut BoxModule> {
+        let wanted = normalize_name(name);
+        if wanted.is_empty() {
+            return Err(Error::invalid("module name", "the root module cannot be replaced; build a new Model instead"));
+        }
+        let valid = self.module_names();
+        let parts: Vec<&str> = wanted.split('.').collect();
+        find_slot(self.root.children_mut(), &parts).ok_or_else(|| Error::unknown("module", name, valid))
+    }
+
+    /// Replaces the module called `name` by `module`, keeping the name, and returns the old one. Quantizers use
+    /// this to swap a layer for its wrapper.
+    pub fn replace_module(&mut self, name: &str, module: impl Module) -> Result<BoxModule> {
+        let slot = self.slot_mut(name)?;
+        Ok(std::mem::replace(slot, Box::new(module)))
+    }
+
+    /// Replaces the module called `name` by `f(old)`, e.g. a wrapper that takes the old module inside it.
+    pub fn map_module(&mut self, name: &str, f: impl FnOnce(BoxModule) -> BoxModule) -> Result<()> {
+        let slot = self.slot_mut(name)?;
+        let old = std::mem::replace(slot, Box::new(super::Identity));
+        *slot = f(old);
+        Ok(())
+    }
+
+    /// Starts notifying `observer` of every module call; returns a handle for [`Model::detach_observer`].
+    ///
+    /// Keep a clone of the `Arc` to read the observer's results.
+    pub fn attach_observer<O: Observer + 'static>(&mut self, observer: Arc<Mutex<O>>) -> ObserverId {
+        let id = ObserverId(self.next_observer_id);
+        self.next_observer_id += 1;
+        self.observers.push((id, observer));
+        id
+    }
+
+    /// Stops notifying an observer; returns whether it was attached.
+    pub fn detach_observer(&mut self, id: ObserverId) -> bool {
+        let before = self.observers.len();
+        self.observers.retain(|(i, _)| *i != id);
+        self.observers.len() != before
+    }
+
+    /// Copies `tensors` (name, value) into the model's parameters and buffers.
+    ///
+    /// Names may carry Distiller's `module.` prefix. Every parameter and buffer of the model must be present
+    /// with its shape; the error lists every missing or mismatched name with both shapes. Extra tensors are
+    /// ignored when `strict` is false and rejected otherwise.
+    pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)], strict: bool) -> Result<()> {
+        let given: HashMap<String, &Tensor> = tensors.iter().map(|(n, t)| (normalize_name(n), t)).collect();
+        let own = self.state_dict();
+        let mut problems = Vec::new();
+        for (name, t) in &own {
+            match given.get(name) {
+                None => problems.push(format!("missing '{name}' {:?}", t.size())),
+                Some(g) if g.size() != t.size() => {
+                    problems.push(format!("'{name}': model has {:?}, given {:?}", t.size(), g.size()))
+                }
+                Some(_) => {}
+            }
+        }
+        if strict {
+            let own_names: HashSet<&str> = own.iter().map(|(n, _)| n.as_str()).collect();
+            let mut extra: Vec<&String> = given.keys().filter(|n| !own_names.contains(n.as_str())).collect();
+            extra.sort();
+            problems.extend(extra.into_iter().map(|n| format!("unexpected '{n}'")));
+        }
+        if !problems.is_empty() {
+            return Err(Error::Shape(format!(
+                "state does not fit {} ({} problem(s)): {}",
+                self.info.arch,
+                problems.len(),
+                problems.join("; ")
+            )));
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in &own {
+                let _ = t.shallow_clone().f_copy_(given[name])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn fmt_module(f: &mut fmt::Formatter<'_>, m: &dyn Module, indent: usize) -> fmt::Result {
+        let children = m.children();
+        if children.is_empty() {
+            return write!(f, "{}({})", m.type_name(), m.extra_repr());
+        }
+        writeln!(f, "{}(", m.type_name())?;
+        for (name, child) in children {
+            write!(f, "{:indent$}({name}): ", "", indent = indent + 2)?;
+            Self::fmt_module(f, child, indent + 2)?;
+            writeln!(f)?;
+        }
+        write!(f, "{:indent$})", "", indent = indent)
+    }
+}
+
+/// Prints the tree as PyTorch prints a module.
+impl fmt::Display for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Self::fmt_module(f, self.root.as_ref(), 0)
+    }
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("info", &self.info)
+            .field("device", &self.device())
+            .field("training", &self.training)
+            .field("parameters", &self.num_parameters())
+            .finish()
+    }
+}

@@ -1,0 +1,34 @@
+use std::sync::{Arc, Mutex};
+
+use tch::Tensor;
+
+use super::Module;
+
+/// What an observer sees after a module ran: its dotted name, the module, its inputs and its output.
+pub struct ModuleCall<'a> {
+    /// Dotted module name (`layer1.0.conv1`; empty for the root).
+    pub name: &'a str,
+    /// The module itself; downcast with `(call.module as &dyn Any).downcast_ref::<Conv2d>()`.
+    pub module: &'a dyn Module,
+    /// The module's inputs.
+    pub inputs: &'a [&'a Tensor],
+    /// The module's output.
+    pub output: &'a Tensor,
+    /// Whether the pass runs in training mode.
+    pub training: bool,
+}
+
+/// Watches module calls during forward passes: activation statistics, MAC counting, calibration.
+///
+/// Observers run after each module, innermost first (a container is reported after its children).
+pub trait Observer: Send {
+    /// Called once per module per forward pass.
+    fn observe(&mut self, call: &ModuleCall);
+}
+
+/// An observer shared between the model (which notifies it) and the caller (who reads its results).
+pub type SharedObserver = (ObserverId, Arc<Mutex<dyn Observer>>);
+
+/// Handle returned by [`Model::attach_observer`](super::Model::attach_observer), used to detach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObserverId(pub(crate) u64);

@@ -1,0 +1,200 @@
+//! Checkpoints: one safetensors file holding the model's parameters and buffers under their PyTorch names, the
+//! masks (`mask:<param>`), the optimizer state (`optimizer:<param>/<field>`), and everything else as JSON in the
+//! file's metadata (`distill.checkpoint`). Python's `safetensors.torch.load_file` reads it as it is.
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use super::EpochRecord;
+use crate::nn::Model;
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::scheduler::CompressionScheduler;
+use crate::{Error, Result};
+
+const META_KEY: &str = "distill.checkpoint";
+const MASK_PREFIX: &str = "mask:";
+const OPTIMIZER_PREFIX: &str = "optimizer:";
+const FORMAT_VERSION: u32 = 1;
+
+/// The optimizer's update rule and per-group learning rates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerMeta {
+    /// Update rule and hyper-parameters.
+    pub config: OptimizerConfig,
+    /// Current learning rate of each group.
+    pub lrs: Vec<f64>,
+    /// Initial learning rate of each group.
+    pub initial_lrs: Vec<f64>,
+}
+
+/// Everything in a checkpoint besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Format version of this file.
+    pub version: u32,
+    /// Architecture of the saved model.
+    pub arch: String,
+    /// Dataset it was trained on.
+    pub dataset: String,
+    /// The last completed epoch; a resumed run starts at `epoch + 1`.
+    pub epoch: usize,
+    /// Seed of the run (shuffles and libtorch's generator are derived from it per epoch).
+    pub seed: u64,
+    /// The optimizer, if one was saved.
+    pub optimizer: Option<OptimizerMeta>,
+    /// Each scheduler policy's progress, in policy order.
+    pub policy_states: Vec<serde_json::Value>,
+    /// Every completed epoch's record, so best-model tracking and logs continue after a resume.
+    pub history: Vec<EpochRecord>,
+}
+
+/// A checkpoint in memory.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Metadata.
+    pub meta: CheckpointMeta,
+    /// Parameters and buffers by name.
+    pub model: Vec<(String, Tensor)>,
+    /// Masks by parameter name.
+    pub masks: Vec<(String, Tensor)>,
+    /// Optimizer state as [`Optimizer::state_tensors`] names it.
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+/// A tensor copied to host memory, in the shape safetensors wants.
+struct HostTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl HostTensor {
+    fn new(t: &Tensor) -> Result<Self> {
+        let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let dtype = Dtype::try_from(t.kind())?;
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        Ok(HostTensor { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), bytes })
+    }
+}
+
+impl View for &HostTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl Checkpoint {
+    /// Captures the model, and the optimizer and scheduler when given.
+    pub fn capture(
+        model: &Model,
+        optimizer: Option<&Optimizer>,
+        scheduler: Option<&CompressionScheduler>,
+        epoch: usize,
+        seed: u64,
+        history: Vec<EpochRecord>,
+    ) -> Checkpoint {
+        let info = model.info();
+        let meta = CheckpointMeta {
+            version: FORMAT_VERSION,
+            arch: info.arch.clone(),
+            dataset: info.dataset.clone(),
+            epoch,
+            seed,
+            optimizer: optimizer.map(|o| OptimizerMeta {
+                config: *o.config(),
+                lrs: o.groups().iter().map(|g| g.lr).collect(),
+                initial_lrs: o.groups().iter().map(|g| g.initial_lr).collect(),
+            }),
+            policy_states: scheduler.map(|s| s.policy_states()).unwrap_or_default(),
+            history,
+        };
+        Checkpoint {
+            meta,
+            model: model.state_dict(),
+            masks: scheduler.map(|s| s.masks().tensors()).unwrap_or_default(),
+            optimizer: optimizer.map(|o| o.state_tensors()).unwrap_or_default(),
+        }
+    }
+
+    /// Writes the checkpoint to `path` (through a temporary file, so a crash never leaves half a checkpoint).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let mut named: Vec<(String, HostTensor)> = Vec::new();
+        for (n, t) in &self.model {
+            named.push((n.clone(), HostTensor::new(t)?));
+        }
+        for (n, t) in &self.masks {
+            named.push((format!("{MASK_PREFIX}{n}"), HostTensor::new(t)?));
+        }
+        for (n, t) in &self.optimizer {
+            named.push((format!("{OPTIMIZER_PREFIX}{n}"), HostTensor::new(t)?));
+        }
+        let meta = serde_json::to_string(&self.meta).map_err(|e| Error::checkpoint(path, format!("cannot encode metadata: {e}")))?;
+        let info = Some(HashMap::from([(META_KEY.to_string(), meta)]));
+        let bytes = safetensors::tensor::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), &info)
+            .map_err(|e| Error::checkpoint(path, e.to_string()))?;
+        let tmp = path.with_extension("safetensors.tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::save`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |m: String| Error::checkpoint(path, m);
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let meta_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .ok_or_else(|| bad(format!("no '{META_KEY}' metadata: not a distill checkpoint")))?;
+        let meta: CheckpointMeta = serde_json::from_str(meta_json).map_err(|e| bad(format!("bad metadata: {e}")))?;
+        if meta.version != FORMAT_VERSION {
+            return Err(bad(format!("format version {} is not supported (this build reads {FORMAT_VERSION})", meta.version)));
+        }
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("corrupt tensors ({e})")))?;
+        let (mut model, mut masks, mut optimizer) = (Vec::new(), Vec::new(), Vec::new());
+        for (name, view) in file.tensors() {
+            let t = Tensor::try_from(view)?;
+            if let Some(n) = name.strip_prefix(MASK_PREFIX) {
+                masks.push((n.to_string(), t));
+            } else if let Some(n) = name.strip_prefix(OPTIMIZER_PREFIX) {
+                optimizer.push((n.to_string(), t));
+            } else {
+                model.push((name, t));
+            }
+        }
+        Ok(Checkpoint { meta, model, masks, optimizer })
+    }
+
+    /// Copies the saved weights into `model`, which must have every saved tensor with the same shape. For a
+    /// checkpoint of another architecture the error names both and lists each differing tensor with shapes.
+    pub fn restore_model(&self, model: &mut Model, path: &Path) -> Result<()> {
+        let result = model.load_state_dict(&self.model, true);
+        let info = model.info();
+        match result {
+            Err(e) if self.meta.arch != info.arch => Err(Error::checkpoint(
+                path,
+                format!("saved from '{}' ({}), the model is '{}' ({}): {e}", self.meta.arch, self.meta.dataset, info.arch, info.dataset),
+            )),
+            Err(e) => Err(Error::checkpoint(path, e.to_string())),
+            Ok(()) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! Distiller's training loop (`compress_classifier.py`), with every scheduler callback in its place,
+//! validation, checkpoints every epoch plus the best one, and resume.
+//!
+//! [`fit`] runs it all; [`Trainer`] adds resume and a custom optimizer; [`train_epoch`] and [`validate`] are the
+//! building blocks for your own loop. The loop is a convenience: you can call the scheduler's callbacks yourself
+//! (see [`crate::scheduler`]).
+//!
+//! Determinism: at the start of each epoch libtorch's generator is seeded from (seed, epoch) and the training
+//! set is shuffled from the same pair, so a run is a function of its seed, and a run resumed from a checkpoint
+//! of epoch k continues exactly as the uninterrupted run would have.
+mod checkpoint;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Reduction, Tensor};
+
+use crate::data::{epoch_seed, DataSplits, Dataset};
+use crate::metrics::{Metrics, MetricsAccumulator};
+use crate::nn::Model;
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::scheduler::{CompressionScheduler, Minibatch};
+use crate::summary::{parameter_counts, ParameterCounts};
+use crate::{Error, Result};
+
+pub use checkpoint::{Checkpoint, CheckpointMeta, OptimizerMeta};
+pub use progress::Progress;
+use progress::Reporter;
+
+/// Checkpoint of the latest epoch, in the output folder.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// Checkpoint of the best epoch (fewest non-zero weights, then highest top-1).
+pub const BEST_FILE: &str = "best.safetensors";
+/// One row per epoch.
+pub const METRICS_FILE: &str = "metrics.csv";
+/// The run's outcome.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Hyper-parameters of a training run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Total epochs (a resumed run continues up to this number).
+    pub epochs: usize,
+    /// Samples per mini-batch.
+    pub batch_size: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// Update rule.
+    pub optimizer: OptimizerConfig,
+    /// Seed of shuffles and of libtorch's generator.
+    pub seed: u64,
+    /// Where checkpoints, `metrics.csv` and `summary.json` go; nothing is written when `None`.
+    pub out_dir: Option<PathBuf>,
+    /// How progress is shown.
+    pub progress: Progress,
+}
+
+impl Default for TrainConfig {
+    /// 10 epochs of SGD (lr 0.1, momentum 0.9, weight decay 1e-4: Distiller's defaults but the LR), batches of
+    /// 64, seed 1, no output folder.
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 10,
+            batch_size: 64,
+            lr: 0.1,
+            optimizer: OptimizerConfig::sgd(0.9, 1e-4),
+            seed: 1,
+            out_dir: None,
+            progress: Progress::Auto,
+        }
+    }
+}
+
+/// What one epoch of training measured on its own mini-batches.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TrainEpochMetrics {
+    /// Objective (cross-entropy) loss and accuracy.
+    pub objective: Metrics,
+    /// Objective loss plus the policies' terms, averaged per sample.
+    pub overall_loss: f64,
+    /// Each policy term, averaged per sample, by name.
+    pub loss_components: Vec<(String, f64)>,
+}
+
+/// One row of the run's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epoch number, from 0.
+    pub epoch: usize,
+    /// Learning rate during the epoch.
+    pub lr: f64,
+    /// Training metrics.
+    pub train: TrainEpochMetrics,
+    /// Validation metrics.
+    pub valid: Metrics,
+    /// Parameter counts and sparsity at the end of the epoch.
+    pub counts: ParameterCounts,
+    /// Wall time of the epoch, validation included.
+    pub seconds: f64,
+}
+
+/// Validation results of one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochResult {
+    /// Top-1 accuracy, %.
+    pub top1: f64,
+    /// Top-5 accuracy, %.
+    pub top5: f64,
+    /// Mean loss.
+    pub loss: f64,
+    /// Epoch number.
+    pub epoch: usize,
+}
+
+impl EpochResult {
+    fn of(r: &EpochRecord) -> Self {
+        EpochResult { top1: r.valid.top1, top5: r.valid.top5, loss: r.valid.loss, epoch: r.epoch }
+    }
+}
+
+/// The outcome of a run; written as `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Architecture.
+    pub arch: String,
+    /// Dataset.
+    pub dataset: String,
+    /// Device, e.g. `Cpu`.
+    pub device: String,
+    /// Seed.
+    pub seed: u64,
+    /// Epochs trained in all (including those before a resume).
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Update rule.
+    pub optimizer: OptimizerConfig,
+    /// Validation results of the last epoch.
+    #[serde(rename = "final")]
+    pub final_: EpochResult,
+    /// Validation results of the best epoch (fewest non-zero weights, then top-1, as Distiller).
+    pub best: EpochResult,
+    /// The final model on the held-out test set.
+    pub test: Metrics,
+    /// Parameter elements.
+    pub params: i64,
+    /// Non-zero parameter elements.
+    pub nnz_params: i64,
+    /// Elements of 2-D and 4-D weights.
+    pub weights: i64,
+    /// Non-zero elements of 2-D and 4-D weights.
+    pub nnz_weights: i64,
+    /// Fraction of zeros in 2-D and 4-D weights.
+    pub sparsity: f64,
+    /// Wall time of this call (a resumed run counts only its own part).
+    pub wall_seconds: f64,
+    /// Every epoch's record.
+    pub history: Vec<EpochRecord>,
+}
+
+/// Mean cross-entropy of `logits` against `labels`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    Ok(logits.f_cross_entropy_loss(labels, None::<Tensor>, Reduction::Mean, -100, 0.0)?)
+}
+
+/// Evaluates `model` on `data` in eval mode without gradients (the model's mode is restored afterwards).
+pub fn validate(model: &mut Model, data: &Dataset, batch_size: usize) -> Result<Metrics> {
+    let was_training = model.is_training();
+    model.eval();
+    let result = tch::no_grad(|| -> Result<Metrics> {
+        let mut acc = MetricsAccumulator::default();
+        for batch in data.batches(batch_size, model.device())? {
+            let (x, y) = batch?;
+            let logits = model.forward(&x)?;
+            let loss = cross_entropy(&logits, &y)?.f_double_value(&[])?;
+            acc.add(&logits, &y, loss)?;
+        }
+        Ok(acc.metrics())
+    });
+    if was_training {
+        model.train();
+    }
+    result
+}
+
+/// One epoch of training on `data`, in Distiller's order of scheduler callbacks (see [`crate::scheduler`]).
+///
+/// `shuffle_seed` orders the mini-batches. The optimizer's learning rate is left alone (LR policies change it).
+pub fn train_epoch(
+    model: &mut Model,
+    data: &Dataset,
+    optimizer: &mut Optimizer,
+    mut scheduler: Option<&mut CompressionScheduler>,
+    epoch: usize,
+    batch_size: usize,
+    shuffle_seed: u64,
+    progress: Progress,
+    total_epochs: usize,
+) -> Result<TrainEpochMetrics> {
+    model.train();
+    let per_epoch = data.steps(batch_size);
+    let mut reporter = Reporter::new(progress, epoch, total_epochs, per_epoch);
+    let mut acc = MetricsAccumulator::default();
+    let mut overall_sum = 0.0;
+    let mut components: Vec<(String, f64)> = Vec::new();
+    for (index, batch) in data.train_batches(batch_size, shuffle_seed, model.device())?.enumerate() {
+        let (x, y) = batch?;
+        let mb = Minibatch { index, per_epoch };
+        if let Some(s) = scheduler.as_deref_mut() {
+            s.on_minibatch_begin(model, epoch, mb, Some(optimizer))?;
+        }
+        let logits = model.forward(&x)?;
+        let loss = cross_entropy(&logits, &y)?;
+        let loss_value = loss.f_double_value(&[])?;
+        if !loss_value.is_finite() {
+            return Err(Error::invalid(
+                "training",
+                format!(
+                    "the loss is {loss_value} at epoch {epoch}, mini-batch {index}: lower the learning rate (now {}) or check the weights and data for NaN",
+                    optimizer.lr()
+                ),
+            ));
+        }
+        let n = y.size()[0] as f64;
+        let overall = match scheduler.as_deref_mut() {
+            Some(s) => {
+                let policy_loss = s.before_backward_pass(model, epoch, mb, &loss, Some(optimizer))?;
+                for c in &policy_loss.loss_components {
+                    let v = c.value.f_double_value(&[])? * n;
+                    match components.iter_mut().find(|(name, _)| *name == c.name) {
+                        Some((_, sum)) => *sum += v,
+                        None => components.push((c.name.clone(), v)),
+                    }
+                }
+                policy_loss.overall_loss
+            }
+            None => loss.shallow_clone(),
+        };
+        optimizer.zero_grad();
+        overall.f_backward()?;
+        if let Some(s) = scheduler.as_deref_mut() {
+            s.before_parameter_optimization(model, epoch, mb, Some(optimizer))?;
+        }
+        optimizer.step()?;
+        if let Some(s) = scheduler.as_deref_mut() {
+            s.on_minibatch_end(model, epoch, mb, Some(optimizer))?;
+        }
+        overall_sum += overall.f_double_value(&[])? * n;
+        acc.add(&logits.f_detach()?, &y, loss_value)?;
+        let running = acc.metrics();
+        reporter.step(index, running.loss, running.top1);
+    }
+    let samples = acc.samples().max(1) as f64;
+    let objective = acc.metrics();
+    reporter.clear();
+    Ok(TrainEpochMetrics {
+        objective,
+        overall_loss: overall_sum / samples,
+        loss_components: components.into_iter().map(|(n, s)| (n, s / samples)).collect(),
+    })
+}
+
+/// The best epoch as Distiller's `SparsityAccuracyTracker` ranks them: fewest non-zero weights, then highest
+/// top-1, then top-5, then the latest epoch.
+pub fn best_epoch(history: &[EpochRecord]) -> Option<&EpochRecord> {
+    history.iter().max_by(|a, b| {
+        b.counts
+            .nnz_weights
+            .cmp(&a.counts.nnz_weights)
+            .then(a.valid.top1.total_cmp(&b.valid.top1))
+            .then(a.valid.top5.total_cmp(&b.valid.top5))
+            .then(a.epoch.cmp(&b.epoch))
+    })
+}
+
+/// A training run: model, optimizer, optional scheduler, configuration and history.
+pub struct Trainer<'a> {
+    model: &'a mut Model,
+    optimizer: Optimizer,
+    scheduler: Option<&'a mut CompressionScheduler>,
+    config: TrainConfig,
+    history: Vec<EpochRecord>,
+}
+
+impl<'a> Trainer<'a> {
+    /// A run of `config` on `model`, with an optimizer over all its trainable parameters.
+    pub fn new(model: &'a mut Model, config: TrainConfig) -> Result<Self> {
+        if config.epochs == 0 {
+            return Err(Error::invalid("epochs", "must be at least 1"));
+        }
+        if config.batch_size == 0 {
+            return Err(Error::invalid("batch size", "must be at least 1"));
+        }
+        let optimizer = Optimizer::for_model(model, config.optimizer, config.lr)?;
+        Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new() })
+    }
+
+    /// Uses `optimizer` instead of the one built from the configuration.
+    pub fn with_optimizer(mut self, optimizer: Optimizer) -> Self {
+        self.optimizer = optimizer;
+        self
+    }
+
+    /// Drives `scheduler`'s callbacks during training.
+    pub fn with_scheduler(mut self, scheduler: &'a mut CompressionScheduler) -> Self {
+        self.scheduler = Some(scheduler);
+        self
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// Completed epochs.
+    pub fn history(&self) -> &[EpochRecord] {
+        &self.history
+    }
+
+    /// Continues from a checkpoint: weights, optimizer state and learning rates, masks, policy progress and
+    /// history. Training resumes at the epoch after the saved one. The checkpoint must come from the same
+    /// architecture (the error lists every tensor that differs).
+    pub fn resume(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let ckpt = Checkpoint::load(path)?;
+        ckpt.restore_model(self.model, path)?;
+        if let Some(meta) = &ckpt.meta.optimizer {
+            if meta.config != *self.optimizer.config() {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("saved with {:?}, this run uses {:?}; use the same optimizer settings", meta.config, self.optimizer.config()),
+                ));
+            }
+            for (g, (&lr, &initial)) in self.optimizer.groups_mut().iter_mut().zip(meta.lrs.iter().zip(&meta.initial_lrs)) {
+                g.lr = lr;
+                g.initial_lr = initial;
+            }
+            self.optimizer.load_state_tensors(&ckpt.optimizer)?;
+        }
+        match self.scheduler.as_deref_mut() {
+            Some(s) => s.load_state(&ckpt.masks, &ckpt.meta.policy_states, self.model)?,
+            None if !ckpt.masks.is_empty() => {
+                return Err(Error::checkpoint(path, "the checkpoint has pruning masks: resume it with the same compression schedule"));
+            }
+            None => {}
+        }
+        if ckpt.meta.epoch + 1 >= self.config.epochs {
+            return Err(Error::invalid(
+                "epochs",
+                format!("the checkpoint already completed epoch {} of {}; ask for more epochs to continue", ckpt.meta.epoch, self.config.epochs),
+            ));
+        }
+        self.config.seed = ckpt.meta.seed;
+        self.history = ckpt.meta.history;
+        Ok(())
+    }
+
+    /// Trains up to `config.epochs`, validating every epoch, then evaluates the final model on the test set.
+    pub fn run(&mut self, data: &DataSplits) -> Result<TrainSummary> {
+        let started = Instant::now();
+        if let Some(dir) = &self.config.out_dir {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let start_epoch = self.history.last().map_or(0, |r| r.epoch + 1);
+        for epoch in start_epoch..self.config.epochs {
+            self.run_epoch(data, epoch)?;
+        }
+        let test = validate(self.model, &data.test, self.config.batch_size)?;
+        let summary = self.summary(test, started.elapsed().as_secs_f64())?;
+        if self.config.progress != Progress::Quiet {
+            println!("test: top1 {:.2}%  top5 {:.2}%  loss {:.4}", test.top1, test.top5, test.loss);
+        }
+        if let Some(dir) = &self.config.out_dir {
+            let path = dir.join(SUMMARY_FILE);
+            let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::invalid("summary", e.to_string()))?;
+            std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(summary)
+    }
+
+    fn run_epoch(&mut self, data: &DataSplits, epoch: usize) -> Result<()> {
+        let started = Instant::now();
+        let seed = epoch_seed(self.config.seed, epoch);
+        tch::manual_seed(seed as i64);
+        let lr = self.optimizer.lr();
+        if let Some(s) = self.scheduler.as_deref_mut() {
+            s.on_epoch_begin(self.model, epoch, Some(&mut self.optimizer))?;
+        }
+        let train = train_epoch(
+            self.model,
+            &data.train,
+            &mut self.optimizer,
+            self.scheduler.as_deref_mut(),
+            epoch,
+            self.config.batch_size,
+            seed,
+            self.config.progress,
+            self.config.epochs,
+        )?;
+        let valid = validate(self.model, &data.valid, self.config.batch_size)?;
+        if let Some(s) = self.scheduler.as_deref_mut() {
+            s.on_epoch_end(self.model, epoch, &valid, Some(&mut self.optimizer))?;
+        }
+        let counts = parameter_counts(self.model)?;
+        self.history.push(EpochRecord { epoch, lr, train, valid, counts, seconds: started.elapsed().as_secs_f64() });
+        let record = self.history.last().expect("just pushed");
+        let best = best_epoch(&self.history).expect("non-empty history");
+        let line = format!(
+            "epoch {}/{}  train loss {:.4} top1 {:.2}  |  valid loss {:.4} top1 {:.2} top5 {:.2}  |  lr {lr:.4}  sparsity {:.2}%  ({:.1} s)\n\
+             ==> Best [Top1: {:.3}   Top5: {:.3}   Sparsity:{:.2}   NNZ-Params: {} on epoch: {}]",
+            epoch + 1,
+            self.config.epochs,
+            record.train.objective.loss,
+            record.train.objective.top1,
+            valid.loss,
+            valid.top1,
+            valid.top5,
+            100.0 * counts.sparsity,
+            record.seconds,
+            best.valid.top1,
+            best.valid.top5,
+            100.0 * best.counts.sparsity,
+            best.counts.nnz_weights,
+            best.epoch,
+        );
+        Reporter::new(self.config.progress, epoch, self.config.epochs, 1).finish(&line);
+        if let Some(dir) = self.config.out_dir.clone() {
+            let is_best = best.epoch == epoch;
+            let ckpt = Checkpoint::capture(self.model, Some(&self.optimizer), self.scheduler.as_deref(), epoch, self.config.seed, self.history.clone());
+            ckpt.save(dir.join(CHECKPOINT_FILE))?;
+            if is_best {
+                std::fs::copy(dir.join(CHECKPOINT_FILE), dir.join(BEST_FILE)).map_err(|e| Error::io(dir.join(BEST_FILE), e))?;
+            }
+            write_metrics_csv(&dir.join(METRICS_FILE), &self.history)?;
+        }
+        Ok(())
+    }
+
+    fn summary(&self, test: Metrics, wall_seconds: f64) -> Result<TrainSummary> {
+        let last = self.history.last().ok_or_else(|| Error::invalid("epochs", "no epoch was trained"))?;
+        let best = best_epoch(&self.history).unwrap_or(last);
+        let counts = parameter_counts(self.model)?;
+        let info = self.model.info();
+        Ok(TrainSummary {
+            arch: info.arch.clone(),
+            dataset: info.dataset.clone(),
+            device: format!("{:?}", self.model.device()),
+            seed: self.config.seed,
+            epochs: self.history.len(),
+            batch_size: self.config.batch_size,
+            optimizer: *self.optimizer.config(),
+            final_: EpochResult::of(last),
+            best: EpochResult::of(best),
+            test,
+            params: counts.params,
+            nnz_params: counts.nnz_params,
+            weights: counts.weights,
+            nnz_weights: counts.nnz_weights,
+            sparsity: counts.sparsity,
+            wall_seconds,
+            history: self.history.clone(),
+        })
+    }
+}
+
+/// Trains `model` on `data` as configured, with an optional compression scheduler; see [`Trainer`] to resume.
+pub fn fit(model: &mut Model, data: &DataSplits, scheduler: Option<&mut CompressionScheduler>, config: &TrainConfig) -> Result<TrainSummary> {
+    let mut trainer = Trainer::new(model, config.clone())?;
+    if let Some(s) = scheduler {
+        trainer = trainer.with_scheduler(s);
+    }
+    trainer.run(data)
+}
+
+/// Writes the history as CSV, one row per epoch.
+fn write_metrics_csv(path: &Path, history: &[EpochRecord]) -> Result<()> {
+    let mut out = String::from(
+        "epoch,lr,train_loss,train_overall_loss,train_top1,train_top5,valid_loss,valid_top1,valid_top5,params,nnz_params,weights,nnz_weights,sparsity,seconds\n",
+    );
+    for r in history {
+        let (t, v, c) = (&r.train.objective, &r.valid, &r.counts);
+        out += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}\n",
+            r.epoch, r.lr, t.loss, r.train.overall_loss, t.top1, t.top5, v.loss, v.top1, v.top5,
+            c.params, c.nnz_params, c.weights, c.nnz_weights, c.sparsity, r.seconds
+        );
+    }
+    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`; CUDA must be available.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let device = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => return Err(Error::unknown("device", other, ["cpu", "cuda", "cuda:0"])),
+        },
+    };
+    let count = tch::Cuda::device_count() as usize;
+    match device {
+        Device::Cuda(n) if n < count => Ok(device),
+        _ if count == 0 => Err(Error::invalid(
+            "device",
+            format!("'{s}' asked for, but libtorch sees no CUDA device (set up with `scripts/setup.sh --cuda` on a GPU machine)"),
+        )),
+        _ => Err(Error::invalid("device", format!("'{s}' asked for, but there are {count} CUDA device(s)"))),
+    }
+}
