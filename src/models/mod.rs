@@ -5,7 +5,7 @@
 //! | `mnist` | `simplenet_mnist`, `simplenet_v2_mnist`, `lenet` (LeNet-5), `mlp` (LeNet-300-100) |
 //! | `cifar10` | `simplenet_cifar`, `resnet20_cifar`, `resnet32_cifar`, `resnet44_cifar`, `resnet56_cifar`, `plain20_cifar`, `preact_resnet20_cifar`, `preact_resnet32_cifar`, `preact_resnet44_cifar`, `preact_resnet56_cifar`, `vgg11_cifar` … `vgg19_bn_cifar` |
 //!
-//! ```no_run
+//! ```
 //! let model = distill::models::create_model("resnet20_cifar", "cifar10", tch::Device::Cpu)?;
 //! assert_eq!(model.num_parameters(), 272_474);
 //! # Ok::<(), distill::Error>(())

@@ -8,7 +8,7 @@
 //! * [`layers`] holds the built-in layers (`Conv2d`, `Linear`, `BatchNorm2d`, `ReLU`, pooling, `Flatten`,
 //!   `Dropout`, `EltwiseAdd`, ...) and [`Sequential`].
 //!
-//! ```no_run
+//! ```
 //! use distill::nn::{layers, Model, ModelInfo, Sequential};
 //! use tch::{nn::VarStore, Device, Tensor};
 //!
@@ -16,10 +16,10 @@
 //! let vs = VarStore::new(Device::Cpu);
 //! let p = vs.root();
 //! let net = Sequential::new()
-//!     .add("fc1", layers::Linear::new(&p / "fc1", 784, 100, true))
+//!     .add("fc1", layers::Linear::new(&p / "fc1", 784, 100, true)?)
 //!     .add("relu1", layers::ReLU)
-//!     .add("fc2", layers::Linear::new(&p / "fc2", 100, 10, true));
-//! let model = Model::new(vs, net, ModelInfo::new("tiny_mlp", "mnist", [1, 28, 28], 10));
+//!     .add("fc2", layers::Linear::new(&p / "fc2", 100, 10, true)?);
+//! let model = Model::new(vs, net, ModelInfo::new("tiny_mlp", "mnist", [1, 28, 28], 10))?;
 //! let names: Vec<String> = model.named_parameters().into_iter().map(|(n, _)| n).collect();
 //! assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
 //! let logits = model.forward(&Tensor::zeros([2, 784], (tch::Kind::Float, Device::Cpu)))?;

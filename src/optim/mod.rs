@@ -4,7 +4,7 @@
 //! getter), so a resumed run could never match an uninterrupted one. These follow PyTorch's `torch.optim.SGD`
 //! and `torch.optim.Adam` update rules exactly and expose their state by parameter name for checkpoints.
 //!
-//! ```no_run
+//! ```
 //! use distill::optim::{Optimizer, OptimizerConfig};
 //! # fn main() -> distill::Result<()> {
 //! let model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;

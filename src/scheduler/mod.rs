@@ -19,7 +19,7 @@
 //!
 //! Within an epoch, policies run in the order they were added.
 //!
-//! ```no_run
+//! ```
 //! use distill::scheduler::{CompressionScheduler, Minibatch, Policy, PolicyContext, PolicySchedule};
 //!
 //! struct Announce;

@@ -1,0 +1,98 @@
+//! Time per training step of LeNet-5 (MNIST shape, batch 64) and ResNet-20 (CIFAR-10 shape, batch 32) on
+//! synthetic data: a plain tch loop (tch::nn layers and tch's SGD) against `distill::train::train_epoch` with no
+//! compression, so later work can show what compression costs on top.
+//!
+//! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratio distill / tch.
+use std::time::Instant;
+
+use distill::data::Dataset;
+use distill::optim::{Optimizer, OptimizerConfig};
+use distill::train::{train_epoch, Progress};
+use tch::nn::{self, ModuleT, OptimizerConfig as _};
+use tch::{Device, Kind, Tensor};
+
+fn tch_lenet(p: &nn::Path) -> nn::SequentialT {
+    let conv = |c: nn::ConvConfig| c;
+    nn::seq_t()
+        .add(nn::conv2d(p / "conv1", 1, 6, 5, conv(nn::ConvConfig { padding: 2, ..Default::default() })))
+        .add_fn(|x| x.relu().max_pool2d_default(2))
+        .add(nn::conv2d(p / "conv2", 6, 16, 5, Default::default()))
+        .add_fn(|x| x.relu().max_pool2d_default(2).flatten(1, -1))
+        .add(nn::linear(p / "fc1", 400, 120, Default::default()))
+        .add_fn(|x| x.relu())
+        .add(nn::linear(p / "fc2", 120, 84, Default::default()))
+        .add_fn(|x| x.relu())
+        .add(nn::linear(p / "fc3", 84, 10, Default::default()))
+}
+
+fn conv_bn(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64) -> nn::SequentialT {
+    let cfg = nn::ConvConfig { stride, padding: k / 2, bias: false, ..Default::default() };
+    nn::seq_t().add(nn::conv2d(p / "conv", c_in, c_out, k, cfg)).add(nn::batch_norm2d(p / "bn", c_out, Default::default()))
+}
+
+fn tch_resnet20(p: &nn::Path) -> nn::SequentialT {
+    let mut net = nn::seq_t().add(conv_bn(&(p / "stem"), 3, 16, 3, 1)).add_fn(|x| x.relu());
+    let mut c_in = 16;
+    for (stage, (planes, stride)) in [(16, 1), (32, 2), (64, 2)].into_iter().enumerate() {
+        for b in 0..3 {
+            let bp = p / format!("l{stage}b{b}");
+            let s = if b == 0 { stride } else { 1 };
+            let body = nn::seq_t().add(conv_bn(&(&bp / "a"), c_in, planes, 3, s)).add_fn(|x| x.relu()).add(conv_bn(&(&bp / "b"), planes, planes, 3, 1));
+            let shortcut = (s != 1 || c_in != planes).then(|| conv_bn(&(&bp / "down"), c_in, planes, 1, s));
+            net = net.add_fn_t(move |x, train| {
+                let residual = shortcut.as_ref().map_or_else(|| x.shallow_clone(), |d| d.forward_t(x, train));
+                (body.forward_t(x, train) + residual).relu()
+            });
+            c_in = planes;
+        }
+    }
+    net.add_fn(|x| x.avg_pool2d_default(8).flatten(1, -1)).add(nn::linear(p / "fc", 64, 10, Default::default()))
+}
+
+fn time_tch(build: fn(&nn::Path) -> nn::SequentialT, data: &Dataset, batch: i64, steps: usize) -> f64 {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = build(&vs.root());
+    let mut opt = nn::Sgd { momentum: 0.9, wd: 1e-4, ..Default::default() }.build(&vs, 0.01).unwrap();
+    let n = data.len() as i64;
+    let mut run = |count: usize| {
+        for i in 0..count {
+            let start = (i as i64 * batch) % (n - batch + 1);
+            let x = data.images().narrow(0, start, batch);
+            let y = data.labels().narrow(0, start, batch);
+            let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
+            opt.backward_step(&loss);
+            let _ = loss.double_value(&[]);
+        }
+    };
+    run(3);
+    let t = Instant::now();
+    run(steps);
+    t.elapsed().as_secs_f64() * 1e3 / steps as f64
+}
+
+fn time_distill(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usize) -> f64 {
+    let mut model = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
+    let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+    let warm = data.subset("warm", &(0..3 * batch as i64).collect::<Vec<_>>()).unwrap();
+    let timed = data.subset("timed", &(0..(steps * batch) as i64).collect::<Vec<_>>()).unwrap();
+    train_epoch(&mut model, &warm, &mut opt, None, 0, batch, 0, Progress::Quiet, 1).unwrap();
+    let t = Instant::now();
+    train_epoch(&mut model, &timed, &mut opt, None, 0, batch, 0, Progress::Quiet, 1).unwrap();
+    t.elapsed().as_secs_f64() * 1e3 / steps as f64
+}
+
+fn main() {
+    let steps: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30);
+    tch::manual_seed(0);
+    let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+    println!("threads: {}, steps per measurement: {steps}", tch::get_num_threads());
+    println!("{:<16} {:>6} {:>14} {:>18} {:>8}", "model", "batch", "tch ms/step", "distill ms/step", "ratio");
+    let cases: [(&str, &str, [i64; 3], usize, fn(&nn::Path) -> nn::SequentialT); 2] =
+        [("lenet", "mnist", [1, 28, 28], 64, tch_lenet), ("resnet20_cifar", "cifar10", [3, 32, 32], 32, tch_resnet20)];
+    for (arch, dataset, shape, batch, build) in cases {
+        let data = Dataset::synthetic(steps * batch + 3 * batch, shape, 10, 1).unwrap();
+        let plain = time_tch(build, &data, batch as i64, steps);
+        let ours = time_distill(arch, dataset, &data, batch, steps);
+        println!("{arch:<16} {batch:>6} {plain:>14.2} {ours:>18.2} {:>8.3}", ours / plain);
+    }
+}
