@@ -28,7 +28,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-have_torch=$(.venv/bin/python -m pip show torch 2>/dev/null | sed -n 's/^Version: //p')
+have_torch=$( (.venv/bin/python -m pip show torch 2>/dev/null || true) | sed -n "s/^Version: //p")
 if [ "$cuda" = 1 ]; then
   if [ ! -d "$site/nvidia/cublas" ] || [ "${have_torch%%+*}" != "$TORCH_VERSION" ]; then
     echo "setup: installing torch==$TORCH_VERSION with its full CUDA set (about 3.3 GB)"
