@@ -5,16 +5,21 @@ use super::flatten;
 use crate::nn::{AvgPool2d, Conv2d, Conv2dConfig, Flatten, Linear, MaxPool2d, ReLU, Sequential};
 use crate::Result;
 
-/// Distiller's `simplenet_mnist` (the PyTorch MNIST example): 431,080 parameters.
-pub(super) fn simplenet_mnist(p: &Path) -> Result<Sequential> {
+/// The two conv-ReLU-pool stages both Simplenets start with.
+fn simplenet_features(p: &Path, type_name: &'static str) -> Result<Sequential> {
     Ok(Sequential::new()
-        .with_type_name("Simplenet")
+        .with_type_name(type_name)
         .add("conv1", Conv2d::new(p / "conv1", Conv2dConfig::new(1, 20, 5))?)
         .add("relu1", ReLU)
         .add("pool1", MaxPool2d::new(2, 2))
         .add("conv2", Conv2d::new(p / "conv2", Conv2dConfig::new(20, 50, 5))?)
         .add("relu2", ReLU)
-        .add("pool2", MaxPool2d::new(2, 2))
+        .add("pool2", MaxPool2d::new(2, 2)))
+}
+
+/// Distiller's `simplenet_mnist` (the PyTorch MNIST example): 431,080 parameters.
+pub(super) fn simplenet_mnist(p: &Path) -> Result<Sequential> {
+    Ok(simplenet_features(p, "Simplenet")?
         .add_fn("view(N, -1)", flatten)
         .add("fc1", Linear::new(p / "fc1", 4 * 4 * 50, 500, true)?)
         .add("relu3", ReLU)
@@ -23,14 +28,7 @@ pub(super) fn simplenet_mnist(p: &Path) -> Result<Sequential> {
 
 /// Distiller's `simplenet_v2_mnist`: Simplenet with global average pooling and one small Linear layer.
 pub(super) fn simplenet_v2_mnist(p: &Path) -> Result<Sequential> {
-    Ok(Sequential::new()
-        .with_type_name("Simplenet_v2")
-        .add("conv1", Conv2d::new(p / "conv1", Conv2dConfig::new(1, 20, 5))?)
-        .add("relu1", ReLU)
-        .add("pool1", MaxPool2d::new(2, 2))
-        .add("conv2", Conv2d::new(p / "conv2", Conv2dConfig::new(20, 50, 5))?)
-        .add("relu2", ReLU)
-        .add("pool2", MaxPool2d::new(2, 2))
+    Ok(simplenet_features(p, "Simplenet_v2")?
         .add("avgpool", AvgPool2d::new(4, 1))
         .add_fn("view(N, -1)", flatten)
         .add("fc", Linear::new(p / "fc", 50, 10, true)?))

@@ -3,9 +3,8 @@
 use tch::nn::Path;
 use tch::Tensor;
 
-use super::flatten;
-use super::resnet_cifar::conv3x3;
-use crate::nn::{AvgPool2d, BatchNorm2d, BoxModule, ConstantPad3d, Forward, Linear, Module, ReLU, Sequential};
+use super::resnet_cifar::{add_head, add_stages, conv3x3, stem};
+use crate::nn::{AvgPool2d, BatchNorm2d, BoxModule, ConstantPad3d, Forward, Module, ReLU, Sequential};
 use crate::Result;
 
 /// BN-ReLU-conv twice, added to the (possibly downsampled) input.
@@ -89,26 +88,9 @@ impl Module for PreactBasicBlock {
 
 /// `PreactResNetCifar` with `blocks` blocks per stage.
 pub(super) fn preact_resnet_cifar(p: &Path, blocks: usize) -> Result<Sequential> {
-    let mut net = Sequential::new().with_type_name("PreactResNetCifar").add(
-        "conv1",
-        crate::nn::Conv2d::new(p / "conv1", crate::nn::Conv2dConfig::new(3, 16, 3).padding(1).bias(false))?
-            .init_kaiming_fan_out(),
-    );
-    let mut inplanes = 16;
-    for (stage, (planes, stride)) in [(16, 1), (32, 2), (64, 2)].into_iter().enumerate() {
-        let name = format!("layer{}", stage + 1);
-        let lp = p / name.as_str();
-        let mut layer = Sequential::new();
-        for i in 0..blocks {
-            layer = layer.push(PreactBasicBlock::new(&(&lp / i), inplanes, planes, if i == 0 { stride } else { 1 })?);
-            inplanes = planes;
-        }
-        net = net.add(name, layer);
-    }
-    Ok(net
+    let net = Sequential::new().with_type_name("PreactResNetCifar").add("conv1", stem(p)?);
+    let net = add_stages(net, p, blocks, PreactBasicBlock::new)?
         .add("final_bn", BatchNorm2d::new(p / "final_bn", 64)?)
-        .add("final_relu", ReLU)
-        .add("avgpool", AvgPool2d::new(8, 1))
-        .add_fn("view(N, -1)", flatten)
-        .add("fc", Linear::new(p / "fc", 64, 10, true)?))
+        .add("final_relu", ReLU);
+    add_head(net, p)
 }

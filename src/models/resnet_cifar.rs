@@ -99,27 +99,47 @@ impl Module for BasicBlock {
     }
 }
 
-/// `ResNetCifar` with `blocks` blocks per stage: 20, 32, 44 and 56 layers for 3, 5, 7 and 9.
-pub(super) fn resnet_cifar(p: &Path, blocks: usize) -> Result<Sequential> {
-    let mut net = Sequential::new()
-        .with_type_name("ResNetCifar")
-        .add("conv1", Conv2d::new(p / "conv1", Conv2dConfig::new(3, 16, 3).padding(1).bias(false))?.init_kaiming_fan_out())
-        .add("bn1", BatchNorm2d::new(p / "bn1", 16)?)
-        .add("relu", ReLU);
+/// The three stages shared by Distiller's CIFAR ResNet family: `layer1`..`layer3` with 16, 32 and 64 planes,
+/// the last two starting with stride 2, `blocks` blocks each, appended to `net`.
+pub(super) fn add_stages<B: Module>(
+    mut net: Sequential,
+    p: &Path,
+    blocks: usize,
+    block: impl Fn(&Path, i64, i64, i64) -> Result<B>,
+) -> Result<Sequential> {
     let mut inplanes = 16;
     for (stage, (planes, stride)) in [(16, 1), (32, 2), (64, 2)].into_iter().enumerate() {
         let name = format!("layer{}", stage + 1);
         let lp = p / name.as_str();
         let mut layer = Sequential::new();
         for i in 0..blocks {
-            let s = if i == 0 { stride } else { 1 };
-            layer = layer.push(BasicBlock::new(&(&lp / i), inplanes, planes, s)?);
+            layer = layer.push(block(&(&lp / i), inplanes, planes, if i == 0 { stride } else { 1 })?);
             inplanes = planes;
         }
         net = net.add(name, layer);
     }
+    Ok(net)
+}
+
+/// The 3×3 stem convolution from RGB to 16 channels.
+pub(super) fn stem(p: &Path) -> Result<Conv2d> {
+    Ok(Conv2d::new(p / "conv1", Conv2dConfig::new(3, 16, 3).padding(1).bias(false))?.init_kaiming_fan_out())
+}
+
+/// Global 8×8 average pooling, flattening and the 64→10 classifier that end every CIFAR ResNet.
+pub(super) fn add_head(net: Sequential, p: &Path) -> Result<Sequential> {
     Ok(net
         .add("avgpool", AvgPool2d::new(8, 1))
         .add_fn("view(N, -1)", flatten)
         .add("fc", Linear::new(p / "fc", 64, 10, true)?))
+}
+
+/// `ResNetCifar` with `blocks` blocks per stage: 20, 32, 44 and 56 layers for 3, 5, 7 and 9.
+pub(super) fn resnet_cifar(p: &Path, blocks: usize) -> Result<Sequential> {
+    let net = Sequential::new()
+        .with_type_name("ResNetCifar")
+        .add("conv1", stem(p)?)
+        .add("bn1", BatchNorm2d::new(p / "bn1", 16)?)
+        .add("relu", ReLU);
+    add_head(add_stages(net, p, blocks, BasicBlock::new)?, p)
 }
