@@ -32,6 +32,7 @@ mod error;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod pruning;
 pub mod scheduler;
 pub mod train;
 

@@ -283,7 +283,7 @@ impl Model {
     /// Starts notifying `observer` of every module call; returns a handle for [`Model::detach_observer`].
     ///
     /// Keep a clone of the `Arc` to read the observer's results.
-    pub fn attach_observer<O: Observer + 'static>(&mut self, observer: Arc<Mutex<O>>) -> ObserverId {
+    pub fn attach_observer(&mut self, observer: Arc<Mutex<dyn Observer>>) -> ObserverId {
         let id = ObserverId(self.next_observer_id);
         self.next_observer_id += 1;
         self.observers.push((id, observer));
