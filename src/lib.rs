@@ -33,6 +33,7 @@ pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod pruning;
+pub mod regularization;
 pub mod scheduler;
 pub mod train;
 
