@@ -58,6 +58,8 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Problems in a compression schedule, each as `file:line:column: message`.
+    Schedule(Vec<String>),
     /// An error reported by libtorch.
     Torch(tch::TchError),
 }
@@ -119,6 +121,7 @@ impl fmt::Display for Error {
             Error::Data { path, message } => write!(f, "{}: {message}", path.display()),
             Error::Checkpoint { path, message } => write!(f, "checkpoint {}: {message}", path.display()),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::Schedule(problems) => write!(f, "{}", problems.join("\n")),
             Error::Torch(e) => write!(f, "libtorch: {e}"),
         }
     }

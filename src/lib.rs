@@ -25,6 +25,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod summary;

@@ -145,6 +145,11 @@ pub fn group_threshold_mask(w: &Tensor, group: GroupType, threshold: f64, criter
     let keep = |rows: &Tensor| -> Result<Tensor> { Ok(row_norms(rows, norm, mean)?.f_gt(threshold)?.f_to_kind(Kind::Float)?) };
     let size = w.size();
     match (group, size.len()) {
+        // Distiller has no 4D case here (it crashes); the whole tensor is kept or removed, SSL's layer removal.
+        (GroupType::Layer, _) => Ok(w.f_ones_like()?.f_mul(&keep(&w.f_reshape([1, -1])?)?.f_reshape([])?)?),
+        (GroupType::RowsCols, 2) => {
+            Ok(group_threshold_mask(w, GroupType::Rows, threshold, criterion)?.f_mul(&group_threshold_mask(w, GroupType::Cols, threshold, criterion)?)?)
+        }
         (GroupType::Kernels, 4) => {
             let map = keep(&w.f_reshape([size[0] * size[1], -1])?)?;
             Ok(map.f_reshape([size[0], size[1], 1, 1])?.f_expand(size.as_slice(), false)?.f_to_kind(w.kind())?.f_contiguous()?)

@@ -135,9 +135,6 @@ impl GroupLassoRegularizer {
         }
         if let Some(c) = threshold_criteria {
             crate::pruning::structure::parse_criterion(c)?;
-            if let Some(r) = regims.iter().find(|r| r.groups.len() != 1 || r.groups[0] == GroupType::Layer || r.groups[0] == GroupType::RowsCols) {
-                return Err(Error::invalid("threshold_criteria", format!("'{}' uses a combined or whole-tensor group, which cannot be thresholded", r.param)));
-            }
         }
         let regims = regims.into_iter().map(|r| GroupRegime { param: normalize_name(&r.param), ..r }).collect();
         Ok(GroupLassoRegularizer { name: name.into(), regims, criterion: threshold_criteria.map(String::from) })
@@ -167,7 +164,11 @@ impl Regularizer for GroupLassoRegularizer {
     }
     fn threshold(&self, param: &Tensor, name: &str, masks: &mut Masks) -> Result<()> {
         let (Some(c), Some(r)) = (&self.criterion, self.regims.iter().find(|r| r.param == name)) else { return Ok(()) };
-        let mask = group_threshold_mask(param, r.groups[0], r.strength, c)?;
+        // With two group types (Channels+4D), a structure survives only if both thresholds keep it.
+        let mut mask = param.f_ones_like()?;
+        for g in &r.groups {
+            mask = mask.f_mul(&group_threshold_mask(param, *g, r.strength, c)?)?;
+        }
         masks.set_mask(name, mask, &param.size())?;
         masks.get_mut(name)?.is_regularization_mask = true;
         Ok(())

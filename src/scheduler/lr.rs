@@ -10,13 +10,16 @@ use crate::metrics::Metrics;
 use crate::{Error, Result};
 
 /// A learning-rate schedule (the classes of `torch.optim.lr_scheduler` Distiller accepts, and Distiller's own).
+/// Field names in YAML are PyTorch's (`T_max`, `T_0`, `T_mult`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum LrSchedule {
     /// `lr = base · γ^⌊e / step_size⌋`.
     StepLR {
         /// Epochs between decays.
         step_size: usize,
         /// Decay factor.
+        #[serde(default = "default_gamma")]
         gamma: f64,
     },
     /// `lr = base · γ^(number of milestones ≤ e)`.
@@ -24,6 +27,7 @@ pub enum LrSchedule {
         /// Epochs at which to decay, increasing.
         milestones: Vec<usize>,
         /// Decay factor.
+        #[serde(default = "default_gamma")]
         gamma: f64,
     },
     /// `lr = base · γ^e`.
@@ -34,24 +38,31 @@ pub enum LrSchedule {
     /// `lr = η_min + (base − η_min)(1 + cos(π e / T_max)) / 2`.
     CosineAnnealingLR {
         /// Half-period in epochs.
+        #[serde(rename = "T_max")]
         t_max: usize,
         /// Floor.
+        #[serde(default)]
         eta_min: f64,
     },
     /// SGDR: cosine annealing restarted after `t_0`, then `t_0·t_mult`, ... epochs.
     CosineAnnealingWarmRestarts {
         /// First period.
+        #[serde(rename = "T_0")]
         t_0: usize,
         /// Period growth factor (≥ 1).
+        #[serde(rename = "T_mult", default = "default_one")]
         t_mult: usize,
         /// Floor.
+        #[serde(default)]
         eta_min: f64,
     },
     /// Distiller's `PolynomialLR`: `lr = base · (1 − e / T_max)^power`.
     PolynomialLR {
         /// Epoch at which the rate reaches zero.
+        #[serde(rename = "T_max")]
         t_max: usize,
         /// Exponent.
+        #[serde(default = "default_power")]
         power: f64,
     },
     /// Distiller's `MultiStepMultiGammaLR`: at each milestone multiply by its own γ.
@@ -65,18 +76,68 @@ pub enum LrSchedule {
     /// (`mode: min`) or top-1 (`mode: max`).
     ReduceLROnPlateau {
         /// `min` watches the loss, `max` the top-1 accuracy.
+        #[serde(default = "default_mode")]
         mode: PlateauMode,
         /// Multiplier applied on a plateau.
+        #[serde(default = "default_gamma")]
         factor: f64,
         /// Epochs without improvement tolerated.
+        #[serde(default = "default_patience")]
         patience: usize,
-        /// Relative improvement that counts.
+        /// Improvement that counts, relative or absolute per `threshold_mode`.
+        #[serde(default = "default_threshold")]
         threshold: f64,
+        /// `rel` or `abs`.
+        #[serde(default = "default_threshold_mode")]
+        threshold_mode: ThresholdMode,
         /// Epochs to wait after a reduction.
+        #[serde(default)]
         cooldown: usize,
         /// Floor.
+        #[serde(default)]
         min_lr: f64,
+        /// Smallest change of the rate worth applying.
+        #[serde(default = "default_eps")]
+        eps: f64,
+        /// Accepted for compatibility; distill always logs LR changes in its epoch lines.
+        #[serde(default)]
+        verbose: bool,
     },
+}
+
+fn default_gamma() -> f64 {
+    0.1
+}
+fn default_one() -> usize {
+    1
+}
+fn default_power() -> f64 {
+    1.0
+}
+fn default_mode() -> PlateauMode {
+    PlateauMode::Min
+}
+fn default_patience() -> usize {
+    10
+}
+fn default_threshold() -> f64 {
+    1e-4
+}
+fn default_threshold_mode() -> ThresholdMode {
+    ThresholdMode::Rel
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+/// How [`LrSchedule::ReduceLROnPlateau`] measures improvement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThresholdMode {
+    /// Better by a factor `1 ± threshold`.
+    Rel,
+    /// Better by `threshold`.
+    Abs,
 }
 
 /// What [`LrSchedule::ReduceLROnPlateau`] watches.
@@ -140,7 +201,10 @@ impl LrSchedule {
                 }
                 gammas.iter().try_for_each(|g| positive("MultiStepMultiGammaLR gamma", *g))
             }
-            LrSchedule::ReduceLROnPlateau { factor, threshold, min_lr, .. } => {
+            LrSchedule::ReduceLROnPlateau { factor, threshold, min_lr, eps, .. } => {
+                if *eps < 0.0 {
+                    return Err(Error::invalid("ReduceLROnPlateau eps", "must be >= 0"));
+                }
                 if !(*factor > 0.0 && *factor < 1.0) {
                     return Err(Error::invalid("ReduceLROnPlateau factor", format!("{factor} must lie in (0, 1)")));
                 }
@@ -239,11 +303,17 @@ impl Policy for LrPolicy {
             return Err(Error::invalid("LRPolicy", "the scheduler was called without an optimizer; pass Some(&mut optimizer)"));
         };
         let next = ctx.epoch + 1;
-        if let LrSchedule::ReduceLROnPlateau { mode, factor, patience, threshold, cooldown, min_lr } = &self.schedule {
-            let (value, better) = match mode {
-                PlateauMode::Min => (metrics.loss, self.plateau.best.is_none_or(|b| metrics.loss < b * (1.0 - threshold))),
-                PlateauMode::Max => (metrics.top1, self.plateau.best.is_none_or(|b| metrics.top1 > b * (1.0 + threshold))),
+        if let LrSchedule::ReduceLROnPlateau { mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps, .. } = &self.schedule {
+            let value = match mode {
+                PlateauMode::Min => metrics.loss,
+                PlateauMode::Max => metrics.top1,
             };
+            let better = self.plateau.best.is_none_or(|b| match (mode, threshold_mode) {
+                (PlateauMode::Min, ThresholdMode::Rel) => value < b * (1.0 - threshold),
+                (PlateauMode::Min, ThresholdMode::Abs) => value < b - threshold,
+                (PlateauMode::Max, ThresholdMode::Rel) => value > b * (1.0 + threshold),
+                (PlateauMode::Max, ThresholdMode::Abs) => value > b + threshold,
+            });
             let p = &mut self.plateau;
             if better {
                 p.best = Some(value);
@@ -258,8 +328,8 @@ impl Policy for LrPolicy {
             if p.bad_epochs > *patience {
                 for g in optimizer.groups_mut() {
                     let reduced = (g.lr * factor).max(*min_lr);
-                    // PyTorch skips updates smaller than eps = 1e-8.
-                    if g.lr - reduced > 1e-8 {
+                    // PyTorch skips updates smaller than eps.
+                    if g.lr - reduced > *eps {
                         g.lr = reduced;
                     }
                 }

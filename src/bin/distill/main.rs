@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use distill::config::Schedule;
 use distill::data::{self, DataSplits};
 use distill::models;
 use distill::optim::OptimizerConfig;
@@ -22,6 +23,42 @@ enum Command {
     Train(TrainArgs),
     /// List the model zoo's architectures by dataset.
     Models,
+    /// Check or preview compression schedules.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Validate schedule files: schema only, or also against a model's parameter names with --arch/--dataset.
+    Check {
+        /// Schedule files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Architecture whose parameter names the schedules must use.
+        #[arg(long, requires = "dataset")]
+        arch: Option<String>,
+        /// Dataset of --arch.
+        #[arg(long, requires = "arch")]
+        dataset: Option<String>,
+    },
+    /// Show each epoch's active policies, target sparsities and learning rate, and warn about conflicts.
+    Preview {
+        /// Schedule file.
+        file: PathBuf,
+        /// Training epochs.
+        #[arg(long)]
+        epochs: usize,
+        /// Initial learning rate.
+        #[arg(long, default_value_t = 0.1)]
+        lr: f64,
+        /// Architecture (expands '*' entries and checks names).
+        #[arg(long, requires = "dataset")]
+        arch: Option<String>,
+        /// Dataset of --arch.
+        #[arg(long, requires = "arch")]
+        dataset: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -68,6 +105,9 @@ struct TrainArgs {
     /// Continue from a checkpoint written by an earlier run.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Compression schedule (Distiller YAML): pruners, regularizers and LR schedules.
+    #[arg(long)]
+    compress: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -115,7 +155,19 @@ fn train(args: TrainArgs) -> Result<()> {
         model.num_parameters(),
         device
     );
+    let mut scheduler = match &args.compress {
+        Some(path) => {
+            let schedule = Schedule::from_file(path)?;
+            let scheduler = schedule.build(&model)?;
+            print!("{}", schedule.preview(args.epochs, args.lr, Some(&model))?);
+            Some(scheduler)
+        }
+        None => None,
+    };
     let mut trainer = Trainer::new(&mut model, config)?;
+    if let Some(s) = scheduler.as_mut() {
+        trainer = trainer.with_scheduler(s);
+    }
     if let Some(ckpt) = &args.resume {
         trainer.resume(ckpt)?;
         println!("resuming from {} after epoch {}", ckpt.display(), trainer.history().len().saturating_sub(1));
@@ -133,10 +185,51 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `schedule check`: one line per file (`ok FILE`) or per problem (`FILE:LINE:COL: message`).
+fn check(files: &[PathBuf], arch: Option<&str>, dataset: Option<&str>) -> Result<bool> {
+    let model = match (arch, dataset) {
+        (Some(a), Some(d)) => Some(models::create_model(a, d, tch::Device::Cpu)?),
+        _ => None,
+    };
+    let mut all_ok = true;
+    for file in files {
+        let result = Schedule::from_file(file).and_then(|s| model.as_ref().map_or(Ok(()), |m| s.check_model(m)).map(|()| s));
+        match result {
+            Ok(s) => {
+                println!("ok {}", file.display());
+                s.warnings.iter().for_each(|w| println!("warning: {w}"));
+            }
+            Err(distill::Error::Schedule(problems)) => {
+                all_ok = false;
+                problems.iter().for_each(|p| println!("{p}"));
+            }
+            Err(e) => {
+                all_ok = false;
+                println!("{}: {e}", file.display());
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
+        Command::Schedule(ScheduleCommand::Check { files, arch, dataset }) => match check(&files, arch.as_deref(), dataset.as_deref()) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Command::Schedule(ScheduleCommand::Preview { file, epochs, lr, arch, dataset }) => (|| {
+            let schedule = Schedule::from_file(&file)?;
+            let model = match (arch, dataset) {
+                (Some(a), Some(d)) => Some(models::create_model(&a, &d, tch::Device::Cpu)?),
+                _ => None,
+            };
+            print!("{}", schedule.preview(epochs, lr, model.as_ref())?);
+            Ok(())
+        })(),
         Command::Models => {
             for (dataset, ..) in models::DATASETS {
                 println!("{dataset}: {}", models::architectures(Some(dataset)).join(", "));
