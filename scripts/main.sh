@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The main job, set-up included: train LeNet-5 on the bundled MNIST digits and save its results in runs/lenet.
+# The main job, set-up included: train LeNet-5 on the bundled MNIST digits while pruning it with AGP
+# (schedules/lenet_agp.yaml), and save checkpoints, metrics and the summary in runs/lenet_agp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo run --release --example lenet_mnist -- "${1:-runs/lenet}"
+out=${1:-runs/lenet_agp}
+cargo run --release -- train --arch lenet --dataset mnist --epochs 10 --lr 0.02 --batch-size 32 --seed 1 \
+  --compress schedules/lenet_agp.yaml --out "$out"

@@ -320,7 +320,7 @@ fn check_class(r: &mut Reader, here: &[String], class: &str, valid: &[&str], wha
     if THINNING_CLASSES.contains(&class) {
         r.value_problem(&p, format!("{class}: thinning (physical removal of pruned structures) is not supported yet"));
     } else if known_elsewhere {
-        r.value_problem(&p, format!("{class} is not a {what} class; it belongs in another section"));
+        r.value_problem(&p, format!("{class} is not a {what}; it belongs in another section"));
     } else {
         r.value_problem(&p, Error::unknown(what, class, valid.iter().copied()));
     }
@@ -328,9 +328,9 @@ fn check_class(r: &mut Reader, here: &[String], class: &str, valid: &[&str], wha
 }
 
 impl Schedule {
-    /// An empty schedule, for the builder methods.
+    /// An empty schedule, for the builder methods ([`Schedule::to_yaml`] writes `version: 1`).
     pub fn new() -> Self {
-        Schedule { version: Some(1), ..Default::default() }
+        Schedule::default()
     }
 
     /// Adds a pruner.
@@ -612,7 +612,16 @@ impl Schedule {
             };
             match spec.and_then(|spec| spec.schedule().map(|_| spec)) {
                 Ok(spec) => policy.epochs = Some(spec),
-                Err(e) => r.value_problem(&here, e),
+                Err(e) => {
+                    // Point at the key the message is about.
+                    let msg = e.to_string();
+                    let key = ["frequency", "epochs", "starting_epoch"].into_iter().find(|k| msg.contains(k)).unwrap_or("");
+                    let mut at = here.clone();
+                    if m.keys().any(|k| k.as_str() == Some(key)) {
+                        at.push(key.to_string());
+                    }
+                    r.key_problem(&at, e);
+                }
             }
             out.push(policy);
         }
