@@ -199,10 +199,16 @@ impl PartialEq for Schedule {
 }
 
 /// Where a schedule was read from, to locate errors found later (against a model).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Source {
     name: String,
     positions: std::sync::Arc<Positions>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.name)
+    }
 }
 
 /// Collects located problems while reading a document.
@@ -328,7 +334,7 @@ fn check_class(r: &mut Reader, here: &[String], class: &str, valid: &[&str], wha
 }
 
 impl Schedule {
-    /// An empty schedule, for the builder methods ([`Schedule::to_yaml`] writes `version: 1`).
+    /// An empty schedule, for the builder methods.
     pub fn new() -> Self {
         Schedule::default()
     }
@@ -782,7 +788,9 @@ impl Schedule {
             Ok(Value::Mapping(m))
         }
         let mut top = Mapping::new();
-        top.insert("version".into(), Value::from(self.version.unwrap_or(1)));
+        if let Some(v) = self.version {
+            top.insert("version".into(), Value::from(v));
+        }
         if !self.pruners.is_empty() {
             top.insert("pruners".into(), section(&self.pruners)?);
         }

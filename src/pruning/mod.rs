@@ -12,11 +12,12 @@ pub mod element;
 pub mod structure;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::nn::{normalize_name, Model};
+use crate::nn::{normalize_name, Model, Observer, ObserverId};
 use crate::scheduler::{Masks, Minibatch, Policy, PolicyContext, PolicySchedule};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
@@ -59,10 +60,13 @@ pub trait Pruner: Send {
         Err(Error::invalid("levels", format!("{} has no levels to override", self.class_name())))
     }
 
-    /// Whether this pruner needs activation statistics from the model's observers.
-    fn needs_activations(&self) -> bool {
-        false
+    /// An observer the pruner needs attached to the model while its policy runs (activation statistics).
+    fn observer(&self) -> Option<Arc<Mutex<dyn Observer>>> {
+        None
     }
+
+    /// Called after each round of masks, e.g. to restart activation statistics.
+    fn masks_computed(&mut self) {}
 }
 
 /// A value per parameter name with an optional default (`'*'` in Distiller's YAML maps).
@@ -148,6 +152,7 @@ pub struct PruningPolicy {
     args: PruningArgs,
     levels: Option<PerParam>,
     initialized: bool,
+    observer: Option<ObserverId>,
 }
 
 impl PruningPolicy {
@@ -155,7 +160,7 @@ impl PruningPolicy {
     pub fn new(pruner: Box<dyn Pruner>, args: PruningArgs) -> Result<Self> {
         args.validate()?;
         let levels = args.levels.as_ref().map(PerParam::from_map);
-        Ok(PruningPolicy { pruner, args, levels, initialized: false })
+        Ok(PruningPolicy { pruner, args, levels, initialized: false, observer: None })
     }
 
     /// The pruner.
@@ -170,6 +175,7 @@ impl PruningPolicy {
                 self.pruner.set_param_mask(&param, &name, ctx.masks, &pctx)?;
             }
         }
+        self.pruner.masks_computed();
         Ok(())
     }
 }
@@ -184,6 +190,11 @@ impl Policy for PruningPolicy {
             self.pruner.set_levels(levels)?;
         }
         if !self.initialized {
+            // Activation-ranked pruners read statistics gathered while the model trains; the first masks
+            // therefore come one epoch (or mini-batch frequency period) after the statistics start.
+            if let Some(obs) = self.pruner.observer() {
+                self.observer = Some(ctx.model.attach_observer(obs));
+            }
             // Distiller sets these flags on every parameter's masker; here only on the pruner's own
             // parameters, so one policy's options cannot leak into another pruner's masks.
             for (name, _) in ctx.model.named_parameters() {
@@ -238,6 +249,9 @@ impl Policy for PruningPolicy {
         // unscheduled; the last epoch the policy actually runs is what keep_mask means.
         if !ctx.schedule.is_last_active_epoch(ctx.epoch) {
             return Ok(());
+        }
+        if let Some(id) = self.observer.take() {
+            ctx.model.detach_observer(id);
         }
         for (name, param) in ctx.model.named_parameters() {
             if !self.pruner.prunes(&name) {

@@ -465,8 +465,15 @@ impl Pruner for RankedStructurePruner {
             f => f.at(epoch, s).ok(),
         }
     }
-    fn needs_activations(&self) -> bool {
-        self.activations.is_some()
+    fn observer(&self) -> Option<Arc<Mutex<dyn Observer>>> {
+        self.activation_recorder()
+    }
+    fn masks_computed(&mut self) {
+        if let Some(rec) = &self.activations {
+            if let Ok(mut r) = rec.lock() {
+                r.reset();
+            }
+        }
     }
 }
 
