@@ -2,9 +2,14 @@
 //! synthetic data: a plain tch loop (tch::nn layers and tch's SGD) against `distill::train::train_epoch` with no
 //! compression, so later work can show what compression costs on top.
 //!
-//! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratio distill / tch.
+//! A second table reports what an AGP schedule over every 2-D and 4-D weight costs per training step (masks
+//! applied before the forward pass and re-applied after the optimizer step), and, separately, the mask-update
+//! step that recomputes all masks at an epoch's start.
+//!
+//! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratios.
 use std::time::Instant;
 
+use distill::config::{PolicyConfig, PrunerConfig, Schedule};
 use distill::data::Dataset;
 use distill::optim::{Optimizer, OptimizerConfig};
 use distill::train::{train_epoch, Progress};
@@ -81,6 +86,42 @@ fn time_distill(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: 
     t.elapsed().as_secs_f64() * 1e3 / steps as f64
 }
 
+/// An AGP schedule (5% → 90%) over every 2-D and 4-D weight of `model`.
+fn agp_everything(model: &distill::nn::Model) -> Schedule {
+    let weights = model.named_parameters().into_iter().filter(|(_, t)| matches!(t.dim(), 2 | 4)).map(|(n, _)| n).collect();
+    Schedule::new()
+        .pruner("all", PrunerConfig::AutomatedGradualPruner { initial_sparsity: 0.05, final_sparsity: 0.9, weights })
+        .policy(PolicyConfig::pruner("all").epochs_range(0, 10, 1))
+}
+
+/// (ms per step without scheduler, ms per step with the AGP scheduler, ms per mask update), one model each.
+fn time_agp(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usize) -> (f64, f64, f64) {
+    let timed = data.subset("timed", &(0..(steps * batch) as i64).collect::<Vec<_>>()).unwrap();
+    let mut plain = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
+    let mut model = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
+    let mut scheduler = agp_everything(&model).build(&model).unwrap();
+    let mut opt_plain = Optimizer::for_model(&plain, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+    let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+    let updates = 5;
+    let t = Instant::now();
+    for epoch in 0..updates {
+        scheduler.on_epoch_begin(&mut model, epoch, Some(&mut opt)).unwrap();
+    }
+    let update_ms = t.elapsed().as_secs_f64() * 1e3 / updates as f64;
+    // Alternate the two loops so that machine noise hits both alike.
+    let (mut base, mut agp) = (0.0, 0.0);
+    for round in 0..3 {
+        let t = Instant::now();
+        train_epoch(&mut plain, &timed, &mut opt_plain, None, round, batch, round as u64, Progress::Quiet, 1).unwrap();
+        base += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        train_epoch(&mut model, &timed, &mut opt, Some(&mut scheduler), updates - 1, batch, round as u64, Progress::Quiet, 1).unwrap();
+        agp += t.elapsed().as_secs_f64();
+    }
+    let per_step = |s: f64| s * 1e3 / (3 * steps) as f64;
+    (per_step(base), per_step(agp), update_ms)
+}
+
 fn main() {
     let steps: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30);
     tch::manual_seed(0);
@@ -94,5 +135,13 @@ fn main() {
         let plain = time_tch(build, &data, batch as i64, steps);
         let ours = time_distill(arch, dataset, &data, batch, steps);
         println!("{arch:<16} {batch:>6} {plain:>14.2} {ours:>18.2} {:>8.3}", ours / plain);
+    }
+    println!();
+    println!("AGP over every 2-D/4-D weight, per training step (masks applied before forward and after the step):");
+    println!("{:<16} {:>6} {:>16} {:>14} {:>10} {:>18}", "model", "batch", "no sched ms/step", "AGP ms/step", "overhead", "mask update ms");
+    for (arch, dataset, shape, batch, _) in cases {
+        let data = Dataset::synthetic(steps * batch, shape, 10, 2).unwrap();
+        let (base, agp, update) = time_agp(arch, dataset, &data, batch, steps);
+        println!("{arch:<16} {batch:>6} {base:>16.2} {agp:>14.2} {:>9.1}% {update:>18.2}", 100.0 * (agp / base - 1.0));
     }
 }

@@ -65,3 +65,47 @@ fn trains_and_writes_its_outputs() {
     assert_eq!(summary["arch"], "mlp");
     assert!(summary["test"]["top1"].as_f64().unwrap() > 70.0, "{summary}");
 }
+
+#[test]
+fn schedule_check_reports_ok_or_located_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_agp.yaml");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "pruners:\n  p:\n    class: AutomatedGradualPruner\n    initial_sparsity: 0.1\n    final_sparsity: 0.5\n    weights: [conv9.weight]\npolicies:\n  - pruner:\n      instance_name: p\n    starting_epoch: 0\n    ending_epoch: 3\n    frequency: 1\n").unwrap();
+    let o = distill(&["schedule", "check", good, bad.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "schema only: both load\n{out}");
+    assert!(out.contains(&format!("ok {good}")), "{out}");
+    let o = distill(&["schedule", "check", good, bad.to_str().unwrap(), "--arch", "lenet", "--dataset", "mnist"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(out.contains(&format!("ok {good}")), "{out}");
+    assert!(out.contains(&format!("{}:6:15: unknown parameter 'conv9.weight'; did you mean 'conv1.weight' or 'conv2.weight'?", bad.display())), "{out}");
+    let o = distill(&["schedule", "check", "/nonexistent.yaml"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stdout).contains("/nonexistent.yaml"));
+}
+
+#[test]
+fn schedule_preview_shows_targets_lr_and_warnings() {
+    let good = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_agp.yaml");
+    let o = distill(&["schedule", "preview", good, "--epochs", "5", "--lr", "0.02", "--arch", "lenet", "--dataset", "mnist"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("conv2.weight=46.5%"), "{out}");
+    assert!(out.contains("warning: pruner 'big_layers' runs until epoch 5 but training ends after 5 epochs"), "{out}");
+    assert!(out.contains("warning: lr_scheduler 'cosine' runs until epoch 9"), "{out}");
+}
+
+#[test]
+fn train_with_a_schedule_prunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let schedule = dir.path().join("s.yaml");
+    std::fs::write(&schedule, "pruners:\n  p:\n    class: AutomatedGradualPruner\n    initial_sparsity: 0.3\n    final_sparsity: 0.6\n    weights: [fc1.weight, fc2.weight]\npolicies:\n  - pruner:\n      instance_name: p\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n").unwrap();
+    let o = distill(&["train", "--arch", "mlp", "--dataset", "mnist", "--epochs", "2", "--progress", "quiet", "--compress", schedule.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let sparsity = summary["sparsity"].as_f64().unwrap();
+    // fc1 (235,200) and fc2 (30,000) at 60% of the 266,200 weights.
+    assert!((sparsity - 0.6 * 265_200.0 / 266_200.0).abs() < 1e-3, "{sparsity}");
+}
