@@ -422,62 +422,18 @@ impl Schedule {
                     Some(n) => s.version = Some(n),
                     None => r.value_problem(&path(&["version"]), format!("version must be an integer, got {}", yaml_text(v))),
                 },
-                "pruners" => {
-                    for (name, class, params) in r.entries("pruners", v) {
-                        let here = path(&["pruners", &name]);
-                        if check_class(r, &here, &class, PRUNER_CLASSES, "pruner class") {
-                            if let Some(cfg) = r.typed::<PrunerConfig>(&here, &class, params) {
-                                if let Err(e) = cfg.build(&name) {
-                                    locate_invalid(r, &here, e);
-                                }
-                                s.pruners.push((name, cfg));
-                            }
-                        }
-                    }
-                }
+                "pruners" => s.pruners = read_section(r, "pruners", v, PRUNER_CLASSES, "pruner class", |n, c: &PrunerConfig| at_key(c.build(n))),
                 "regularizers" => {
-                    for (name, class, params) in r.entries("regularizers", v) {
-                        let here = path(&["regularizers", &name]);
-                        if check_class(r, &here, &class, REGULARIZER_CLASSES, "regularizer class") {
-                            if let Some(cfg) = r.typed::<RegularizerConfig>(&here, &class, params) {
-                                if let Err(e) = cfg.build(&name) {
-                                    locate_invalid(r, &here, e);
-                                }
-                                s.regularizers.push((name, cfg));
-                            }
-                        }
-                    }
+                    s.regularizers = read_section(r, "regularizers", v, REGULARIZER_CLASSES, "regularizer class", |n, c: &RegularizerConfig| at_key(c.build(n)))
                 }
                 "quantizers" => {
-                    for (name, class, params) in r.entries("quantizers", v) {
-                        let here = path(&["quantizers", &name]);
-                        if check_class(r, &here, &class, QUANTIZER_CLASSES, "quantizer class") {
-                            if let Some(cfg) = r.typed::<QuantizerConfig>(&here, &class, params) {
-                                if let Err((at, e)) = cfg.validate() {
-                                    let mut p = here.clone();
-                                    p.extend(at);
-                                    r.key_problem(&p, e);
-                                }
-                                s.quantizers.push((name, cfg));
-                            }
-                        }
-                    }
+                    s.quantizers = read_section(r, "quantizers", v, QUANTIZER_CLASSES, "quantizer class", |_, c: &QuantizerConfig| c.validate());
                     if s.quantizers.len() > 1 {
                         r.key_problem(&path(&["quantizers"]), "only one quantizer per schedule is supported (as Distiller)");
                     }
                 }
                 "lr_schedulers" => {
-                    for (name, class, params) in r.entries("lr_schedulers", v) {
-                        let here = path(&["lr_schedulers", &name]);
-                        if check_class(r, &here, &class, LR_CLASSES, "LR scheduler class") {
-                            if let Some(cfg) = r.typed::<LrSchedule>(&here, &class, params) {
-                                if let Err(e) = cfg.validate() {
-                                    locate_invalid(r, &here, e);
-                                }
-                                s.lr_schedulers.push((name, cfg));
-                            }
-                        }
-                    }
+                    s.lr_schedulers = read_section(r, "lr_schedulers", v, LR_CLASSES, "LR scheduler class", |_, c: &LrSchedule| at_key(c.validate()))
                 }
                 "extensions" => {
                     for (name, class, _) in r.entries("extensions", v) {
@@ -899,14 +855,43 @@ fn last_wins(text: &str) -> Option<Value> {
     if b.failed { None } else { b.root }
 }
 
-/// Reports a construction error at the YAML key it names, if it names one.
-fn locate_invalid(r: &mut Reader, here: &[String], e: Error) {
-    let mut p = here.to_vec();
-    if let Error::InvalidArgument { name, .. } = &e {
-        let key = name.split_whitespace().next().unwrap_or(name);
-        p.push(key.to_string());
+/// Reads a section whose entries are `name: {class: ..., params...}` into typed configs, checking each with
+/// `check`, which names the offending key (relative to the entry) with its error.
+fn read_section<T: for<'de> Deserialize<'de>>(
+    r: &mut Reader,
+    section: &str,
+    value: &Value,
+    classes: &[&str],
+    what: &'static str,
+    check: impl Fn(&str, &T) -> std::result::Result<(), (Vec<String>, Error)>,
+) -> Vec<(String, T)> {
+    let mut out = Vec::new();
+    for (name, class, params) in r.entries(section, value) {
+        let here = path(&[section, &name]);
+        if !check_class(r, &here, &class, classes, what) {
+            continue;
+        }
+        if let Some(cfg) = r.typed::<T>(&here, &class, params) {
+            if let Err((key, e)) = check(&name, &cfg) {
+                let mut p = here.clone();
+                p.extend(key);
+                r.key_problem(&p, e);
+            }
+            out.push((name, cfg));
+        }
     }
-    r.key_problem(&p, e);
+    out
+}
+
+/// The YAML key a construction error is about: the parameter an `InvalidArgument` names, if it names one.
+fn at_key<T>(result: Result<T>) -> std::result::Result<(), (Vec<String>, Error)> {
+    result.map(|_| ()).map_err(|e| {
+        let key = match &e {
+            Error::InvalidArgument { name, .. } => vec![name.split_whitespace().next().unwrap_or(name).to_string()],
+            _ => Vec::new(),
+        };
+        (key, e)
+    })
 }
 
 /// Distiller's activation-statistics files map module names to `{inputs, output}` records.
