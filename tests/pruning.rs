@@ -182,3 +182,33 @@ fn keep_mask_and_forward_only_masks() {
     .unwrap();
     assert!(err.to_string().contains("requires mask_on_forward_only"));
 }
+
+#[test]
+fn regularization_policy_adds_its_loss_and_thresholds_with_keep_mask() {
+    let yaml = "regularizers:\n  gl:\n    class: GroupLassoRegularizer\n    reg_regims:\n      fc1.weight: [0.0005, Rows]\n    threshold_criteria: Mean_Abs\npolicies:\n  - regularizer:\n      instance_name: gl\n      args: {keep_mask: true}\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n";
+    let schedule = Schedule::from_yaml_str(yaml, "gl.yaml").unwrap();
+    tch::manual_seed(0);
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    // Shrink ten rows of fc1 below the strength so thresholding removes them.
+    tch::no_grad(|| {
+        let _ = model.parameter("fc1.weight").unwrap().narrow(0, 0, 10).fill_(1e-5);
+    });
+    let mut scheduler = schedule.build(&model).unwrap();
+    let data = distill::data::DataSplits {
+        train: distill::data::Dataset::synthetic(32, [1, 28, 28], 10, 1).unwrap(),
+        valid: distill::data::Dataset::synthetic(8, [1, 28, 28], 10, 2).unwrap(),
+        test: distill::data::Dataset::synthetic(8, [1, 28, 28], 10, 3).unwrap(),
+    };
+    let config = distill::train::TrainConfig { epochs: 3, batch_size: 16, lr: 0.01, progress: distill::train::Progress::Quiet, ..Default::default() };
+    let run = distill::train::fit(&mut model, &data, Some(&mut scheduler), &config).unwrap();
+    let components = &run.history[0].train.loss_components;
+    assert_eq!(components.len(), 1);
+    assert_eq!(components[0].0, "GroupLassoRegularizer_loss");
+    assert!(components[0].1 > 0.0);
+    assert!(run.history[2].train.loss_components.is_empty(), "inactive after its last epoch");
+    let w = model.parameter("fc1.weight").unwrap();
+    let zero_rows = vals(&w.abs().sum_dim_intlist(1, false, Kind::Float)).iter().filter(|&&r| r == 0.0).count();
+    assert!(zero_rows >= 10, "thresholded rows stay removed after the policy ends: {zero_rows}");
+    let mask = scheduler.masks().get("fc1.weight").unwrap();
+    assert!(mask.mask.is_some() && !mask.is_regularization_mask, "keep_mask made the last threshold mask permanent");
+}

@@ -234,3 +234,31 @@ fn lenet_reaches_97_percent_on_the_held_out_digits() {
     assert!(summary.test.top1 >= 97.0, "test top-1 {:.2}%", summary.test.top1);
     assert_eq!(summary.epochs, 10);
 }
+
+/// Resuming a pruning schedule whose thresholds are fixed at the first call (SensitivityPruner) needs the
+/// pruner's state from the checkpoint, not just the masks.
+#[test]
+fn resuming_a_pruning_schedule_restores_pruner_state() {
+    let data = synthetic_splits(48);
+    let yaml = "pruners:\n  s:\n    class: SensitivityPruner\n    sensitivities: {fc1.weight: 0.6, conv2.weight: 0.4}\npolicies:\n  - pruner: {instance_name: s}\n    starting_epoch: 0\n    ending_epoch: 3\n    frequency: 1\n";
+    let schedule = distill::config::Schedule::from_yaml_str(yaml, "s.yaml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |out: &str, epochs| TrainConfig { out_dir: Some(dir.path().join(out)), lr: 0.05, ..quiet(epochs, 16) };
+    let train = |out: &str, epochs, resume: bool| {
+        tch::manual_seed(11);
+        let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+        let mut s = schedule.build(&model).unwrap();
+        let mut t = Trainer::new(&mut model, config(out, epochs)).unwrap().with_scheduler(&mut s);
+        if resume {
+            t.resume(dir.path().join(out).join("checkpoint.safetensors")).unwrap();
+        }
+        t.run(&data).unwrap();
+        model.state_dict()
+    };
+    let full = train("full", 3, false);
+    train("part", 2, false);
+    let resumed = train("part", 3, true);
+    for ((n, a), (_, b)) in full.iter().zip(&resumed) {
+        assert!(a.equal(b), "{n} differs after resume");
+    }
+}

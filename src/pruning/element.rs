@@ -143,6 +143,21 @@ impl Pruner for SensitivityPruner {
         };
         set(masks, name, threshold_mask(param, s * std)?, param)
     }
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({ "stds": self.stds })
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.stds = cached_from(state, "stds")?;
+        Ok(())
+    }
+}
+
+/// A cache saved by [`Pruner::state`] under `key`, or empty for a null state.
+fn cached_from<T: serde::de::DeserializeOwned + Default>(state: &serde_json::Value, key: &str) -> Result<T> {
+    match state.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(T::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::invalid("pruner state", e.to_string())),
+    }
 }
 
 /// `SplicingPruner` (Guo et al., 2016, dynamic network surgery): weights below `a` are cut, above `b` spliced
@@ -204,6 +219,13 @@ impl Pruner for SplicingPruner {
         let keep = abs.f_ge(b)?;
         let mask = current.f_masked_fill(&cut, 0.0)?.f_masked_fill(&keep, 1.0)?;
         set(masks, name, mask, param)
+    }
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({ "stats": self.stats })
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.stats = cached_from(state, "stats")?;
+        Ok(())
     }
 }
 

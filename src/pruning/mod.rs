@@ -67,6 +67,17 @@ pub trait Pruner: Send {
 
     /// Called after each round of masks, e.g. to restart activation statistics.
     fn masks_computed(&mut self) {}
+
+    /// What the pruner remembers between calls (thresholds fixed at the first call), for checkpoints.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Restores [`Pruner::state`].
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// A value per parameter name with an optional default (`'*'` in Distiller's YAML maps).
@@ -151,7 +162,10 @@ pub struct PruningPolicy {
     pruner: Box<dyn Pruner>,
     args: PruningArgs,
     levels: Option<PerParam>,
+    /// Distiller's `is_initialized`: the first epoch has begun (saved in checkpoints).
     initialized: bool,
+    /// The maskers' flags and the observer are set up in this process (not saved: a resumed run redoes it).
+    attached: bool,
     observer: Option<ObserverId>,
 }
 
@@ -160,7 +174,7 @@ impl PruningPolicy {
     pub fn new(pruner: Box<dyn Pruner>, args: PruningArgs) -> Result<Self> {
         args.validate()?;
         let levels = args.levels.as_ref().map(PerParam::from_map);
-        Ok(PruningPolicy { pruner, args, levels, initialized: false, observer: None })
+        Ok(PruningPolicy { pruner, args, levels, initialized: false, attached: false, observer: None })
     }
 
     /// The pruner.
@@ -189,7 +203,7 @@ impl Policy for PruningPolicy {
         if let Some(levels) = &self.levels {
             self.pruner.set_levels(levels)?;
         }
-        if !self.initialized {
+        if !self.attached {
             // Activation-ranked pruners read statistics gathered while the model trains; the first masks
             // therefore come one epoch (or mini-batch frequency period) after the statistics start.
             if let Some(obs) = self.pruner.observer() {
@@ -205,6 +219,9 @@ impl Policy for PruningPolicy {
                     m.mask_gradients = self.args.mask_gradients;
                 }
             }
+            self.attached = true;
+        }
+        if !self.initialized {
             self.initialized = true;
             if self.args.skip_first_minibatch {
                 return Ok(());
@@ -250,6 +267,7 @@ impl Policy for PruningPolicy {
         if !ctx.schedule.is_last_active_epoch(ctx.epoch) {
             return Ok(());
         }
+        self.attached = false;
         if let Some(id) = self.observer.take() {
             ctx.model.detach_observer(id);
         }
@@ -266,6 +284,18 @@ impl Policy for PruningPolicy {
             m.mask_gradients = false;
         }
         Ok(())
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({ "initialized": self.initialized, "pruner": self.pruner.state() })
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        if state.is_null() {
+            return Ok(());
+        }
+        self.initialized = state["initialized"].as_bool().ok_or_else(|| Error::invalid("pruning policy state", "no 'initialized' flag"))?;
+        self.pruner.load_state(&state["pruner"])
     }
 }
 

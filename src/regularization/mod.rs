@@ -81,9 +81,19 @@ impl Regularizer for L1Regularizer {
     }
 }
 
-/// Sum of the L2 norms of the rows of `rows` (`[n, m]`); with `eps`, `√(Σw² + eps)` per row.
+/// L2 norm of each row of `rows` (`[n, m]`). libtorch's norm has a zero (not NaN) gradient at a zero row,
+/// which matters once thresholding has removed rows; with `eps`, `√(Σw² + eps)` as Distiller's channel norms.
+fn row_l2(rows: &Tensor, eps: f64) -> Result<Tensor> {
+    if eps == 0.0 {
+        Ok(rows.f_norm_scalaropt_dim(2.0, [1], false)?)
+    } else {
+        Ok(rows.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?.f_add_scalar(eps)?.f_sqrt()?)
+    }
+}
+
+/// Sum of the row norms of `rows`.
 fn sum_row_l2(rows: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(rows.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?.f_add_scalar(eps)?.f_sqrt()?.f_sum(Kind::Float)?)
+    Ok(row_l2(rows, eps)?.f_sum(Kind::Float)?)
 }
 
 /// The group-lasso penalty `Σ_g ‖g‖₂` of `w` grouped by `group` (without the strength).
@@ -101,7 +111,7 @@ pub fn group_lasso(w: &Tensor, group: GroupType) -> Result<Tensor> {
         (GroupType::Cols, 2) => sum_row_l2(&rows_of(1)?, 0.0),
         (GroupType::Channels, 2 | 4) => sum_row_l2(&rows_of(1)?, CHANNEL_EPSILON),
         (GroupType::RowsCols, 2) => Ok(sum_row_l2(&rows_of(0)?, 0.0)?.f_add(&sum_row_l2(&rows_of(1)?, 0.0)?)?),
-        (GroupType::Layer, _) => Ok(w.f_square()?.f_sum(Kind::Float)?.f_sqrt()?),
+        (GroupType::Layer, _) => sum_row_l2(&w.f_reshape([1, -1])?, 0.0),
         _ => Err(Error::Shape(format!("group lasso '{}' does not apply to a {dims}-D tensor {size:?}", group.as_str()))),
     }
 }
@@ -208,7 +218,7 @@ impl Regularizer for GroupVarianceRegularizer {
         let Some((_, s)) = self.regims.iter().find(|(n, _)| n == name) else { return Ok(None) };
         let t = param.f_transpose(0, 1)?.f_contiguous()?;
         let c = t.size()[0];
-        let norms = t.f_reshape([c, -1])?.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?.f_sqrt()?;
+        let norms = row_l2(&t.f_reshape([c, -1])?, 0.0)?;
         Ok(Some(norms.f_var(true)?.f_reciprocal()?.f_mul_scalar(*s)?))
     }
 }

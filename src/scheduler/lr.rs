@@ -383,6 +383,41 @@ mod tests {
     }
 
     #[test]
+    fn exponential_and_plateau_schedules() {
+        let s = LrSchedule::ExponentialLR { gamma: 0.5 };
+        assert!(close(s.lr_at(0.8, 3).unwrap(), 0.1));
+        assert!(s.lr_at(0.8, 0).is_some());
+        // ReduceLROnPlateau(mode=min, factor=0.5, patience=1, threshold=0.1 rel, cooldown=1): a loss must drop
+        // below best·0.9 to count as better.
+        let plateau = LrSchedule::ReduceLROnPlateau {
+            mode: PlateauMode::Min,
+            factor: 0.5,
+            patience: 1,
+            threshold: 0.1,
+            threshold_mode: ThresholdMode::Rel,
+            cooldown: 1,
+            min_lr: 0.01,
+            eps: 1e-8,
+            verbose: false,
+        };
+        assert!(plateau.lr_at(1.0, 1).is_none(), "depends on metrics");
+        let mut model = crate::models::create_model("mlp", "mnist", tch::Device::Cpu).unwrap();
+        let mut opt = crate::optim::Optimizer::for_model(&model, crate::optim::OptimizerConfig::sgd(0.0, 0.0), 0.08).unwrap();
+        let mut masks = crate::scheduler::Masks::default();
+        let schedule = crate::scheduler::PolicySchedule::range(0, 20, 1).unwrap();
+        let mut policy = LrPolicy::new(plateau).unwrap();
+        // Losses: 1.0 (best), 0.95 (not 10% better: bad 1), 0.95 (bad 2 > patience → ×0.5, cooldown 1),
+        // 0.95 (cooldown absorbs it), 0.95 (bad 1), 0.95 (bad 2 → ×0.5), then 0.5 (better), ...
+        let mut lrs = Vec::new();
+        for (epoch, loss) in [1.0, 0.95, 0.95, 0.95, 0.95, 0.95, 0.5, 0.5, 0.5, 0.5, 0.5].into_iter().enumerate() {
+            let mut ctx = PolicyContext { model: &mut model, masks: &mut masks, optimizer: Some(&mut opt), epoch, schedule: &schedule };
+            policy.on_epoch_end(&mut ctx, &Metrics { loss, top1: 0.0, top5: 0.0 }).unwrap();
+            lrs.push(opt.lr());
+        }
+        assert_eq!(lrs, [0.08, 0.08, 0.04, 0.04, 0.04, 0.02, 0.02, 0.02, 0.01, 0.01, 0.01]);
+    }
+
+    #[test]
     fn bad_hyper_parameters_are_errors() {
         assert!(LrPolicy::new(LrSchedule::StepLR { step_size: 0, gamma: 0.1 }).is_err());
         let e = LrPolicy::new(LrSchedule::MultiStepMultiGammaLR { milestones: vec![1, 2], gammas: vec![0.1] }).unwrap_err();
