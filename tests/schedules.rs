@@ -38,8 +38,10 @@ fn zoo_model(name: &str) -> Option<(&'static str, &'static str)> {
 
 #[test]
 fn distiller_corpus_loads_or_fails_precisely() {
+    let dir = corpus();
+    assert!(dir.is_dir(), "Distiller's schedules are expected in {} (the project's shared/ folder)", dir.display());
     let mut files = Vec::new();
-    yaml_files(&corpus(), &mut files);
+    yaml_files(&dir, &mut files);
     files.sort();
     assert_eq!(files.len(), 87, "the corpus in ../shared/distiller-schedules");
     let (mut ok, mut thinning, mut stats, mut other) = (0, 0, 0, Vec::new());
