@@ -34,6 +34,7 @@ pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod pruning;
+pub mod quantization;
 pub mod regularization;
 pub mod scheduler;
 pub mod train;

@@ -1,0 +1,2 @@
+//! Quantization: Distiller's primitives, post-training range-linear quantization and quantization-aware training.
+pub mod q_utils;
