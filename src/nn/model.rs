@@ -280,6 +280,23 @@ impl Model {
         Ok(())
     }
 
+    /// Replaces the module called `name` by `f(old)` where `f` may fail; on failure `f` hands the old module
+    /// back and it is put back in place, so the model is unchanged.
+    pub fn try_map_module(&mut self, name: &str, f: impl FnOnce(BoxModule) -> std::result::Result<BoxModule, (BoxModule, Error)>) -> Result<()> {
+        let slot = self.slot_mut(name)?;
+        let old = std::mem::replace(slot, Box::new(super::Identity));
+        match f(old) {
+            Ok(new) => {
+                *slot = new;
+                Ok(())
+            }
+            Err((old, e)) => {
+                *slot = old;
+                Err(e)
+            }
+        }
+    }
+
     /// Starts notifying `observer` of every module call; returns a handle for [`Model::detach_observer`].
     ///
     /// Keep a clone of the `Arc` to read the observer's results.

@@ -1,2 +1,3 @@
 //! Quantization: Distiller's primitives, post-training range-linear quantization and quantization-aware training.
 pub mod q_utils;
+pub mod quantizer;
