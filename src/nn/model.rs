@@ -191,6 +191,17 @@ impl Model {
         out
     }
 
+    /// Calls `f` on every module with its dotted name and mutable access, root first.
+    pub fn for_each_module_mut(&mut self, mut f: impl FnMut(&str, &mut dyn Module)) {
+        fn walk(prefix: &str, m: &mut dyn Module, f: &mut dyn FnMut(&str, &mut dyn Module)) {
+            f(prefix, m);
+            for (name, child) in m.children_mut() {
+                walk(&join(prefix, name), child.as_mut(), f);
+            }
+        }
+        walk("", self.root.as_mut(), &mut f);
+    }
+
     /// Calls `f` on every module with its dotted name, root first.
     pub fn for_each_module(&self, mut f: impl FnMut(&str, &dyn Module)) {
         visit(self.root.as_ref(), "", &mut |n, m| f(n, m));

@@ -1,3 +1,6 @@
 //! Quantization: Distiller's primitives, post-training range-linear quantization and quantization-aware training.
 pub mod q_utils;
 pub mod quantizer;
+pub mod range_linear;
+pub mod stats;
+pub mod export;

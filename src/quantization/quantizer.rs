@@ -198,26 +198,29 @@ pub fn resolve_settings(model: &Model, defaults: &QuantDefaults, overrides: &Ove
     Ok(out)
 }
 
-/// Builds a module's replacement from the module itself and its settings; on failure hands the module back.
-pub type ReplaceFn = fn(Box<dyn Module>, &str, &ModuleQuantSettings) -> std::result::Result<Box<dyn Module>, (Box<dyn Module>, Error)>;
+/// What a replacement function returns: the new module, or the old one back with the error.
+pub type Replaced = std::result::Result<Box<dyn Module>, (Box<dyn Module>, Error)>;
+
+/// Builds a module's replacement from the module itself, its name and its settings.
+pub type ReplaceFn<'a> = Box<dyn Fn(Box<dyn Module>, &str, &ModuleQuantSettings) -> Replaced + 'a>;
 
 /// A quantization method's replacement factory (Distiller's `replacement_factory`): module type → replacement.
 #[derive(Default)]
-pub struct ReplaceFactory {
-    by_type: HashMap<&'static str, ReplaceFn>,
-    default: Option<ReplaceFn>,
+pub struct ReplaceFactory<'a> {
+    by_type: HashMap<&'static str, ReplaceFn<'a>>,
+    default: Option<ReplaceFn<'a>>,
     keep: Vec<&'static str>,
 }
 
-impl ReplaceFactory {
+impl<'a> ReplaceFactory<'a> {
     /// Replaces modules of `type_name` with `f`.
-    pub fn with(mut self, type_name: &'static str, f: ReplaceFn) -> Self {
-        self.by_type.insert(type_name, f);
+    pub fn with(mut self, type_name: &'static str, f: impl Fn(Box<dyn Module>, &str, &ModuleQuantSettings) -> Replaced + 'a) -> Self {
+        self.by_type.insert(type_name, Box::new(f));
         self
     }
     /// Replaces every other leaf with `f`.
-    pub fn with_default(mut self, f: ReplaceFn) -> Self {
-        self.default = Some(f);
+    pub fn with_default(mut self, f: impl Fn(Box<dyn Module>, &str, &ModuleQuantSettings) -> Replaced + 'a) -> Self {
+        self.default = Some(Box::new(f));
         self
     }
     /// Never replaces modules of `type_name` (Distiller's blacklist).
@@ -235,7 +238,7 @@ impl ReplaceFactory {
             if !leaves.contains(name) || self.keep.contains(&type_name.as_str()) || s.bits.is_float() {
                 continue;
             }
-            let f = match self.by_type.get(type_name.as_str()).copied().or(self.default) {
+            let f = match self.by_type.get(type_name.as_str()).or(self.default.as_ref()) {
                 Some(f) => f,
                 None if s.overridden => {
                     let mut types: Vec<&str> = self.by_type.keys().copied().collect();

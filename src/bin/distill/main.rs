@@ -23,9 +23,43 @@ enum Command {
     Train(TrainArgs),
     /// List the model zoo's architectures by dataset.
     Models,
+    /// Post-training quantization of a trained checkpoint, with calibration, integer export and evaluation.
+    Quantize(QuantizeArgs),
     /// Check or preview compression schedules.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+}
+
+#[derive(clap::Args)]
+struct QuantizeArgs {
+    /// Architecture.
+    #[arg(long)]
+    arch: String,
+    /// Dataset (as for train).
+    #[arg(long)]
+    dataset: String,
+    /// Folder with the full MNIST IDX files or the CIFAR-10 binary batches.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Trained checkpoint.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// YAML with one PostTrainLinearQuantizer in its `quantizers:` section.
+    #[arg(long)]
+    config: PathBuf,
+    /// Calibrate static activation ranges on this many validation batches (0: use the config's statistics file,
+    /// or dynamic ranges if it has none).
+    #[arg(long, default_value_t = 0)]
+    calibrate: usize,
+    /// Mini-batch size for calibration and evaluation.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
+    #[arg(long)]
+    out: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -185,6 +219,61 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
+    let device = train::parse_device(&args.device)?;
+    let mut model = models::create_model(&args.arch, &args.dataset, device)?;
+    let ckpt = distill::train::Checkpoint::load(&args.checkpoint)?;
+    ckpt.restore_model(&mut model, &args.checkpoint)?;
+    let data = load_data(&args.dataset, args.data_dir.as_ref())?;
+    let schedule = Schedule::from_file(&args.config)?;
+    let params = match schedule.quantizers.as_slice() {
+        [(_, distill::config::QuantizerConfig::PostTrainLinearQuantizer(p))] => p.clone(),
+        _ => {
+            return Err(distill::Error::invalid(
+                "--config",
+                format!("{} must define exactly one PostTrainLinearQuantizer in its quantizers section", args.config.display()),
+            ))
+        }
+    };
+    let base = args.config.parent().unwrap_or(std::path::Path::new("."));
+    let mut config = PostTrainConfig::from_params(&params, base)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
+    let fp32 = train::validate(&mut model, &data.test, args.batch_size)?;
+    println!("fp32:      top1 {:.2}%  top5 {:.2}%  loss {:.4}", fp32.top1, fp32.top5, fp32.loss);
+    if args.calibrate > 0 {
+        let stats = distill::quantization::stats::collect_activation_stats(&mut model, &data.valid, args.calibrate, args.batch_size)?;
+        stats.to_yaml_file(args.out.join("quantization_stats.yaml"))?;
+        println!("calibrated on {} validation batches; statistics in {}", args.calibrate, args.out.join("quantization_stats.yaml").display());
+        config.stats = Some(stats);
+    }
+    let fp32_bytes = distill::quantization::export::float_size_bytes(&model);
+    PostTrainLinearQuantizer::new(config).prepare_model(&mut model)?;
+    let quantized = train::validate(&mut model, &data.test, args.batch_size)?;
+    println!("quantized: top1 {:.2}%  top5 {:.2}%  loss {:.4}", quantized.top1, quantized.top5, quantized.loss);
+    let export_path = args.out.join("quantized.safetensors");
+    let exported = distill::quantization::export::export_integer_model(&model, &export_path)?;
+    let integer = distill::quantization::export::evaluate_integer(&exported, &mut model, &data.test, args.batch_size)?;
+    println!(
+        "integer:   top1 {:.2}%  top5 {:.2}%  loss {:.4}  ({} bytes on disk vs {} bytes of FP32 weights, {:.2}x smaller)",
+        integer.top1,
+        integer.top5,
+        integer.loss,
+        exported.file_bytes,
+        fp32_bytes,
+        fp32_bytes as f64 / exported.file_bytes.max(1) as f64
+    );
+    let summary = serde_json::json!({
+        "arch": args.arch, "dataset": args.dataset, "checkpoint": args.checkpoint, "config": args.config,
+        "fp32": fp32, "quantized": quantized, "integer": integer,
+        "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
+    });
+    let path = args.out.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n").map_err(|e| distill::Error::io(&path, e))?;
+    println!("results in {}", args.out.display());
+    Ok(())
+}
+
 /// `schedule check`: one line per file (`ok FILE`) or per problem (`FILE:LINE:COL: message`).
 fn check(files: &[PathBuf], arch: Option<&str>, dataset: Option<&str>) -> Result<bool> {
     let model = match (arch, dataset) {
@@ -230,6 +319,7 @@ fn main() -> ExitCode {
             print!("{}", schedule.preview(epochs, lr, model.as_ref())?);
             Ok(())
         })(),
+        Command::Quantize(args) => quantize(args),
         Command::Models => {
             for (dataset, ..) in models::DATASETS {
                 println!("{dataset}: {}", models::architectures(Some(dataset)).join(", "));

@@ -1,0 +1,123 @@
+//! Beyond Distiller's simulation: a quantized model's weights exported as real integer tensors with their
+//! scales and zero points (safetensors), its size on disk against FP32, and an evaluation of the exported
+//! integers in exact integer arithmetic.
+use std::any::Any;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+use super::range_linear::RangeLinearQuantParamLayer;
+use crate::data::Dataset;
+use crate::metrics::Metrics;
+use crate::nn::Model;
+use crate::{Error, Result};
+
+/// What [`export_integer_model`] wrote.
+#[derive(Debug, Clone)]
+pub struct ExportedModel {
+    /// The safetensors file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub file_bytes: u64,
+    /// Modules whose weights are stored as integers, with the integer type used.
+    pub integer_layers: Vec<(String, String)>,
+}
+
+/// Bytes the model's floating-point parameters and buffers take (4 per float32 element).
+pub fn float_size_bytes(model: &Model) -> u64 {
+    model.state_dict().iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum()
+}
+
+/// The smallest integer kind that holds `[lo, hi]`.
+fn integer_kind(lo: f64, hi: f64) -> Kind {
+    if lo >= 0.0 && hi <= 255.0 {
+        Kind::Uint8
+    } else if lo >= -128.0 && hi <= 127.0 {
+        Kind::Int8
+    } else if lo >= -32768.0 && hi <= 32767.0 {
+        Kind::Int16
+    } else {
+        Kind::Int
+    }
+}
+
+/// Writes every quantized layer's weights as integers (`<module>.weight`, uint8/int8 for 8 bits) with
+/// `<module>.weight_scale` and `<module>.weight_zero_point` (float32, per channel or per tensor, Distiller's
+/// convention `x = (q + zp) / scale`); every other parameter and buffer as float32. Returns the file's size.
+pub fn export_integer_model(model: &Model, path: impl AsRef<Path>) -> Result<ExportedModel> {
+    let path = path.as_ref();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut integer_layers = Vec::new();
+    let mut covered: Vec<String> = Vec::new();
+    let mut failure = None;
+    model.for_each_module(|name, m| {
+        let Some(layer) = (m as &dyn Any).downcast_ref::<RangeLinearQuantParamLayer>() else { return };
+        if layer.activation_quant().is_none() {
+            return;
+        }
+        let result = (|| -> Result<()> {
+            let w = layer.integer_weight().ok_or_else(|| Error::invalid("export", format!("{name} has no weight")))?;
+            let p = layer.weight_params();
+            let kind = integer_kind(p.range.0, p.range.1);
+            tensors.push((format!("{name}.weight"), w.f_to_kind(kind)?));
+            tensors.push((format!("{name}.weight_scale"), p.scale.f_to_kind(Kind::Float)?));
+            tensors.push((format!("{name}.weight_zero_point"), p.zero_point.f_to_kind(Kind::Float)?));
+            if let Some(b) = layer.float_bias() {
+                tensors.push((format!("{name}.bias"), b.f_to_kind(Kind::Float)?));
+            }
+            integer_layers.push((name.to_string(), format!("{kind:?}")));
+            covered.push(format!("{name}.wrapped_module.weight"));
+            covered.push(format!("{name}.wrapped_module.bias"));
+            Ok(())
+        })();
+        if let Err(e) = result {
+            failure.get_or_insert(e);
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    for (name, t) in model.state_dict() {
+        if !covered.contains(&name) {
+            tensors.push((name, t.f_to_kind(Kind::Float)?));
+        }
+    }
+    Tensor::write_safetensors(&tensors, path)?;
+    let file_bytes = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    Ok(ExportedModel { path: path.to_path_buf(), file_bytes, integer_layers })
+}
+
+/// Evaluates `model` with the integer weights read back from the export, each quantized layer computing in exact
+/// integer arithmetic; the model is put back to its float32 simulation afterwards.
+pub fn evaluate_integer(exported: &ExportedModel, model: &mut Model, data: &Dataset, batch_size: usize) -> Result<Metrics> {
+    let stored: HashMap<String, Tensor> = Tensor::read_safetensors(&exported.path)?.into_iter().collect();
+    let set = |model: &mut Model, on: bool| -> Result<()> {
+        let mut failure = None;
+        model.for_each_module_mut(|name, m| {
+            let Some(layer) = (m as &mut dyn Any).downcast_mut::<RangeLinearQuantParamLayer>() else { return };
+            if layer.activation_quant().is_none() {
+                return;
+            }
+            let w = if on {
+                match stored.get(&format!("{name}.weight")) {
+                    Some(w) => Some(w.shallow_clone()),
+                    None => {
+                        failure.get_or_insert(Error::checkpoint(&exported.path, format!("no integer weight for {name}")));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            if let Err(e) = layer.set_exact_weight(w) {
+                failure.get_or_insert(e);
+            }
+        });
+        failure.map_or(Ok(()), Err)
+    };
+    set(model, true)?;
+    let result = crate::train::validate(model, data, batch_size);
+    set(model, false)?;
+    result
+}
