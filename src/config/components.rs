@@ -551,3 +551,48 @@ pub(crate) fn yaml_text(v: &serde_yaml::Value) -> String {
         other => serde_yaml::to_string(other).map(|s| s.trim().to_string()).unwrap_or_default(),
     }
 }
+
+impl QuantizerConfig {
+    /// The quantization-aware quantizer this entry describes; `PostTrainLinearQuantizer` is applied after
+    /// training (`distill quantize`), not scheduled, as in Distiller.
+    pub fn qat(&self) -> Result<crate::quantization::qat::QatQuantizer> {
+        use crate::quantization::qat::{QatMethod, QatQuantizer};
+        use crate::quantization::quantizer::{ModeSpec, Overrides, QBits};
+        let bits = |b: Option<u32>, name: &str| -> Result<Option<u32>> {
+            match b {
+                Some(b) => crate::quantization::q_utils::check_bits(name, b).map(|_| Some(b)),
+                None => Ok(None),
+            }
+        };
+        let overrides = |o: &Option<serde_yaml::Mapping>| o.as_ref().map(Overrides::from_mapping).transpose().map(Option::unwrap_or_default);
+        Ok(match self {
+            QuantizerConfig::PostTrainLinearQuantizer(_) => {
+                return Err(Error::invalid(
+                    "quantizer policy",
+                    "PostTrainLinearQuantizer is applied after training with `distill quantize`, not scheduled (as in Distiller)",
+                ))
+            }
+            QuantizerConfig::QuantAwareTrainRangeLinearQuantizer(p) => QatQuantizer {
+                method: QatMethod::RangeLinear {
+                    mode: match &p.mode {
+                        Some(m) => ModeSpec::from_yaml(m)?,
+                        None => ModeSpec::both(crate::quantization::q_utils::LinearQuantMode::Symmetric),
+                    },
+                    ema_decay: p.ema_decay.unwrap_or(0.999),
+                    per_channel_wts: p.per_channel_wts.unwrap_or(false),
+                },
+                bits: QBits { acts: bits(p.bits_activations, "bits_activations")?, wts: bits(p.bits_weights, "bits_weights")?, bias: bits(p.bits_bias.or(Some(32)), "bits_bias")? },
+                overrides: overrides(&p.overrides)?,
+            },
+            QuantizerConfig::DorefaQuantizer(p) | QuantizerConfig::PACTQuantizer(p) | QuantizerConfig::WRPNQuantizer(p) => QatQuantizer {
+                method: match self {
+                    QuantizerConfig::DorefaQuantizer(_) => QatMethod::Dorefa,
+                    QuantizerConfig::WRPNQuantizer(_) => QatMethod::Wrpn,
+                    _ => QatMethod::Pact { act_clip_init_val: p.act_clip_init_val.unwrap_or(8.0), act_clip_decay: p.act_clip_decay },
+                },
+                bits: QBits { acts: bits(p.bits_activations, "bits_activations")?, wts: bits(p.bits_weights, "bits_weights")?, bias: None },
+                overrides: overrides(&p.overrides)?,
+            },
+        })
+    }
+}

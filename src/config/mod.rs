@@ -709,11 +709,9 @@ impl Schedule {
                     deferred_lr.push((LrPolicy::new(cfg.clone())?, schedule));
                 }
                 PolicyKind::Quantizer => {
-                    return Err(Error::Schedule(vec![self.located(
-                        &at,
-                        false,
-                        format!("quantizer policy '{}': quantization-aware training is not available yet in distill", p.instance_name),
-                    )]));
+                    let (_, cfg) = self.quantizers.iter().find(|(n, _)| *n == p.instance_name).ok_or_else(missing)?;
+                    let quantizer = cfg.qat().map_err(|e| Error::Schedule(vec![self.located(&at, false, e)]))?;
+                    scheduler.add_policy(Box::new(crate::quantization::QuantizationPolicy::new(&p.instance_name, quantizer)), schedule);
                 }
             }
         }

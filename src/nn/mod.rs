@@ -41,6 +41,6 @@ pub use layers::{
 };
 pub use model::{Model, ModelInfo, ModuleInfo};
 pub use module::{BoxModule, Module};
-pub use names::normalize_name;
+pub use names::{canonical_param_name, normalize_name};
 pub use observer::{ModuleCall, Observer, ObserverId, SharedObserver};
 pub use sequential::Sequential;

@@ -244,7 +244,8 @@ impl Model {
     pub fn parameter(&self, name: &str) -> Result<Tensor> {
         let wanted = normalize_name(name);
         let params = self.named_parameters();
-        match params.iter().position(|(n, _)| *n == wanted) {
+        let found = params.iter().position(|(n, _)| *n == wanted).or_else(|| params.iter().position(|(n, _)| super::canonical_param_name(n) == wanted));
+        match found {
             Some(i) => Ok(params[i].1.shallow_clone()),
             None => Err(Error::unknown("parameter", name, params.into_iter().map(|(n, _)| n))),
         }

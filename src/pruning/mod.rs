@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::nn::{normalize_name, Model, Observer, ObserverId};
+use crate::nn::{canonical_param_name, normalize_name, Model, Observer, ObserverId};
 use crate::scheduler::{Masks, Minibatch, Policy, PolicyContext, PolicySchedule};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
@@ -185,6 +185,7 @@ impl PruningPolicy {
     fn set_masks(&mut self, ctx: &mut PolicyContext) -> Result<()> {
         let pctx = PruneContext { epoch: ctx.epoch, schedule: ctx.schedule, model: ctx.model };
         for (name, param) in ctx.model.named_parameters() {
+            let name = canonical_param_name(&name);
             if self.pruner.prunes(&name) {
                 self.pruner.set_param_mask(&param, &name, ctx.masks, &pctx)?;
             }
@@ -212,7 +213,7 @@ impl Policy for PruningPolicy {
             // Distiller sets these flags on every parameter's masker; here only on the pruner's own
             // parameters, so one policy's options cannot leak into another pruner's masks.
             for (name, _) in ctx.model.named_parameters() {
-                if self.pruner.prunes(&name) {
+                if self.pruner.prunes(&canonical_param_name(&name)) {
                     let m = ctx.masks.get_mut(&name)?;
                     m.use_double_copies = self.args.use_double_copies;
                     m.mask_on_forward_only = self.args.mask_on_forward_only;
@@ -238,14 +239,18 @@ impl Policy for PruningPolicy {
             self.set_masks(ctx)?;
         }
         for (name, param) in ctx.model.named_parameters() {
-            ctx.masks.get_mut(&name)?.apply_mask(&param)?;
+            if let Some(m) = ctx.masks.find_mut(&name) {
+                m.apply_mask(&param)?;
+            }
         }
         Ok(())
     }
 
     fn before_parameter_optimization(&mut self, ctx: &mut PolicyContext, _: Minibatch) -> Result<()> {
         for (name, param) in ctx.model.named_parameters() {
-            ctx.masks.get_mut(&name)?.revert_weights(&param)?;
+            if let Some(m) = ctx.masks.find_mut(&name) {
+                m.revert_weights(&param)?;
+            }
         }
         Ok(())
     }
@@ -253,7 +258,7 @@ impl Policy for PruningPolicy {
     fn on_minibatch_end(&mut self, ctx: &mut PolicyContext, _: Minibatch) -> Result<()> {
         if self.args.discard_masks_at_minibatch_end {
             for (name, _) in ctx.model.named_parameters() {
-                if self.pruner.prunes(&name) {
+                if self.pruner.prunes(&canonical_param_name(&name)) {
                     ctx.masks.get_mut(&name)?.mask = None;
                 }
             }
@@ -272,7 +277,7 @@ impl Policy for PruningPolicy {
             ctx.model.detach_observer(id);
         }
         for (name, param) in ctx.model.named_parameters() {
-            if !self.pruner.prunes(&name) {
+            if !self.pruner.prunes(&canonical_param_name(&name)) {
                 continue;
             }
             let m = ctx.masks.get_mut(&name)?;

@@ -4,3 +4,7 @@ pub mod quantizer;
 pub mod range_linear;
 pub mod stats;
 pub mod export;
+pub mod qat;
+mod policy;
+
+pub use policy::QuantizationPolicy;

@@ -244,7 +244,7 @@ impl Policy for RegularizationPolicy {
     fn before_backward_pass(&mut self, ctx: &mut PolicyContext, _: Minibatch, loss: &Tensor) -> Result<Option<PolicyLoss>> {
         let mut reg = Tensor::f_zeros([], (Kind::Float, loss.device()))?;
         for (name, param) in ctx.model.named_parameters() {
-            if let Some(term) = self.regularizer.loss(&param, &name)? {
+            if let Some(term) = self.regularizer.loss(&param, &crate::nn::canonical_param_name(&name))? {
                 reg = reg.f_add(&term)?;
             }
         }
@@ -260,6 +260,7 @@ impl Policy for RegularizationPolicy {
         }
         let last = ctx.schedule.is_last_active_epoch(ctx.epoch) && mb.index + 1 == mb.per_epoch;
         for (name, param) in ctx.model.named_parameters() {
+            let name = crate::nn::canonical_param_name(&name);
             if !self.regularizer.parameters().contains(&name.as_str()) {
                 continue;
             }

@@ -90,18 +90,28 @@ impl Masks {
         Masks { maskers, index }
     }
 
-    /// The masker of parameter `name`.
+    fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).or_else(|| self.index.get(&crate::nn::canonical_param_name(name))).copied()
+    }
+
+    /// The masker of parameter `name` (a quantized copy's name, `conv1.float_weight`, finds `conv1.weight`'s).
     pub fn get(&self, name: &str) -> Result<&ParameterMasker> {
-        match self.index.get(name) {
-            Some(&i) => Ok(&self.maskers[i]),
+        match self.position(name) {
+            Some(i) => Ok(&self.maskers[i]),
             None => Err(self.unknown(name)),
         }
     }
 
+    /// The masker of parameter `name` if it has one (parameters added after the scheduler was built, such as
+    /// PACT's clipping values, have none).
+    pub fn find_mut(&mut self, name: &str) -> Option<&mut ParameterMasker> {
+        self.position(name).map(|i| &mut self.maskers[i])
+    }
+
     /// The masker of parameter `name`, mutably.
     pub fn get_mut(&mut self, name: &str) -> Result<&mut ParameterMasker> {
-        match self.index.get(name) {
-            Some(&i) => Ok(&mut self.maskers[i]),
+        match self.position(name) {
+            Some(i) => Ok(&mut self.maskers[i]),
             None => Err(self.unknown(name)),
         }
     }
@@ -122,6 +132,7 @@ impl Masks {
 
     /// Sets the mask of `name`, which must have the parameter's shape `param_shape`.
     pub fn set_mask(&mut self, name: &str, mask: Tensor, param_shape: &[i64]) -> Result<()> {
+        let name = &crate::nn::canonical_param_name(name);
         if mask.size() != param_shape {
             return Err(Error::Shape(format!("mask for '{name}' is {:?}, the parameter is {param_shape:?}", mask.size())));
         }

@@ -141,7 +141,7 @@ impl CompressionScheduler {
     /// mask (what Distiller's gradient hooks do during backward), then calls the policies.
     pub fn before_parameter_optimization(&mut self, model: &mut Model, epoch: usize, mb: Minibatch, mut optimizer: Option<&mut Optimizer>) -> Result<()> {
         for (name, param) in model.named_parameters() {
-            let masker = self.masks.get(&name)?;
+            let Some(masker) = self.masks.find_mut(&name) else { continue };
             if masker.mask_gradients {
                 let grad = param.grad();
                 if grad.defined() {
@@ -167,10 +167,19 @@ impl CompressionScheduler {
         Ok(())
     }
 
+    /// Lets every policy prepare the model before a checkpoint of `resumed_epoch` is loaded into it.
+    pub fn before_restore(&mut self, model: &mut Model, resumed_epoch: usize, mut optimizer: Option<&mut Optimizer>) -> Result<()> {
+        for sp in self.policies.iter_mut() {
+            let mut ctx = PolicyContext { model: &mut *model, masks: &mut self.masks, optimizer: optimizer.as_deref_mut(), epoch: resumed_epoch, schedule: &sp.schedule };
+            sp.policy.before_restore(&mut ctx, resumed_epoch)?;
+        }
+        Ok(())
+    }
+
     /// Applies every mask whose masker is not `mask_on_forward_only` (Distiller's `mask_all_weights`).
     pub fn mask_all_weights(&mut self, model: &Model) -> Result<()> {
         for (name, param) in model.named_parameters() {
-            let masker = self.masks.get_mut(&name)?;
+            let Some(masker) = self.masks.find_mut(&name) else { continue };
             if !masker.mask_on_forward_only {
                 masker.apply_mask(&param)?;
             }

@@ -163,6 +163,13 @@ pub trait Policy: Send {
         Ok(())
     }
 
+    /// Called before a checkpoint of epoch `resumed_epoch` is restored, so the policy can bring the model to the
+    /// shape the checkpoint was saved in (a quantizer replaces its modules).
+    fn before_restore(&mut self, ctx: &mut PolicyContext, resumed_epoch: usize) -> Result<()> {
+        let _ = (ctx, resumed_epoch);
+        Ok(())
+    }
+
     /// Progress to save in checkpoints (beyond masks), as JSON.
     fn state(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -325,6 +325,9 @@ impl<'a> Trainer<'a> {
     pub fn resume(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let ckpt = Checkpoint::load(path)?;
+        if let Some(s) = self.scheduler.as_deref_mut() {
+            s.before_restore(self.model, ckpt.meta.epoch, Some(&mut self.optimizer))?;
+        }
         ckpt.restore_model(self.model, path)?;
         if let Some(meta) = &ckpt.meta.optimizer {
             if meta.config != *self.optimizer.config() {

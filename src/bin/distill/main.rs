@@ -139,9 +139,13 @@ struct TrainArgs {
     /// Continue from a checkpoint written by an earlier run.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Compression schedule (Distiller YAML): pruners, regularizers and LR schedules.
+    /// Compression schedule (Distiller YAML): pruners, regularizers, quantizers and LR schedules.
     #[arg(long)]
     compress: Option<PathBuf>,
+    /// Start from the weights of this checkpoint (fresh optimizer, epoch 0): fine-tuning, e.g. for
+    /// quantization-aware training of a trained model (Distiller's --exp-load-weights-from).
+    #[arg(long, conflicts_with = "resume")]
+    load_weights: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -165,6 +169,9 @@ fn train(args: TrainArgs) -> Result<()> {
     let progress: Progress = args.progress.parse()?;
     tch::manual_seed(args.seed as i64);
     let mut model = models::create_model(&args.arch, &args.dataset, device)?;
+    if let Some(path) = &args.load_weights {
+        distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
+    }
     let data = load_data(&args.dataset, args.data_dir.as_ref())?;
     let optimizer = match args.optimizer {
         OptimizerKind::Sgd => OptimizerConfig::sgd(args.momentum, args.weight_decay),
