@@ -1,0 +1,259 @@
+//! Quantization end to end: post-training accuracy and sparsity, wrapper arithmetic against a hand computation,
+//! quantization-aware training gradients, statistics files, and bad input.
+use std::path::Path;
+
+use distill::config::Schedule;
+use distill::data::DataSplits;
+use distill::models::create_model;
+use distill::nn::{Forward, Linear, Module};
+use distill::quantization::q_utils::{ClipMode, LinearQuantMode, RangeStats};
+use distill::quantization::range_linear::{ActQuant, PostTrainConfig, PostTrainLinearQuantizer, RangeLinearQuantParamLayer};
+use distill::quantization::stats::{collect_activation_stats, ActivationStats, ModuleStats, TensorStats};
+use distill::train::{fit, validate, Progress, TrainConfig};
+use tch::{Device, Kind, Tensor};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn quiet(epochs: usize) -> TrainConfig {
+    TrainConfig { epochs, lr: 0.02, batch_size: 32, seed: 1, progress: Progress::Quiet, ..TrainConfig::default() }
+}
+
+/// LeNet pruned with schedules/lenet_agp.yaml (10 epochs).
+fn pruned_lenet(data: &DataSplits) -> distill::nn::Model {
+    tch::manual_seed(1);
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let mut s = Schedule::from_file(root().join("schedules/lenet_agp.yaml")).unwrap().build(&model).unwrap();
+    fit(&mut model, data, Some(&mut s), &quiet(10)).unwrap();
+    model
+}
+
+fn ptq8(stats: Option<ActivationStats>) -> PostTrainConfig {
+    let schedule = Schedule::from_file(root().join("schedules/lenet_ptq8.yaml")).unwrap();
+    let distill::config::QuantizerConfig::PostTrainLinearQuantizer(p) = &schedule.quantizers[0].1 else { panic!("PTQ config") };
+    PostTrainConfig { stats, ..PostTrainConfig::from_params(p, root()).unwrap() }
+}
+
+#[test]
+fn ptq8_keeps_accuracy_and_sparsity_and_the_integer_export_agrees() {
+    let data = distill::data::mnist_bundled().unwrap();
+    let mut model = pruned_lenet(&data);
+    let fp32 = validate(&mut model, &data.test, 256).unwrap();
+    let zeros_before: Vec<(String, i64)> = ["conv2", "fc1", "fc2"]
+        .iter()
+        .map(|m| (m.to_string(), model.parameter(&format!("{m}.weight")).unwrap().eq(0.0).sum(Kind::Int64).int64_value(&[])))
+        .collect();
+    let stats = collect_activation_stats(&mut model, &data.valid, 2, 256).unwrap();
+    PostTrainLinearQuantizer::new(ptq8(Some(stats))).prepare_model(&mut model).unwrap();
+    let q = validate(&mut model, &data.test, 256).unwrap();
+    assert!(fp32.top1 - q.top1 <= 0.5, "fp32 {:.2} vs 8-bit {:.2}", fp32.top1, q.top1);
+    // Pruned weights stay exactly zero: their integer value plus the zero point is 0.
+    for (m, zeros) in zeros_before {
+        let layer = model.module(&m).unwrap();
+        let layer = (layer as &dyn std::any::Any).downcast_ref::<RangeLinearQuantParamLayer>().unwrap();
+        let w = layer.integer_weight().unwrap();
+        let (_, zp) = layer.weight_params().along(0, w.dim(), Kind::Float).unwrap();
+        let effective_zeros = w.f_add(&zp).unwrap().eq(0.0).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(effective_zeros, zeros, "{m}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exported = distill::quantization::export::export_integer_model(&model, dir.path().join("q.safetensors")).unwrap();
+    assert!(exported.integer_layers.iter().all(|(_, k)| k == "Uint8"), "{:?}", exported.integer_layers);
+    let fp32_bytes = distill::quantization::export::float_size_bytes(&model);
+    assert!(exported.file_bytes * 3 < fp32_bytes, "{} vs {fp32_bytes}", exported.file_bytes);
+    let integer = distill::quantization::export::evaluate_integer(&exported, &mut model, &data.test, 256).unwrap();
+    assert!((integer.top1 - q.top1).abs() <= 0.2, "simulated {:.2} vs integer {:.2}", q.top1, integer.top1);
+}
+
+fn stats(min: f64, max: f64) -> TensorStats {
+    TensorStats { range: RangeStats { min, max, avg_min: min, avg_max: max, mean: 0.0, std: 0.0, b: 0.0 }, shape: None, total_numel: None }
+}
+
+#[test]
+fn linear_wrapper_matches_a_hand_computation() {
+    // y = W x + b with W = [[0.5, -1.0], [0.25, 2.0]], b = [0.1, -0.2], x = [1.0, -0.5], symmetric 8 bits,
+    // static input range ±2, output range ±3, per-tensor weights (max |W| = 2).
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let lin = Linear::new(vs.root() / "fc", 2, 2, true).unwrap();
+    tch::no_grad(|| {
+        let _ = lin.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.5f32, -1.0, 0.25, 2.0]).view([2, 2]));
+        let _ = lin.bias.as_ref().unwrap().shallow_clone().copy_(&Tensor::from_slice(&[0.1f32, -0.2]));
+    });
+    let acts = ActQuant {
+        bits: 8,
+        mode: LinearQuantMode::Symmetric,
+        clip: ClipMode::None,
+        half_range: false,
+        stats: Some(ModuleStats { inputs: [(0, stats(-2.0, 2.0))].into(), output: stats(-3.0, 3.0) }),
+    };
+    let layer = RangeLinearQuantParamLayer::new(Box::new(lin), 8, LinearQuantMode::Symmetric, false, Some(acts)).map_err(|(_, e)| e).unwrap();
+    let y = layer.forward(&Tensor::from_slice(&[1.0f32, -0.5]).view([1, 2]), &mut Forward::new(false, &[])).unwrap();
+
+    // By hand: s_w = 127.5/2 = 63.75, s_x = 127.5/2 = 63.75, s_y = 127.5/3 = 42.5.
+    let rne = |v: f64| v.round_ties_even();
+    let (s_w, s_x, s_y) = (63.75, 63.75, 42.5);
+    let w: [[f64; 2]; 2] = [[0.5, -1.0], [0.25, 2.0]];
+    // 2.0 ↦ round(127.5) = 128, clamped to 127 (the symmetric full range stops at 127).
+    let wq: Vec<Vec<f64>> = w.iter().map(|r| r.iter().map(|v| rne(s_w * v).clamp(-128.0, 127.0)).collect()).collect();
+    let xq: Vec<f64> = [1.0, -0.5].iter().map(|v| rne(s_x * v)).collect();
+    let acc_s = s_w * s_x;
+    let expected: Vec<f64> = (0..2)
+        .map(|o| {
+            let bq = rne(acc_s * [0.1, -0.2][o]);
+            let acc = wq[o][0] * xq[0] + wq[o][1] * xq[1] + bq;
+            let q = rne(acc * s_y / acc_s).clamp(-128.0, 127.0);
+            q / s_y
+        })
+        .collect();
+    let got = Vec::<f64>::try_from(&y.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+    for (g, e) in got.iter().zip(&expected) {
+        assert!((g - e).abs() < 1e-6, "{got:?} vs {expected:?}");
+    }
+    assert_eq!(Vec::<f32>::try_from(&layer.integer_weight().unwrap().flatten(0, -1)).unwrap(), [32.0, -64.0, 16.0, 128.0f32.min(127.0)]);
+}
+
+#[test]
+fn conv_wrapper_matches_a_hand_computation_per_channel_asymmetric() {
+    // One 1×1 conv, 2 output channels, 1 input channel: y_c = w_c·x + b_c; asymmetric unsigned, per channel.
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let conv = distill::nn::Conv2d::new(vs.root() / "c", distill::nn::Conv2dConfig::new(1, 2, 1)).unwrap();
+    tch::no_grad(|| {
+        let _ = conv.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.8f32, -0.4]).view([2, 1, 1, 1]));
+        let _ = conv.bias.as_ref().unwrap().shallow_clone().copy_(&Tensor::from_slice(&[0.0f32, 0.5]));
+    });
+    let acts = ActQuant {
+        bits: 8,
+        mode: LinearQuantMode::AsymmetricUnsigned,
+        clip: ClipMode::None,
+        half_range: false,
+        stats: Some(ModuleStats { inputs: [(0, stats(0.0, 1.0))].into(), output: stats(-1.0, 1.0) }),
+    };
+    let layer = RangeLinearQuantParamLayer::new(Box::new(conv), 8, LinearQuantMode::AsymmetricUnsigned, true, Some(acts)).map_err(|(_, e)| e).unwrap();
+    let x = Tensor::from_slice(&[0.3f32, 0.7]).view([1, 1, 1, 2]);
+    let y = layer.forward(&x, &mut Forward::new(false, &[])).unwrap();
+    // Weights per channel: [0, 0.8] → s = 255/0.8, zp = 0; [−0.4, 0] → s = 255/0.4, zp = round(−255) = −255.
+    // Input [0, 1]: s_x = 255, zp_x = 0. Output [−1, 1]: s_y = 127.5, zp_y = round(−127.5) = −128.
+    let rne = |v: f64| v.round_ties_even();
+    let s_w = [255.0 / 0.8, 255.0 / 0.4];
+    let zp_w = [0.0, -255.0];
+    let w = [0.8, -0.4];
+    let b = [0.0, 0.5];
+    let (s_x, s_y, zp_y) = (255.0, 127.5, -128.0);
+    let mut expected = Vec::new();
+    for c in 0..2 {
+        let wq = rne(s_w[c] * w[c] - zp_w[c]).clamp(0.0, 255.0) + zp_w[c];
+        let acc_s = s_w[c] * s_x;
+        for xv in [0.3, 0.7] {
+            let xq = rne(s_x * xv);
+            let acc = wq * xq + rne(acc_s * b[c]);
+            let q = rne(acc * s_y / acc_s - zp_y).clamp(0.0, 255.0);
+            expected.push((q + zp_y) / s_y);
+        }
+    }
+    let got = Vec::<f64>::try_from(&y.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+    for (g, e) in got.iter().zip(&expected) {
+        assert!((g - e).abs() < 1e-6, "{got:?} vs {expected:?}");
+    }
+}
+
+#[test]
+fn qat_gradients_reach_float_weights_and_pact_alpha_has_its_own_decay() {
+    let yaml = "quantizers:\n  q:\n    class: PACTQuantizer\n    bits_activations: 4\n    bits_weights: 4\n    act_clip_decay: 0.0005\n    overrides:\n      fc3: {bits_weights: null, bits_activations: null}\npolicies:\n  - quantizer: {instance_name: q}\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n";
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let mut scheduler = Schedule::from_yaml_str(yaml, "q.yaml").unwrap().build(&model).unwrap();
+    let mut opt = distill::optim::Optimizer::for_model(&model, distill::optim::OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+    scheduler.on_epoch_begin(&mut model, 0, Some(&mut opt)).unwrap();
+    let names: Vec<String> = model.named_parameters().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"conv1.float_weight".to_string()) && names.contains(&"fc3.weight".to_string()), "{names:?}");
+    assert!(names.contains(&"relu1.clip_val".to_string()));
+    assert_eq!(opt.groups().len(), 2);
+    assert_eq!(opt.groups()[1].weight_decay, 0.0005);
+    assert!(opt.groups()[1].params().iter().all(|(n, _)| n.ends_with("clip_val")));
+    let x = Tensor::randn([4, 1, 28, 28], (Kind::Float, Device::Cpu)) * 3.0;
+    let loss = model.forward(&x).unwrap().sum(Kind::Float);
+    loss.backward();
+    let fw = model.parameter("conv1.float_weight").unwrap();
+    assert!(fw.grad().defined() && fw.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "STE passes gradient to float_weight");
+    let alpha = model.parameter("relu1.clip_val").unwrap();
+    assert!(alpha.grad().defined());
+    // The quantized weight has at most 2^4 distinct values.
+    let layer = model.module("conv1").unwrap();
+    let q = (layer as &dyn std::any::Any).downcast_ref::<distill::quantization::qat::FpCopyLayer>().unwrap().quantized_weight().unwrap();
+    let distinct = q.flatten(0, -1).unique_dim(0, true, false, false).0.size()[0];
+    assert!(distinct <= 16, "{distinct} levels");
+}
+
+#[test]
+fn statistics_roundtrip_and_checks() {
+    let data = distill::data::mnist_bundled().unwrap();
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let st = collect_activation_stats(&mut model, &data.valid, 1, 100).unwrap();
+    let conv1 = st.get("conv1").unwrap();
+    assert_eq!(conv1.output.shape.as_deref(), Some("(100, 6, 28, 28)"));
+    assert!(conv1.output.range.min <= conv1.output.range.avg_min && conv1.output.range.avg_max <= conv1.output.range.max);
+    let relu = &st.get("relu1").unwrap().output.range;
+    assert!(relu.min >= 0.0);
+    let dir = tempfile::tempdir().unwrap();
+    st.to_yaml_file(dir.path().join("s.yaml")).unwrap();
+    let back = ActivationStats::from_yaml_file(dir.path().join("s.yaml")).unwrap();
+    assert_eq!(back.modules.len(), st.modules.len());
+    assert!((back.get("fc1").unwrap().output.range.max - st.get("fc1").unwrap().output.range.max).abs() < 1e-12);
+    // Distiller's own statistics file reads, and does not fit LeNet.
+    let distiller = ActivationStats::from_yaml_file(root().join("../shared/distiller-schedules/examples/quantization/post_train_quant/stats/resnet18_quant_stats.yaml")).unwrap();
+    assert!(distiller.get("layer4.1.conv2").is_some());
+    let err = distiller.check_model(&model).unwrap_err().to_string();
+    assert!(err.contains("unknown module in calibration statistics 'bn1'"), "{err}");
+    let err = PostTrainLinearQuantizer::new(PostTrainConfig { stats: Some(distiller), ..PostTrainConfig::default() }).prepare_model(&mut model).unwrap_err();
+    assert!(err.to_string().contains("calibration statistics"));
+}
+
+#[test]
+fn bad_quantization_input_is_an_error() {
+    let model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let check = |yaml: &str| Schedule::from_yaml_str(yaml, "q.yaml").and_then(|s| s.check_model(&model).map(|_| s)).and_then(|s| {
+        let mut m = create_model("lenet", "mnist", Device::Cpu).unwrap();
+        let mut sched = s.build(&m)?;
+        let mut opt = distill::optim::Optimizer::for_model(&m, distill::optim::OptimizerConfig::sgd(0.9, 0.0), 0.1)?;
+        sched.on_epoch_begin(&mut m, 0, Some(&mut opt))
+    });
+    let base = "quantizers:\n  q:\n    class: DorefaQuantizer\n    bits_weights: 4\n    bits_activations: 4\nXX\npolicies:\n  - quantizer: {instance_name: q}\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n";
+    let cases = [
+        ("    overrides: {}", ""),
+        ("    overrides:\n      conv9: {bits_weights: 8}", "unknown module pattern 'conv9'"),
+        ("    overrides:\n      'conv[': {bits_weights: 8}", "is not a valid regex"),
+        ("    overrides:\n      pool1: {bits_activations: 4}", "DorefaQuantizer cannot quantize 'pool1' (MaxPool2d)"),
+        ("    overrides:\n      conv1: {bits_weights: 0}", "0 bits: must be 1..=32"),
+    ];
+    for (insert, expected) in cases {
+        let result = check(&base.replace("XX", insert));
+        match expected {
+            "" => result.unwrap(),
+            e => assert!(result.as_ref().err().is_some_and(|r| r.to_string().contains(e)), "{insert}: {result:?}"),
+        }
+    }
+    let bad_bits = base.replace("bits_weights: 4", "bits_weights: 33").replace("XX", "");
+    assert!(Schedule::from_yaml_str(&bad_bits, "q.yaml").unwrap_err().to_string().contains("33 bits"));
+    let ptq = "quantizers:\n  p:\n    class: PostTrainLinearQuantizer\n    mode: SIDEWAYS\n";
+    assert!(Schedule::from_yaml_str(ptq, "q.yaml").unwrap_err().to_string().contains("unknown quantization mode 'SIDEWAYS'"));
+    let ptq = "quantizers:\n  p:\n    class: PostTrainLinearQuantizer\n    clip_acts: MEDIAN\n";
+    assert!(Schedule::from_yaml_str(ptq, "q.yaml").unwrap_err().to_string().contains("unknown clip mode 'MEDIAN'"));
+    let ptq_policy = "quantizers:\n  p:\n    class: PostTrainLinearQuantizer\npolicies:\n  - quantizer: {instance_name: p}\n    epochs: [0]\n";
+    let err = Schedule::from_yaml_str(ptq_policy, "q.yaml").unwrap().build(&model).err().unwrap().to_string();
+    assert!(err.contains("applied after training with `distill quantize`"), "{err}");
+}
+
+#[test]
+fn pact_fine_tuning_of_lenet_at_4_bits_stays_within_1_5_points() {
+    let data = distill::data::mnist_bundled().unwrap();
+    tch::manual_seed(1);
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let mut cosine = Schedule::from_yaml_str("lr_schedulers:\n  c: {class: CosineAnnealingLR, T_max: 10}\npolicies:\n  - lr_scheduler: {instance_name: c}\n    starting_epoch: 0\n    ending_epoch: 10\n    frequency: 1\n", "c.yaml").unwrap().build(&model).unwrap();
+    let fp32 = fit(&mut model, &data, Some(&mut cosine), &quiet(10)).unwrap().test.top1;
+    let mut qat = Schedule::from_file(root().join("schedules/lenet_pact4.yaml")).unwrap().build(&model).unwrap();
+    let config = TrainConfig { lr: 0.005, ..quiet(8) };
+    let q = fit(&mut model, &data, Some(&mut qat), &config).unwrap().test.top1;
+    assert!(fp32 - q <= 1.5, "fp32 {fp32:.2} vs PACT 4-bit {q:.2}");
+    assert_eq!(model.module("conv2").unwrap().type_name(), "Conv2d");
+    assert!(model.parameter("conv2.float_weight").is_ok() && model.parameter("conv1.weight").is_ok());
+}
