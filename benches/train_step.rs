@@ -6,6 +6,10 @@
 //! applied before the forward pass and re-applied after the optimizer step), and, separately, the mask-update
 //! step that recomputes all masks at an epoch's start.
 //!
+//! A third table reports quantization: the per-step cost of quantization-aware training (8-bit range-linear
+//! fake quantization with STE on weights and ReLU outputs) against the float step, and the time of a
+//! post-training calibration (two passes over the calibration batches) plus quantization.
+//!
 //! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratios.
 use std::time::Instant;
 
@@ -122,6 +126,34 @@ fn time_agp(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usiz
     (per_step(base), per_step(agp), update_ms)
 }
 
+/// (float ms/step, QAT ms/step, calibration + PTQ ms) for one model.
+fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usize) -> (f64, f64, f64) {
+    let timed = data.subset("timed", &(0..(steps * batch) as i64).collect::<Vec<_>>()).unwrap();
+    let mut plain = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
+    let mut model = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
+    let yaml = "quantizers:\n  q:\n    class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: 8\n    bits_weights: 8\npolicies:\n  - quantizer: {instance_name: q}\n    starting_epoch: 0\n    ending_epoch: 10\n    frequency: 1\n";
+    let mut scheduler = Schedule::from_yaml_str(yaml, "qat.yaml").unwrap().build(&model).unwrap();
+    let mut opt_plain = Optimizer::for_model(&plain, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+    let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+    scheduler.on_epoch_begin(&mut model, 0, Some(&mut opt)).unwrap();
+    let (mut base, mut qat) = (0.0, 0.0);
+    for round in 0..3 {
+        let t = Instant::now();
+        train_epoch(&mut plain, &timed, &mut opt_plain, None, round, batch, round as u64, Progress::Quiet, 1).unwrap();
+        base += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        train_epoch(&mut model, &timed, &mut opt, Some(&mut scheduler), 0, batch, round as u64, Progress::Quiet, 1).unwrap();
+        qat += t.elapsed().as_secs_f64();
+    }
+    let per_step = |s: f64| s * 1e3 / (3 * steps) as f64;
+    let calib = data.subset("calib", &(0..(4 * batch) as i64).collect::<Vec<_>>()).unwrap();
+    let t = Instant::now();
+    let stats = distill::quantization::stats::collect_activation_stats(&mut plain, &calib, 4, batch).unwrap();
+    let config = distill::quantization::range_linear::PostTrainConfig { stats: Some(stats), ..Default::default() };
+    distill::quantization::range_linear::PostTrainLinearQuantizer::new(config).prepare_model(&mut plain).unwrap();
+    (per_step(base), per_step(qat), t.elapsed().as_secs_f64() * 1e3)
+}
+
 fn main() {
     let steps: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30);
     tch::manual_seed(0);
@@ -143,5 +175,13 @@ fn main() {
         let data = Dataset::synthetic(steps * batch, shape, 10, 2).unwrap();
         let (base, agp, update) = time_agp(arch, dataset, &data, batch, steps);
         println!("{arch:<16} {batch:>6} {base:>16.2} {agp:>14.2} {:>9.1}% {update:>18.2}", 100.0 * (agp / base - 1.0));
+    }
+    println!();
+    println!("Quantization: 8-bit QAT step against the float step; calibration (4 batches, two passes) + PTQ:");
+    println!("{:<16} {:>6} {:>16} {:>14} {:>10} {:>18}", "model", "batch", "float ms/step", "QAT ms/step", "overhead", "calib+PTQ ms");
+    for (arch, dataset, shape, batch, _) in cases {
+        let data = Dataset::synthetic(steps * batch, shape, 10, 3).unwrap();
+        let (base, qat, ptq) = time_quantization(arch, dataset, &data, batch, steps);
+        println!("{arch:<16} {batch:>6} {base:>16.2} {qat:>14.2} {:>9.1}% {ptq:>18.1}", 100.0 * (qat / base - 1.0));
     }
 }

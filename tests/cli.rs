@@ -109,3 +109,26 @@ fn train_with_a_schedule_prunes() {
     // fc1 (235,200) and fc2 (30,000) at 60% of the 266,200 weights.
     assert!((sparsity - 0.6 * 265_200.0 / 266_200.0).abs() < 1e-3, "{sparsity}");
 }
+
+#[test]
+fn quantize_writes_a_summary_with_fp32_quantized_and_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = distill(&["train", "--arch", "mlp", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--out", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("q");
+    let ckpt = run.join("checkpoint.safetensors");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_ptq8.yaml");
+    let o = distill(&["quantize", "--arch", "mlp", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--config", config, "--calibrate", "1", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in ["fp32", "quantized", "integer"] {
+        for field in ["top1", "top5", "loss"] {
+            assert!(s[key][field].is_number(), "{key}.{field}: {s}");
+        }
+    }
+    assert!(s["quantized_bytes"].as_u64().unwrap() * 3 < s["fp32_bytes"].as_u64().unwrap());
+    assert!(out.join("quantization_stats.yaml").is_file() && out.join("quantized.safetensors").is_file());
+    let o = distill(&["quantize", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--config", config, "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("saved from 'mlp'"), "{}", stderr(&o));
+}
