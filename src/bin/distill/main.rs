@@ -30,17 +30,39 @@ enum Command {
     Schedule(ScheduleCommand),
 }
 
+/// The model, its data and the device: shared by `train` and `quantize`.
 #[derive(clap::Args)]
-struct QuantizeArgs {
-    /// Architecture.
+struct ModelArgs {
+    /// Architecture (see `distill models`).
     #[arg(long)]
     arch: String,
-    /// Dataset (as for train).
+    /// Dataset: mnist (the bundled 5,000 digits unless --data-dir is given) or cifar10 (needs --data-dir).
     #[arg(long)]
     dataset: String,
     /// Folder with the full MNIST IDX files or the CIFAR-10 binary batches.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    /// A freshly initialized model of the zoo on the requested device.
+    fn model(&self) -> Result<distill::nn::Model> {
+        models::create_model(&self.arch, &self.dataset, train::parse_device(&self.device)?)
+    }
+
+    /// The dataset's splits.
+    fn data(&self) -> Result<DataSplits> {
+        load_data(&self.dataset, self.data_dir.as_ref())
+    }
+}
+
+#[derive(clap::Args)]
+struct QuantizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
     /// Trained checkpoint.
     #[arg(long)]
     checkpoint: PathBuf,
@@ -57,9 +79,6 @@ struct QuantizeArgs {
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 #[derive(Subcommand)]
@@ -103,15 +122,8 @@ enum OptimizerKind {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Architecture (see `distill models`).
-    #[arg(long)]
-    arch: String,
-    /// Dataset: mnist (the bundled 5,000 digits unless --data-dir is given) or cifar10 (needs --data-dir).
-    #[arg(long)]
-    dataset: String,
-    /// Folder with the full MNIST IDX files or the CIFAR-10 binary batches.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Total epochs (a resumed run continues up to this number).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
@@ -146,9 +158,6 @@ struct TrainArgs {
     /// quantization-aware training of a trained model (Distiller's --exp-load-weights-from).
     #[arg(long, conflicts_with = "resume")]
     load_weights: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// Progress display: auto, bar, lines or quiet.
     #[arg(long, default_value = "auto")]
     progress: String,
@@ -165,14 +174,14 @@ fn load_data(dataset: &str, dir: Option<&PathBuf>) -> Result<DataSplits> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let device = train::parse_device(&args.device)?;
     let progress: Progress = args.progress.parse()?;
     tch::manual_seed(args.seed as i64);
-    let mut model = models::create_model(&args.arch, &args.dataset, device)?;
+    let mut model = args.model.model()?;
+    let device = model.device();
     if let Some(path) = &args.load_weights {
         distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
     }
-    let data = load_data(&args.dataset, args.data_dir.as_ref())?;
+    let data = args.model.data()?;
     let optimizer = match args.optimizer {
         OptimizerKind::Sgd => OptimizerConfig::sgd(args.momentum, args.weight_decay),
         OptimizerKind::Adam => OptimizerConfig::adam(args.weight_decay),
@@ -188,8 +197,8 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     println!(
         "distill: {} on {} ({} train / {} valid / {} test samples), {} parameters, {:?}",
-        args.arch,
-        args.dataset,
+        args.model.arch,
+        args.model.dataset,
         data.train.len(),
         data.valid.len(),
         data.test.len(),
@@ -228,11 +237,9 @@ fn train(args: TrainArgs) -> Result<()> {
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
     use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
-    let device = train::parse_device(&args.device)?;
-    let mut model = models::create_model(&args.arch, &args.dataset, device)?;
-    let ckpt = distill::train::Checkpoint::load(&args.checkpoint)?;
-    ckpt.restore_model(&mut model, &args.checkpoint)?;
-    let data = load_data(&args.dataset, args.data_dir.as_ref())?;
+    let mut model = args.model.model()?;
+    distill::train::Checkpoint::load(&args.checkpoint)?.restore_model(&mut model, &args.checkpoint)?;
+    let data = args.model.data()?;
     let schedule = Schedule::from_file(&args.config)?;
     let params = match schedule.quantizers.as_slice() {
         [(_, distill::config::QuantizerConfig::PostTrainLinearQuantizer(p))] => p.clone(),
@@ -271,7 +278,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         fp32_bytes as f64 / exported.file_bytes.max(1) as f64
     );
     let summary = serde_json::json!({
-        "arch": args.arch, "dataset": args.dataset, "checkpoint": args.checkpoint, "config": args.config,
+        "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": args.config,
         "fp32": fp32, "quantized": quantized, "integer": integer,
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
