@@ -177,11 +177,21 @@ fn qat_gradients_reach_float_weights_and_pact_alpha_has_its_own_decay() {
     assert!(fw.grad().defined() && fw.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "STE passes gradient to float_weight");
     let alpha = model.parameter("relu1.clip_val").unwrap();
     assert!(alpha.grad().defined());
-    // The quantized weight has at most 2^4 distinct values.
-    let layer = model.module("conv1").unwrap();
-    let q = (layer as &dyn std::any::Any).downcast_ref::<distill::quantization::qat::FpCopyLayer>().unwrap().quantized_weight().unwrap();
-    let distinct = q.flatten(0, -1).unique_dim(0, true, false, false).0.size()[0];
-    assert!(distinct <= 16, "{distinct} levels");
+    // Every quantized weight has at most 2^4 distinct values; fc3 stays in float.
+    let all = distill::quantization::qat::quantized_params(&model).unwrap();
+    let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]);
+    for (n, q) in &all {
+        let distinct = q.flatten(0, -1).unique_dim(0, true, false, false).0.size()[0];
+        assert!(distinct <= 16, "{n}: {distinct} levels");
+    }
+
+    // A pruned weight stays zero once quantized (DoReFa would map it to 1/15).
+    let mask = Tensor::rand([120, 400], (Kind::Float, Device::Cpu)).ge(0.5).to_kind(Kind::Float);
+    scheduler.masks_mut().set_mask("fc1.weight", mask.shallow_clone(), &[120, 400]).unwrap();
+    scheduler.mask_all_weights(&model).unwrap();
+    let q = distill::quantization::qat::quantized_params(&model).unwrap().into_iter().find(|(n, _)| n == "fc1.weight").unwrap().1;
+    assert_eq!(q.f_mul(&(1.0 - &mask)).unwrap().abs().sum(Kind::Float).double_value(&[]), 0.0, "masks reach float_weight and survive quantization");
 }
 
 #[test]
@@ -256,4 +266,27 @@ fn pact_fine_tuning_of_lenet_at_4_bits_stays_within_1_5_points() {
     assert!(fp32 - q <= 1.5, "fp32 {fp32:.2} vs PACT 4-bit {q:.2}");
     assert_eq!(model.module("conv2").unwrap().type_name(), "Conv2d");
     assert!(model.parameter("conv2.float_weight").is_ok() && model.parameter("conv1.weight").is_ok());
+}
+
+#[test]
+fn batch_norm_folding_keeps_the_eval_output() {
+    tch::manual_seed(4);
+    let mut model = create_model("resnet20_cifar", "cifar10", Device::Cpu).unwrap();
+    // Non-trivial running statistics, as after training.
+    for (name, t) in model.named_buffers() {
+        tch::no_grad(|| {
+            let v = if name.ends_with("running_var") { Tensor::rand(t.size(), (Kind::Float, Device::Cpu)) + 0.5 } else { Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1 };
+            let _ = t.shallow_clone().copy_(&v);
+        });
+    }
+    model.eval();
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let before = model.forward(&x).unwrap();
+    let pairs = distill::quantization::bn_fold::fold_batch_norms(&mut model).unwrap();
+    assert_eq!(pairs.len(), 21, "stem, 18 block convs, 2 downsample convs");
+    assert!(pairs.contains(&("layer2.0.downsample.0".to_string(), "layer2.0.downsample.1".to_string())));
+    assert_eq!(model.module("layer1.0.bn1").unwrap().type_name(), "Identity");
+    let after = model.forward(&x).unwrap();
+    let diff = (&before - &after).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "max difference {diff}");
 }

@@ -289,6 +289,8 @@ pub struct PostTrainConfig {
     pub overrides: Overrides,
     /// Static ranges; `None` for dynamic quantization.
     pub stats: Option<ActivationStats>,
+    /// Fold each batch norm that follows a convolution into it first (Distiller always does).
+    pub fold_batch_norms: bool,
 }
 
 impl Default for PostTrainConfig {
@@ -302,6 +304,7 @@ impl Default for PostTrainConfig {
             per_channel_wts: false,
             overrides: Overrides::default(),
             stats: None,
+            fold_batch_norms: true,
         }
     }
 }
@@ -354,6 +357,18 @@ impl PostTrainLinearQuantizer {
         if let Some(st) = &self.config.stats {
             st.check_model(model)?;
         }
+        let mut stats = self.config.stats.clone();
+        if self.config.fold_batch_norms {
+            for (conv, bn) in super::bn_fold::fold_batch_norms(model)? {
+                // The folded convolution now produces what the batch norm produced.
+                if let Some(st) = stats.as_mut() {
+                    let bn_out = st.get(&bn).map(|s| s.output.clone());
+                    if let (Some(out), Some(entry)) = (bn_out, st.modules.iter_mut().find(|(n, _)| crate::nn::normalize_name(n) == conv)) {
+                        entry.1.output = out;
+                    }
+                }
+            }
+        }
         let c = &self.config;
         let defaults = QuantDefaults {
             bits: QBits { acts: c.bits_activations, wts: c.bits_parameters, bias: c.bits_parameters.map(|_| 32) },
@@ -362,7 +377,7 @@ impl PostTrainLinearQuantizer {
             per_channel_wts: c.per_channel_wts,
         };
         let settings = resolve_settings(model, &defaults, &c.overrides)?;
-        let stats = &c.stats;
+        let stats = &stats;
         let factory = ReplaceFactory::default()
             .with("Conv2d", |m, name, s| replace_param_layer(m, act_quant(s, name, stats), s))
             .with("Linear", |m, name, s| replace_param_layer(m, act_quant(s, name, stats), s))
@@ -417,6 +432,7 @@ impl PostTrainConfig {
                 None => Overrides::default(),
             },
             stats,
+            fold_batch_norms: true,
         })
     }
 }
