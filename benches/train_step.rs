@@ -16,7 +16,7 @@ use std::time::Instant;
 use distill::config::{PolicyConfig, PrunerConfig, Schedule};
 use distill::data::Dataset;
 use distill::optim::{Optimizer, OptimizerConfig};
-use distill::train::{train_epoch, Progress};
+use distill::train::{train_epoch, EpochSettings};
 use tch::nn::{self, ModuleT, OptimizerConfig as _};
 use tch::{Device, Kind, Tensor};
 
@@ -84,9 +84,9 @@ fn time_distill(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: 
     let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
     let warm = data.subset("warm", &(0..3 * batch as i64).collect::<Vec<_>>()).unwrap();
     let timed = data.subset("timed", &(0..(steps * batch) as i64).collect::<Vec<_>>()).unwrap();
-    train_epoch(&mut model, &warm, &mut opt, None, 0, batch, 0, Progress::Quiet, 1).unwrap();
+    train_epoch(&mut model, &warm, &mut opt, None, 0, EpochSettings::quiet(batch, 0)).unwrap();
     let t = Instant::now();
-    train_epoch(&mut model, &timed, &mut opt, None, 0, batch, 0, Progress::Quiet, 1).unwrap();
+    train_epoch(&mut model, &timed, &mut opt, None, 0, EpochSettings::quiet(batch, 0)).unwrap();
     t.elapsed().as_secs_f64() * 1e3 / steps as f64
 }
 
@@ -116,10 +116,10 @@ fn time_agp(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usiz
     let (mut base, mut agp) = (0.0, 0.0);
     for round in 0..3 {
         let t = Instant::now();
-        train_epoch(&mut plain, &timed, &mut opt_plain, None, round, batch, round as u64, Progress::Quiet, 1).unwrap();
+        train_epoch(&mut plain, &timed, &mut opt_plain, None, round, EpochSettings::quiet(batch, round as u64)).unwrap();
         base += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        train_epoch(&mut model, &timed, &mut opt, Some(&mut scheduler), updates - 1, batch, round as u64, Progress::Quiet, 1).unwrap();
+        train_epoch(&mut model, &timed, &mut opt, Some(&mut scheduler), updates - 1, EpochSettings::quiet(batch, round as u64)).unwrap();
         agp += t.elapsed().as_secs_f64();
     }
     let per_step = |s: f64| s * 1e3 / (3 * steps) as f64;
@@ -139,10 +139,10 @@ fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, st
     let (mut base, mut qat) = (0.0, 0.0);
     for round in 0..3 {
         let t = Instant::now();
-        train_epoch(&mut plain, &timed, &mut opt_plain, None, round, batch, round as u64, Progress::Quiet, 1).unwrap();
+        train_epoch(&mut plain, &timed, &mut opt_plain, None, round, EpochSettings::quiet(batch, round as u64)).unwrap();
         base += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        train_epoch(&mut model, &timed, &mut opt, Some(&mut scheduler), 0, batch, round as u64, Progress::Quiet, 1).unwrap();
+        train_epoch(&mut model, &timed, &mut opt, Some(&mut scheduler), 0, EpochSettings::quiet(batch, round as u64)).unwrap();
         qat += t.elapsed().as_secs_f64();
     }
     let per_step = |s: f64| s * 1e3 / (3 * steps) as f64;

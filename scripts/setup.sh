@@ -4,6 +4,7 @@
 #     CPU-only by default, which needs just the CUDA runtime and CUPTI libraries (51 MB) beside the 526 MB wheel;
 #     `--cuda` (or DISTILL_CUDA=1) installs the wheel's full CUDA dependency set (about 2.7 GB) for GPU machines;
 #   - a link .libtorch -> .venv/.../site-packages/torch, which .cargo/config.toml hands to tch as LIBTORCH.
+#   - TensorBoard's Python package (the tests read our event files with its EventAccumulator);
 # Afterwards plain `cargo build`, `cargo test` and `cargo run` work with no variable set by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,13 @@ elif [ "${have_torch%%+*}" != "$TORCH_VERSION" ] || [ ! -d "$site/nvidia/cu13/li
   echo "setup: installing torch==$TORCH_VERSION (CPU use: wheel plus CUDA runtime and CUPTI only, about 580 MB)"
   .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps "torch==$TORCH_VERSION" \
     "cuda-toolkit[cudart,cupti]==13.0.3" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+fi
+
+# TensorBoard's own reader checks our event files in the test suite (tests/tensorboard.rs); its resolver
+# complains about torch's uninstalled CUDA dependencies, which the CPU set-up leaves out on purpose.
+if ! .venv/bin/python -c "import tensorboard" 2>/dev/null; then
+  echo "setup: installing tensorboard (used by the tests to read our event files)"
+  .venv/bin/python -m pip install --disable-pip-version-check -q "tensorboard==2.21.0" 2>&1 | grep -v "^torch 2.13.0 requires\|dependency resolver\|dependency conflicts" || true
 fi
 
 ln -sfn "$site/torch" .libtorch

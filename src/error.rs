@@ -60,6 +60,8 @@ pub enum Error {
     },
     /// Problems in a compression schedule, each as `file:line:column: message`.
     Schedule(Vec<String>),
+    /// A table (polars DataFrame) operation or a chart that could not be made.
+    Table(String),
     /// An error reported by libtorch.
     Torch(tch::TchError),
 }
@@ -122,6 +124,7 @@ impl fmt::Display for Error {
             Error::Checkpoint { path, message } => write!(f, "checkpoint {}: {message}", path.display()),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Schedule(problems) => write!(f, "{}", problems.join("\n")),
+            Error::Table(message) => write!(f, "table: {message}"),
             Error::Torch(e) => write!(f, "libtorch: {e}"),
         }
     }
@@ -135,6 +138,12 @@ impl std::error::Error for Error {
             Error::Torch(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+impl From<polars::prelude::PolarsError> for Error {
+    fn from(e: polars::prelude::PolarsError) -> Self {
+        Error::Table(e.to_string())
     }
 }
 

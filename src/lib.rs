@@ -27,19 +27,26 @@
 
 pub mod config;
 pub mod data;
+pub mod logging;
 pub mod metrics;
 pub mod summary;
 mod error;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod plot;
 pub mod pruning;
 pub mod quantization;
 pub mod regularization;
 pub mod scheduler;
+pub mod sensitivity;
 pub mod train;
 
 pub use error::{did_you_mean, Error, Result};
+/// Re-exported so a notebook needs a single `:dep distill`.
+pub use plotters;
+/// Re-exported so a notebook needs a single `:dep distill`.
+pub use polars;
 /// Re-exported so a notebook needs a single `:dep distill`.
 pub use tch;
 

@@ -1,4 +1,6 @@
-//! Model summaries. For now the parameter and sparsity totals that training reports.
+//! Model summaries: sparsity helpers ([`sparsity`]), parameter counts, and the tables of [`tables`].
+pub mod sparsity;
+pub mod tables;
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
@@ -35,4 +37,20 @@ pub fn parameter_counts(model: &Model) -> Result<ParameterCounts> {
     }
     let sparsity = if weights == 0 { 0.0 } else { 1.0 - nnz_weights as f64 / weights as f64 };
     Ok(ParameterCounts { params, nnz_params, weights, nnz_weights, sparsity })
+}
+
+/// A histogram of `t`'s values in `bins` equal-width buckets from its minimum to its maximum (a constant tensor
+/// gets the bucket range `[v, v + 1]`): `(edges, counts)`, with one more edge than counts.
+pub fn histogram(t: &tch::Tensor, bins: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let v = t.f_detach()?.f_to_kind(Kind::Double)?.f_flatten(0, -1)?;
+    if v.numel() == 0 {
+        return Err(crate::Error::invalid("histogram", "no values"));
+    }
+    let bins = bins.max(1);
+    let (lo, hi) = (v.f_min()?.f_double_value(&[])?, v.f_max()?.f_double_value(&[])?);
+    let hi = if hi > lo { hi } else { lo + 1.0 };
+    let idx = v.f_sub_scalar(lo)?.f_div_scalar((hi - lo) / bins as f64)?.f_floor()?.f_clamp(0.0, (bins - 1) as f64)?.f_to_kind(Kind::Int64)?;
+    let counts = Vec::<f64>::try_from(&idx.f_bincount(None::<tch::Tensor>, bins as i64)?.f_to_kind(Kind::Double)?)?;
+    let edges = (0..=bins).map(|i| lo + (hi - lo) * i as f64 / bins as f64).collect();
+    Ok((edges, counts))
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Reduction, Tensor};
 
 use crate::data::{epoch_seed, DataSplits, Dataset};
+use crate::logging::{CsvLogger, DataLogger, TensorBoardLogger};
 use crate::metrics::{Metrics, MetricsAccumulator};
 use crate::nn::Model;
 use crate::optim::{Optimizer, OptimizerConfig};
@@ -185,22 +186,45 @@ pub fn validate(model: &mut Model, data: &Dataset, batch_size: usize) -> Result<
     result
 }
 
+/// How [`train_epoch`] runs one epoch.
+pub struct EpochSettings<'a> {
+    /// Samples per mini-batch.
+    pub batch_size: usize,
+    /// Orders the mini-batches and draws their augmentation.
+    pub shuffle_seed: u64,
+    /// Progress display.
+    pub progress: Progress,
+    /// Epochs of the whole run (for progress lines).
+    pub total_epochs: usize,
+    /// Receive the running training statistics four times per epoch.
+    pub loggers: &'a mut [Box<dyn DataLogger>],
+}
+
+impl EpochSettings<'_> {
+    /// Settings with no loggers and no progress display.
+    pub fn quiet(batch_size: usize, shuffle_seed: u64) -> EpochSettings<'static> {
+        EpochSettings { batch_size, shuffle_seed, progress: Progress::Quiet, total_epochs: 1, loggers: &mut [] }
+    }
+}
+
 /// One epoch of training on `data`, in Distiller's order of scheduler callbacks (see [`crate::scheduler`]).
 ///
-/// `shuffle_seed` orders the mini-batches. The optimizer's learning rate is left alone (LR policies change it).
+/// The optimizer's learning rate is left alone (LR policies change it). Running statistics go to the loggers
+/// under `Performance/Training/` (`Overall Loss`, `Objective Loss`, each loss component, `Top1`, `Top5`, `LR`,
+/// `Time`) at each quarter of the epoch.
 pub fn train_epoch(
     model: &mut Model,
     data: &Dataset,
     optimizer: &mut Optimizer,
     mut scheduler: Option<&mut CompressionScheduler>,
     epoch: usize,
-    batch_size: usize,
-    shuffle_seed: u64,
-    progress: Progress,
-    total_epochs: usize,
+    settings: EpochSettings,
 ) -> Result<TrainEpochMetrics> {
+    let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers } = settings;
     model.train();
     let per_epoch = data.steps(batch_size);
+    let log_every = per_epoch.div_ceil(4).max(1);
+    let started = Instant::now();
     let mut reporter = Reporter::new(progress, epoch, total_epochs, per_epoch);
     let mut acc = MetricsAccumulator::default();
     let mut overall_sum = 0.0;
@@ -251,6 +275,21 @@ pub fn train_epoch(
         acc.add(&logits.f_detach()?, &y, loss_value)?;
         let running = acc.metrics();
         reporter.step(index, running.loss, running.top1);
+        let done = index + 1;
+        if !loggers.is_empty() && (done % log_every == 0 || done == per_epoch) {
+            let seen = acc.samples().max(1) as f64;
+            let mut stats = vec![("Overall Loss".to_string(), overall_sum / seen), ("Objective Loss".to_string(), running.loss)];
+            stats.extend(components.iter().map(|(n, v)| (n.clone(), v / seen)));
+            stats.extend([
+                ("Top1".to_string(), running.top1),
+                ("Top5".to_string(), running.top5),
+                ("LR".to_string(), optimizer.lr()),
+                ("Time".to_string(), started.elapsed().as_secs_f64() / done as f64),
+            ]);
+            for l in loggers.iter_mut() {
+                l.log_training_progress("Performance/Training/", &stats, epoch, done, per_epoch)?;
+            }
+        }
     }
     let samples = acc.samples().max(1) as f64;
     let objective = acc.metrics();
@@ -282,6 +321,7 @@ pub struct Trainer<'a> {
     scheduler: Option<&'a mut CompressionScheduler>,
     config: TrainConfig,
     history: Vec<EpochRecord>,
+    loggers: Vec<Box<dyn DataLogger>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -294,7 +334,13 @@ impl<'a> Trainer<'a> {
             return Err(Error::invalid("batch size", "must be at least 1"));
         }
         let optimizer = Optimizer::for_model(model, config.optimizer, config.lr)?;
-        Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new() })
+        Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new(), loggers: Vec::new() })
+    }
+
+    /// Also reports to `logger` (with an output folder, TensorBoard and CSV loggers are added by [`Trainer::run`]).
+    pub fn with_logger(mut self, logger: Box<dyn DataLogger>) -> Self {
+        self.loggers.push(logger);
+        self
     }
 
     /// Uses `optimizer` instead of the one built from the configuration.
@@ -365,6 +411,8 @@ impl<'a> Trainer<'a> {
         let started = Instant::now();
         if let Some(dir) = &self.config.out_dir {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            self.loggers.push(Box::new(TensorBoardLogger::new(dir)?));
+            self.loggers.push(Box::new(CsvLogger::new(dir.clone())));
         }
         let start_epoch = self.history.last().map_or(0, |r| r.epoch + 1);
         for epoch in start_epoch..self.config.epochs {
@@ -391,18 +439,22 @@ impl<'a> Trainer<'a> {
         if let Some(s) = self.scheduler.as_deref_mut() {
             s.on_epoch_begin(self.model, epoch, Some(&mut self.optimizer))?;
         }
-        let train = train_epoch(
-            self.model,
-            &data.train,
-            &mut self.optimizer,
-            self.scheduler.as_deref_mut(),
-            epoch,
-            self.config.batch_size,
-            seed,
-            self.config.progress,
-            self.config.epochs,
-        )?;
+        let settings = EpochSettings {
+            batch_size: self.config.batch_size,
+            shuffle_seed: seed,
+            progress: self.config.progress,
+            total_epochs: self.config.epochs,
+            loggers: &mut self.loggers,
+        };
+        let train = train_epoch(self.model, &data.train, &mut self.optimizer, self.scheduler.as_deref_mut(), epoch, settings)?;
         let valid = validate(self.model, &data.valid, self.config.batch_size)?;
+        let stats = [("Loss".to_string(), valid.loss), ("Top1".to_string(), valid.top1), ("Top5".to_string(), valid.top5)];
+        for l in self.loggers.iter_mut() {
+            l.log_training_progress("Performance/Validation/", &stats, epoch, 0, 1)?;
+            l.log_weights_sparsity(self.model, epoch)?;
+            l.log_weights_distribution(self.model, epoch as i64)?;
+            l.flush()?;
+        }
         if let Some(s) = self.scheduler.as_deref_mut() {
             s.on_epoch_end(self.model, epoch, &valid, Some(&mut self.optimizer))?;
         }

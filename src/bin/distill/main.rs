@@ -25,6 +25,12 @@ enum Command {
     Models,
     /// Post-training quantization of a trained checkpoint, with calibration, integer export and evaluation.
     Quantize(QuantizeArgs),
+    /// Print a model summary: weight sparsity, compute (MACs), modules, or masks.
+    Summary(SummaryArgs),
+    /// Sensitivity analysis: prune each tensor alone at each level and evaluate.
+    Sensitivity(SensitivityArgs),
+    /// Read the TensorBoard and CSV logs of runs into one table.
+    Logs(LogsArgs),
     /// Check or preview compression schedules.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
@@ -79,6 +85,73 @@ struct QuantizeArgs {
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SummaryKind {
+    Sparsity,
+    Compute,
+    Modules,
+    Masks,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TableFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct SummaryArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Checkpoint to summarize (a freshly initialized model otherwise).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// What to summarize.
+    #[arg(long, value_enum)]
+    what: SummaryKind,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = TableFormat::Table)]
+    format: TableFormat,
+}
+
+#[derive(clap::Args)]
+struct SensitivityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Trained checkpoint.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// element, filter or channel.
+    #[arg(long, default_value = "element")]
+    group: String,
+    /// Sparsity levels: start stop step (NumPy arange: stop excluded).
+    #[arg(long, num_args = 3, value_names = ["START", "STOP", "STEP"], default_values_t = [0.0, 0.95, 0.05])]
+    range: Vec<f64>,
+    /// Parameters to analyze, comma-separated (all 2-D and 4-D weights by default).
+    #[arg(long, value_delimiter = ',')]
+    params: Vec<String>,
+    /// Mini-batch size of the evaluations.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Output folder: sensitivity.csv, sensitivity.svg, sensitivity.png.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct LogsArgs {
+    /// Run folders (each holding event files and/or metrics.csv).
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Write the table here (.csv); without it, print it.
+    #[arg(long)]
+    to: Option<PathBuf>,
+    /// Instead of the long table, compare this tag across runs (one column per run).
+    #[arg(long)]
+    tag: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -223,6 +296,9 @@ fn train(args: TrainArgs) -> Result<()> {
         println!("resuming from {} after epoch {}", ckpt.display(), trainer.history().len().saturating_sub(1));
     }
     let summary = trainer.run(&data)?;
+    drop(trainer);
+    let written = write_run_reports(&mut model, &args.out, &summary)?;
+    println!("summaries and charts: {}", written.join(", "));
     println!(
         "done in {:.1} s: best epoch {} (valid top1 {:.2}%), final test top1 {:.2}%, sparsity {:.2}%; results in {}",
         summary.wall_seconds,
@@ -288,6 +364,112 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes the run's summaries and charts next to its logs; returns the file names.
+fn write_run_reports(model: &mut distill::nn::Model, out: &std::path::Path, run: &distill::train::TrainSummary) -> Result<Vec<String>> {
+    use distill::summary::tables;
+    let sparsity = tables::weights_sparsity_summary(model)?;
+    tables::write_csv(&sparsity, out.join("summary_sparsity.csv"))?;
+    tables::write_csv(&tables::model_performance_summary(model, 1)?, out.join("summary_compute.csv"))?;
+    let curves = distill::plot::training_curves(&[(model.info().arch.as_str(), run.history.as_slice())])?;
+    curves.save_svg(out.join("training.svg"))?;
+    curves.save_png(out.join("training.png"))?;
+    let bars = distill::plot::sparsity_bars(&sparsity)?;
+    bars.save_svg(out.join("sparsity.svg"))?;
+    bars.save_png(out.join("sparsity.png"))?;
+    Ok(["summary_sparsity.csv", "summary_compute.csv", "training.svg", "training.png", "sparsity.svg", "sparsity.png"]
+        .iter()
+        .map(|f| out.join(f).display().to_string())
+        .collect())
+}
+
+fn print_table(df: &distill::polars::prelude::DataFrame, format: TableFormat) -> Result<()> {
+    use distill::summary::tables;
+    match format {
+        TableFormat::Table => print!("{}", tables::to_text_table(df)?),
+        TableFormat::Csv => print!("{}", tables::to_csv(df)?),
+        TableFormat::Json => println!("{}", serde_json::to_string_pretty(&tables::to_json(df)?).unwrap_or_default()),
+    }
+    Ok(())
+}
+
+fn summary(args: SummaryArgs) -> Result<()> {
+    use distill::summary::tables;
+    let mut model = args.model.model()?;
+    let ckpt = match &args.checkpoint {
+        Some(path) => {
+            let c = distill::train::Checkpoint::load(path)?;
+            c.restore_model(&mut model, path)?;
+            Some(c)
+        }
+        None => None,
+    };
+    let df = match args.what {
+        SummaryKind::Sparsity => tables::weights_sparsity_summary(&model)?,
+        SummaryKind::Compute => tables::model_performance_summary(&mut model, 1)?,
+        SummaryKind::Modules => tables::modules_summary(&model)?,
+        SummaryKind::Masks => {
+            let ckpt = ckpt.ok_or_else(|| distill::Error::invalid("--what masks", "needs --checkpoint (masks are saved in checkpoints)"))?;
+            let mut scheduler = distill::scheduler::CompressionScheduler::new(&model);
+            scheduler.load_state(&ckpt.masks, &[], &model)?;
+            tables::masks_sparsity_summary(&model, &scheduler)?
+        }
+    };
+    print_table(&df, args.format)?;
+    if matches!(args.what, SummaryKind::Compute) && matches!(args.format, TableFormat::Table) {
+        let macs: i64 = df.column("MACs")?.i64()?.iter().flatten().sum();
+        println!("Total MACs: {macs}");
+    }
+    Ok(())
+}
+
+fn sensitivity(args: SensitivityArgs) -> Result<()> {
+    use distill::sensitivity::{levels, SensitivityAnalysis, SensitivityGroup};
+    let group: SensitivityGroup = args.group.parse()?;
+    let levels = levels(args.range[0], args.range[1], args.range[2])?;
+    let mut model = args.model.model()?;
+    distill::train::Checkpoint::load(&args.checkpoint)?.restore_model(&mut model, &args.checkpoint)?;
+    let data = args.model.data()?;
+    std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
+    let started = std::time::Instant::now();
+    let mut analysis = SensitivityAnalysis::new();
+    let df = analysis.run(&mut model, &data.valid, &args.params, &levels, group, args.batch_size, false)?;
+    distill::summary::tables::write_csv(&df, args.out.join("sensitivity.csv"))?;
+    let fig = distill::plot::sensitivity_curves(&df)?;
+    fig.save_svg(args.out.join("sensitivity.svg"))?;
+    fig.save_png(args.out.join("sensitivity.png"))?;
+    println!(
+        "{} rows from {} evaluations on the validation set in {:.1} s; sensitivity.csv, sensitivity.svg and sensitivity.png in {}",
+        df.height(),
+        analysis.evaluations(),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn logs(args: LogsArgs) -> Result<()> {
+    let (df, warnings) = distill::logging::read_runs(&args.dirs)?;
+    warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    let df = match &args.tag {
+        Some(tag) => distill::logging::compare_runs(&df, tag)?,
+        None => df,
+    };
+    match &args.to {
+        Some(path) if path.extension().is_some_and(|e| e == "csv") => {
+            distill::summary::tables::write_csv(&df, path)?;
+            println!("{} rows written to {}", df.height(), path.display());
+        }
+        Some(path) => {
+            return Err(distill::Error::invalid(
+                "--to",
+                format!("{}: only .csv is written (parquet would pull an HTTP client into every build through polars)", path.display()),
+            ))
+        }
+        None => print!("{}", distill::summary::tables::to_text_table(&df)?),
+    }
+    Ok(())
+}
+
 /// `schedule check`: one line per file (`ok FILE`) or per problem (`FILE:LINE:COL: message`).
 fn check(files: &[PathBuf], arch: Option<&str>, dataset: Option<&str>) -> Result<bool> {
     let model = match (arch, dataset) {
@@ -334,6 +516,9 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Command::Quantize(args) => quantize(args),
+        Command::Summary(args) => summary(args),
+        Command::Sensitivity(args) => sensitivity(args),
+        Command::Logs(args) => logs(args),
         Command::Models => {
             for (dataset, ..) in models::DATASETS {
                 println!("{dataset}: {}", models::architectures(Some(dataset)).join(", "));

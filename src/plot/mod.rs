@@ -1,0 +1,253 @@
+//! Charts drawn with plotters: each is a [`Figure`] (one or more panels) that renders to SVG or PNG and shows
+//! inline in an evcxr cell. Text uses the DejaVu Sans font compiled into the library, so no system font is
+//! needed; every drawing error is an [`Error`], never a panic.
+mod charts;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::{Error, Result};
+
+pub use charts::{quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
+
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+fn register_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    if ok { Ok(()) } else { Err(Error::Table("the embedded font could not be loaded".into())) }
+}
+
+fn draw_err<E: std::fmt::Debug>(e: E) -> Error {
+    Error::Table(format!("drawing failed: {e:?}"))
+}
+
+/// A named line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Legend entry.
+    pub name: String,
+    /// Points, in x order.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// What a panel shows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PanelKind {
+    /// Lines over a numeric x axis.
+    Lines(Vec<Series>),
+    /// One bar per label.
+    Bars {
+        /// Category labels.
+        labels: Vec<String>,
+        /// Bar heights.
+        values: Vec<f64>,
+    },
+    /// A histogram: `edges` has one more element than `counts`.
+    Histogram {
+        /// Bucket edges.
+        edges: Vec<f64>,
+        /// Counts per bucket.
+        counts: Vec<f64>,
+    },
+    /// Low/high ranges per label (drawn as vertical spans).
+    Ranges {
+        /// Category labels.
+        labels: Vec<String>,
+        /// (low, high) per label.
+        ranges: Vec<(f64, f64)>,
+    },
+}
+
+/// One chart of a figure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Panel {
+    /// Panel title.
+    pub title: String,
+    /// X axis label.
+    pub x_label: String,
+    /// Y axis label.
+    pub y_label: String,
+    /// Content.
+    pub kind: PanelKind,
+}
+
+/// A figure: a title and panels laid out in a grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    /// Figure title (drawn above the panels).
+    pub title: String,
+    /// Panels, row by row.
+    pub panels: Vec<Panel>,
+    /// Panels per row.
+    pub columns: usize,
+    /// Size in pixels.
+    pub size: (u32, u32),
+}
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+fn padded(lo: f64, hi: f64) -> (f64, f64) {
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0.0, 1.0);
+    }
+    if hi > lo {
+        let pad = (hi - lo) * 0.05;
+        (lo - pad, hi + pad)
+    } else {
+        (lo - 0.5, hi + 0.5)
+    }
+}
+
+fn category_label(labels: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 {
+        labels.get(i as usize).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()> {
+    let mut builder = ChartBuilder::on(area);
+    builder.caption(&p.title, ("sans-serif", 18)).margin(10).x_label_area_size(45).y_label_area_size(60);
+    match &p.kind {
+        PanelKind::Lines(series) => {
+            let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+            let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+            let (x0, x1) = padded(xs.clone().fold(f64::INFINITY, f64::min), xs.fold(f64::NEG_INFINITY, f64::max));
+            let (y0, y1) = padded(ys.clone().fold(f64::INFINITY, f64::min), ys.fold(f64::NEG_INFINITY, f64::max));
+            let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(draw_err)?;
+            chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+            for (i, s) in series.iter().enumerate() {
+                let color = PALETTE[i % PALETTE.len()];
+                chart
+                    .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                    .map_err(draw_err)?
+                    .label(&s.name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                chart.draw_series(s.points.iter().map(|&pt| Circle::new(pt, 2, color.filled()))).map_err(draw_err)?;
+            }
+            if series.len() > 1 || series.first().is_some_and(|s| !s.name.is_empty()) {
+                chart
+                    .configure_series_labels()
+                    .label_font(("sans-serif", 13))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .position(SeriesLabelPosition::UpperRight)
+                    .draw()
+                    .map_err(draw_err)?;
+            }
+        }
+        PanelKind::Bars { labels, values } => {
+            let (y0, y1) = padded(values.iter().copied().fold(0.0, f64::min), values.iter().copied().fold(0.0, f64::max));
+            let n = labels.len().max(1) as f64;
+            let mut chart = builder.build_cartesian_2d(-0.5..n - 0.5, y0..y1).map_err(draw_err)?;
+            chart
+                .configure_mesh()
+                .x_desc(&p.x_label)
+                .y_desc(&p.y_label)
+                .x_labels(labels.len().max(1))
+                .x_label_formatter(&|x| category_label(labels, *x))
+                .label_style(("sans-serif", 11))
+                .draw()
+                .map_err(draw_err)?;
+            chart
+                .draw_series(values.iter().enumerate().map(|(i, &v)| {
+                    let x = i as f64;
+                    Rectangle::new([(x - 0.35, 0.0), (x + 0.35, v)], PALETTE[0].filled())
+                }))
+                .map_err(draw_err)?;
+        }
+        PanelKind::Histogram { edges, counts } => {
+            let (x0, x1) = padded(edges.first().copied().unwrap_or(0.0), edges.last().copied().unwrap_or(1.0));
+            let y1 = counts.iter().copied().fold(0.0, f64::max).max(1.0) * 1.05;
+            let mut chart = builder.build_cartesian_2d(x0..x1, 0.0..y1).map_err(draw_err)?;
+            chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+            chart
+                .draw_series(counts.iter().enumerate().map(|(i, &c)| Rectangle::new([(edges[i], 0.0), (edges[i + 1], c)], PALETTE[0].mix(0.8).filled())))
+                .map_err(draw_err)?;
+        }
+        PanelKind::Ranges { labels, ranges } => {
+            let (y0, y1) = padded(ranges.iter().map(|r| r.0).fold(0.0, f64::min), ranges.iter().map(|r| r.1).fold(0.0, f64::max));
+            let n = labels.len().max(1) as f64;
+            let mut chart = builder.build_cartesian_2d(-0.5..n - 0.5, y0..y1).map_err(draw_err)?;
+            chart
+                .configure_mesh()
+                .x_desc(&p.x_label)
+                .y_desc(&p.y_label)
+                .x_labels(labels.len().max(1))
+                .x_label_formatter(&|x| category_label(labels, *x))
+                .label_style(("sans-serif", 11))
+                .draw()
+                .map_err(draw_err)?;
+            chart
+                .draw_series(ranges.iter().enumerate().map(|(i, &(lo, hi))| {
+                    let x = i as f64;
+                    Rectangle::new([(x - 0.3, lo), (x + 0.3, hi)], PALETTE[1].mix(0.7).filled())
+                }))
+                .map_err(draw_err)?;
+        }
+    }
+    Ok(())
+}
+
+impl Figure {
+    /// A figure of `panels`, `columns` per row, sized to fit.
+    pub fn new(title: impl Into<String>, panels: Vec<Panel>, columns: usize) -> Self {
+        let columns = columns.clamp(1, panels.len().max(1));
+        let rows = panels.len().div_ceil(columns).max(1);
+        Figure { title: title.into(), panels, columns, size: (520 * columns as u32, 60 + 380 * rows as u32) }
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<()> {
+        register_font()?;
+        root.fill(&WHITE).map_err(draw_err)?;
+        let root = root.titled(&self.title, ("sans-serif", 22)).map_err(draw_err)?;
+        let rows = self.panels.len().div_ceil(self.columns).max(1);
+        let areas = root.split_evenly((rows, self.columns));
+        for (p, area) in self.panels.iter().zip(areas.iter()) {
+            draw_panel(area, p)?;
+        }
+        root.present().map_err(draw_err)
+    }
+
+    /// The figure as an SVG document.
+    pub fn to_svg(&self) -> Result<String> {
+        let mut svg = String::new();
+        self.draw(SVGBackend::with_string(&mut svg, self.size).into_drawing_area())?;
+        Ok(svg)
+    }
+
+    /// Writes the SVG to `path`.
+    pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        std::fs::write(path, self.to_svg()?).map_err(|e| Error::io(path, e))
+    }
+
+    /// Renders and writes a PNG to `path`.
+    pub fn save_png(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        self.draw(BitMapBackend::new(path, self.size).into_drawing_area())
+    }
+
+    /// Shows the figure in an evcxr (Jupyter) cell; the SVG, or the error message as text.
+    pub fn evcxr_display(&self) {
+        match self.to_svg() {
+            Ok(svg) => println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{svg}\nEVCXR_END_CONTENT"),
+            Err(e) => println!("EVCXR_BEGIN_CONTENT text/plain\n{e}\nEVCXR_END_CONTENT"),
+        }
+    }
+}
