@@ -141,12 +141,16 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                 chart.draw_series(s.points.iter().map(|&pt| Circle::new(pt, 2, color.filled()))).map_err(draw_err)?;
             }
             if series.len() > 1 || series.first().is_some_and(|s| !s.name.is_empty()) {
+                // Keep the legend off the lines' ends: below them when they end high, above when they end low.
+                let ends: Vec<f64> = series.iter().filter_map(|s| s.points.last().map(|p| p.1)).collect();
+                let end = ends.iter().sum::<f64>() / ends.len().max(1) as f64;
+                let position = if end > (y0 + y1) / 2.0 { SeriesLabelPosition::LowerRight } else { SeriesLabelPosition::UpperRight };
                 chart
                     .configure_series_labels()
                     .label_font(("sans-serif", 13))
                     .background_style(WHITE.mix(0.85))
                     .border_style(BLACK)
-                    .position(SeriesLabelPosition::UpperRight)
+                    .position(position)
                     .draw()
                     .map_err(draw_err)?;
             }
