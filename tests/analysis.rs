@@ -232,3 +232,26 @@ fn sensitivity_analysis_prunes_one_tensor_at_a_time_and_caches() {
     let _ = Kind::Float;
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu));
 }
+
+#[test]
+fn activation_channel_statistics() {
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        // conv1's filter 2 always outputs −5: its ReLU channel is all zeros, its mean is exactly −5.
+        let _ = model.parameter("conv1.weight").unwrap().narrow(0, 2, 1).fill_(0.0);
+        let _ = model.parameter("conv1.bias").unwrap().narrow(0, 2, 1).fill_(-5.0);
+    });
+    let data = distill::data::mnist_bundled().unwrap();
+    let df = distill::summary::tables::activation_channel_summary(&mut model, &data.valid, 2, 50).unwrap();
+    let layers: Vec<String> = df.column("Layer").unwrap().str().unwrap().iter().flatten().map(String::from).collect();
+    let row = |layer: &str, ch: i64| -> usize {
+        let chans: Vec<i64> = df.column("Channel").unwrap().i64().unwrap().iter().flatten().collect();
+        (0..df.height()).find(|&i| layers[i] == layer && chans[i] == ch).unwrap()
+    };
+    let col = |c: &str| -> Vec<f64> { df.column(c).unwrap().f64().unwrap().iter().flatten().collect() };
+    assert_eq!(col("mean_channels")[row("conv1", 2)], -5.0);
+    assert_eq!(col("l1_channels")[row("conv1", 2)], 5.0);
+    assert_eq!(col("apoz_channels")[row("relu1", 2)], 100.0);
+    assert!(col("apoz_channels")[row("relu1", 0)] < 100.0);
+    assert!(col("sparsity_ofm")[row("relu1", 0)] >= 100.0 / 6.0, "one of six channels is all zeros");
+}

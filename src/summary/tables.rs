@@ -245,3 +245,73 @@ pub fn to_json(df: &DataFrame) -> Result<serde_json::Value> {
     }
     Ok(serde_json::Value::Array(rows))
 }
+
+/// Per-layer activation statistics over `batches` mini-batches of `data` (eval mode), as Distiller's
+/// `SummaryActivationStatsCollector`: for every leaf module whose output has channels, `sparsity_ofm` (% of zero
+/// outputs) and, per channel, `l1_channels` (mean over samples of the channel's mean |a|), `apoz_channels` (%
+/// of zeros) and `mean_channels` (mean activation). One row per (layer, channel); `sparsity_ofm` repeats per row.
+pub fn activation_channel_summary(model: &mut Model, data: &crate::data::Dataset, batches: usize, batch_size: usize) -> Result<DataFrame> {
+    #[derive(Default)]
+    struct Acts {
+        order: Vec<String>,
+        sums: std::collections::HashMap<String, (Tensor, Tensor, Tensor, f64, f64, i64)>,
+    }
+    impl Observer for Acts {
+        fn observe(&mut self, call: &ModuleCall) {
+            let size = call.output.size();
+            if call.name.is_empty() || !call.module.children().is_empty() || size.len() < 2 {
+                return;
+            }
+            let _g = tch::no_grad_guard();
+            let n = size[0];
+            let y = call.output.detach().to_kind(Kind::Double).reshape([n, size[1], -1]);
+            let l1 = y.abs().mean_dim(2, false, Kind::Double).sum_dim_intlist(0, false, Kind::Double);
+            let apoz = y.eq(0.0).to_kind(Kind::Double).mean_dim(2, false, Kind::Double).sum_dim_intlist(0, false, Kind::Double);
+            let mean = y.mean_dim(2, false, Kind::Double).sum_dim_intlist(0, false, Kind::Double);
+            let zeros = y.eq(0.0).sum(Kind::Double).double_value(&[]);
+            let name = call.name.to_string();
+            if !self.order.contains(&name) {
+                self.order.push(name.clone());
+            }
+            let e = self.sums.entry(name).or_insert_with(|| (l1.zeros_like(), apoz.zeros_like(), mean.zeros_like(), 0.0, 0.0, 0));
+            e.0 += l1;
+            e.1 += apoz;
+            e.2 += mean;
+            e.3 += zeros;
+            e.4 += y.numel() as f64;
+            e.5 += n;
+        }
+    }
+    let acts = Arc::new(Mutex::new(Acts::default()));
+    let id = model.attach_observer(acts.clone());
+    let was_training = model.is_training();
+    model.eval();
+    let run = tch::no_grad(|| -> Result<()> {
+        for b in data.batches(batch_size, model.device())?.take(batches.max(1)) {
+            let (x, _) = b?;
+            let _ = model.forward(&x)?;
+        }
+        Ok(())
+    });
+    model.detach_observer(id);
+    if was_training {
+        model.train();
+    }
+    run?;
+    let a = acts.lock().map_err(|_| Error::Table("activation observer poisoned".into()))?;
+    let (mut layer, mut channel, mut sofm, mut l1, mut apoz, mut mean) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for name in &a.order {
+        let (sl1, sapoz, smean, zeros, numel, n) = &a.sums[name];
+        let n = *n as f64;
+        let (vl1, vapoz, vmean) = (Vec::<f64>::try_from(sl1)?, Vec::<f64>::try_from(sapoz)?, Vec::<f64>::try_from(smean)?);
+        for c in 0..vl1.len() {
+            layer.push(name.clone());
+            channel.push(c as i64);
+            sofm.push(100.0 * zeros / numel.max(1.0));
+            l1.push(vl1[c] / n);
+            apoz.push(100.0 * vapoz[c] / n);
+            mean.push(vmean[c] / n);
+        }
+    }
+    Ok(df!("Layer" => layer, "Channel" => channel, "sparsity_ofm" => sofm, "l1_channels" => l1, "apoz_channels" => apoz, "mean_channels" => mean)?)
+}
