@@ -120,6 +120,27 @@ fn category_label(labels: &[String], x: f64) -> String {
     }
 }
 
+/// A chart whose x axis is one slot per label, with the panel's axis descriptions drawn.
+fn category_chart<'a, 'b, DB: DrawingBackend>(
+    mut builder: ChartBuilder<'a, 'b, DB>,
+    p: &Panel,
+    labels: &[String],
+    (y0, y1): (f64, f64),
+) -> Result<ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>> {
+    let n = labels.len().max(1) as f64;
+    let mut chart = builder.build_cartesian_2d(-0.5..n - 0.5, y0..y1).map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(&p.x_label)
+        .y_desc(&p.y_label)
+        .x_labels(labels.len().max(1))
+        .x_label_formatter(&|x| category_label(labels, *x))
+        .label_style(("sans-serif", 11))
+        .draw()
+        .map_err(draw_err)?;
+    Ok(chart)
+}
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()> {
     let mut builder = ChartBuilder::on(area);
     builder.caption(&p.title, ("sans-serif", 18)).margin(10).x_label_area_size(45).y_label_area_size(60);
@@ -156,18 +177,8 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
             }
         }
         PanelKind::Bars { labels, values } => {
-            let (y0, y1) = padded(values.iter().copied().fold(0.0, f64::min), values.iter().copied().fold(0.0, f64::max));
-            let n = labels.len().max(1) as f64;
-            let mut chart = builder.build_cartesian_2d(-0.5..n - 0.5, y0..y1).map_err(draw_err)?;
-            chart
-                .configure_mesh()
-                .x_desc(&p.x_label)
-                .y_desc(&p.y_label)
-                .x_labels(labels.len().max(1))
-                .x_label_formatter(&|x| category_label(labels, *x))
-                .label_style(("sans-serif", 11))
-                .draw()
-                .map_err(draw_err)?;
+            let y = padded(values.iter().copied().fold(0.0, f64::min), values.iter().copied().fold(0.0, f64::max));
+            let mut chart = category_chart(builder, p, labels, y)?;
             chart
                 .draw_series(values.iter().enumerate().map(|(i, &v)| {
                     let x = i as f64;
@@ -185,18 +196,8 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                 .map_err(draw_err)?;
         }
         PanelKind::Ranges { labels, ranges } => {
-            let (y0, y1) = padded(ranges.iter().map(|r| r.0).fold(0.0, f64::min), ranges.iter().map(|r| r.1).fold(0.0, f64::max));
-            let n = labels.len().max(1) as f64;
-            let mut chart = builder.build_cartesian_2d(-0.5..n - 0.5, y0..y1).map_err(draw_err)?;
-            chart
-                .configure_mesh()
-                .x_desc(&p.x_label)
-                .y_desc(&p.y_label)
-                .x_labels(labels.len().max(1))
-                .x_label_formatter(&|x| category_label(labels, *x))
-                .label_style(("sans-serif", 11))
-                .draw()
-                .map_err(draw_err)?;
+            let y = padded(ranges.iter().map(|r| r.0).fold(0.0, f64::min), ranges.iter().map(|r| r.1).fold(0.0, f64::max));
+            let mut chart = category_chart(builder, p, labels, y)?;
             chart
                 .draw_series(ranges.iter().enumerate().map(|(i, &(lo, hi))| {
                     let x = i as f64;
