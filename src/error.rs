@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in distill.
-#[derive(Debug)]
+///
+/// `Debug` prints the same readable message as `Display`, so that `Err(..)` at the end of a notebook cell (and
+/// `unwrap` failures) read as sentences, not as nested structs.
 #[non_exhaustive]
 pub enum Error {
     /// A name (architecture, dataset, parameter, module, ...) that matches nothing.
@@ -127,6 +129,12 @@ impl fmt::Display for Error {
             Error::Table(message) => write!(f, "table: {message}"),
             Error::Torch(e) => write!(f, "libtorch: {e}"),
         }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 

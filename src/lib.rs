@@ -27,6 +27,7 @@
 
 pub mod config;
 pub mod data;
+pub mod display;
 pub mod logging;
 pub mod metrics;
 pub mod summary;
@@ -53,6 +54,7 @@ pub use tch;
 /// The names most programs need: `use distill::prelude::*;`.
 pub mod prelude {
     pub use crate::data::{DataSplits, Dataset};
+    pub use crate::display::Rich;
     pub use crate::models::create_model;
     pub use crate::nn::{Model, Module};
     pub use crate::optim::{Optimizer, OptimizerConfig};
