@@ -44,7 +44,8 @@ fn integer_kind(lo: f64, hi: f64) -> Kind {
 
 /// Writes every quantized layer's weights as integers (`<module>.weight`, uint8/int8 for 8 bits) with
 /// `<module>.weight_scale` and `<module>.weight_zero_point` (float32, per channel or per tensor, Distiller's
-/// convention `x = (q + zp) / scale`); every other parameter and buffer as float32. Returns the file's size.
+/// convention `x = (q + zp) / scale`); every other parameter and buffer as float32. Creates the file's folder
+/// if needed. Returns the file's size.
 pub fn export_integer_model(model: &Model, path: impl AsRef<Path>) -> Result<ExportedModel> {
     let path = path.as_ref();
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -82,6 +83,9 @@ pub fn export_integer_model(model: &Model, path: impl AsRef<Path>) -> Result<Exp
         if !covered.contains(&name) {
             tensors.push((name, t.f_to_kind(Kind::Float)?));
         }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     Tensor::write_safetensors(&tensors, path)?;
     let file_bytes = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();

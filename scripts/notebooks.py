@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Runs the notebooks in notebooks/ with the "Rust (distill)" kernel through nbclient.
+
+  notebooks.py prebuild       build distill inside the kernel's persistent folder (used by setup-notebooks.sh)
+  notebooks.py run [NB ...]   execute notebooks in place (outputs saved), fail on any error output or panic,
+                              and print each notebook's run time
+"""
+import os
+import sys
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+os.environ.setdefault("JUPYTER_PATH", os.path.join(ROOT, ".venv", "share", "jupyter"))
+KERNEL = "rust-distill"
+
+
+def execute(nb, cwd):
+    client = NotebookClient(nb, kernel_name=KERNEL, timeout=1800, resources={"metadata": {"path": cwd}})
+    client.execute()
+    return nb
+
+
+def problems(nb):
+    """Error outputs, and panics, which evcxr reports on stderr without failing the cell."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            text = out.get("text", "") or "\n".join(out.get("traceback", []))
+            if out.get("output_type") == "error":
+                found.append(f"cell {i}: error {out.get('ename')}: {out.get('evalue')}")
+            elif "panicked at" in text:
+                found.append(f"cell {i}: panic: {text.strip().splitlines()[0]}")
+    return found
+
+
+def prebuild():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(":dep distill = { path = \"..\" }"), nbformat.v4.new_code_cell("use distill::prelude::*;\ndistill::models::architectures(None).len()")]
+    start = time.time()
+    execute(nb, NOTEBOOKS)
+    bad = problems(nb)
+    if bad:
+        sys.exit("prebuild failed:\n" + "\n".join(bad))
+    print(f"prebuild: {time.time() - start:.1f} s")
+
+
+def run(names):
+    paths = [os.path.join(NOTEBOOKS, n) for n in names] or sorted(
+        os.path.join(NOTEBOOKS, f) for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb"))
+    failed = []
+    total = time.time()
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        start = time.time()
+        try:
+            execute(nb, NOTEBOOKS)
+        except Exception as e:  # CellExecutionError and kernel failures
+            failed.append(f"{os.path.basename(path)}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
+            print(f"FAIL {os.path.basename(path)}", flush=True)
+            continue
+        bad = problems(nb)
+        nbformat.write(nb, path)
+        elapsed = time.time() - start
+        if bad:
+            failed.append(f"{os.path.basename(path)}: " + "; ".join(bad))
+            print(f"FAIL {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)
+        else:
+            print(f"ok {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)
+    print(f"{len(paths) - len(failed)} passed, {len(failed)} failed")
+    print(f"notebooks: {time.time() - total:.1f} s in all")
+    if failed:
+        sys.exit("\n".join(failed))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "prebuild":
+        prebuild()
+    elif len(sys.argv) > 1 and sys.argv[1] == "run":
+        run(sys.argv[2:])
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Notebook set-up (after scripts/setup.sh): the evcxr Rust kernel, Jupyter and nbclient in .venv, a kernelspec
+# "Rust (distill)" whose environment finds libtorch and keeps evcxr's build folder (.evcxr) between kernel
+# starts, and a first build of distill inside that folder so a notebook's `:dep distill` is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+scripts/setup.sh
+
+rustup component add rust-src >/dev/null 2>&1 || echo "setup-notebooks: could not add rust-src (evcxr's completions need it)" >&2
+if ! cargo install --list 2>/dev/null | grep -q "^evcxr_jupyter v0.22.0:"; then
+  echo "setup-notebooks: building evcxr_jupyter 0.22.0 (about 10 minutes on 2 cores)"
+  cargo install evcxr_jupyter --locked --version 0.22.0 --quiet
+fi
+if ! .venv/bin/python -c "import nbclient, jupyterlab" 2>/dev/null; then
+  echo "setup-notebooks: installing jupyterlab and nbclient into .venv"
+  .venv/bin/python -m pip install --disable-pip-version-check -q jupyterlab nbclient nbformat 2>&1 | grep -v "^torch 2.13.0 requires\|dependency resolver\|dependency conflicts" || true
+fi
+
+kernel=.venv/share/jupyter/kernels/rust-distill
+mkdir -p "$kernel" .evcxr
+torch_lib=$(cd .libtorch/lib && pwd -P)
+cat > "$kernel/kernel.json" <<JSON
+{
+  "argv": ["$(command -v evcxr_jupyter)", "--control_file", "{connection_file}"],
+  "display_name": "Rust (distill)",
+  "language": "rust",
+  "interrupt_mode": "message",
+  "env": {
+    "LD_LIBRARY_PATH": "$torch_lib",
+    "LIBTORCH": "$(cd .libtorch && pwd -P)",
+    "EVCXR_TMPDIR": "$root/.evcxr",
+    "DISTILL_ROOT": "$root"
+  }
+}
+JSON
+echo "setup-notebooks: kernelspec $kernel (open notebooks/ with: .venv/bin/jupyter lab --notebook-dir notebooks)"
+
+# Build distill once inside evcxr's folder: the first `:dep distill` of a notebook then only relinks.
+if [ ! -f .evcxr/.distill-prebuilt ] || [ -n "$(find src Cargo.toml -newer .evcxr/.distill-prebuilt 2>/dev/null | head -1)" ]; then
+  echo "setup-notebooks: pre-building distill for the kernel (several minutes the first time)"
+  .venv/bin/python scripts/notebooks.py prebuild
+  touch .evcxr/.distill-prebuilt
+fi
