@@ -2,10 +2,12 @@
 """Runs the notebooks in notebooks/ with the "Rust (distill)" kernel through nbclient.
 
   notebooks.py prebuild       build distill inside the kernel's persistent folder (used by setup-notebooks.sh)
-  notebooks.py run [NB ...]   execute notebooks in place (outputs saved), fail on any error output or panic,
+  notebooks.py run [NB ...]   execute notebooks in place (outputs saved), fail on any error output, panic or
+                              error written to stderr,
                               and print each notebook's run time
 """
 import os
+import re
 import sys
 import time
 
@@ -16,24 +18,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 os.environ.setdefault("JUPYTER_PATH", os.path.join(ROOT, ".venv", "share", "jupyter"))
 KERNEL = "rust-distill"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def execute(nb, cwd):
-    client = NotebookClient(nb, kernel_name=KERNEL, timeout=1800, resources={"metadata": {"path": cwd}})
+    # allow_errors: run every cell so one report lists every failing cell; problems() then fails the notebook.
+    client = NotebookClient(nb, kernel_name=KERNEL, timeout=1800, allow_errors=True, resources={"metadata": {"path": cwd}})
     client.execute()
     return nb
 
 
 def problems(nb):
-    """Error outputs, and panics, which evcxr reports on stderr without failing the cell."""
+    """Error outputs, panics and errors returned through `?`: evcxr writes the last two to stderr without failing
+    the cell."""
     found = []
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             text = out.get("text", "") or "\n".join(out.get("traceback", []))
             if out.get("output_type") == "error":
-                found.append(f"cell {i}: error {out.get('ename')}: {out.get('evalue')}")
+                detail = ANSI.sub("", "\n".join(out.get("traceback", [])) or out.get("evalue", ""))
+                found.append(f"cell {i}: {out.get('ename')}\n{detail}")
             elif "panicked at" in text:
                 found.append(f"cell {i}: panic: {text.strip().splitlines()[0]}")
+            elif out.get("name") == "stderr" and text.strip():
+                # evcxr reports an error returned through `?` on stderr and still completes the cell.
+                found.append(f"cell {i}: error on stderr: {text.strip()}")
     return found
 
 
@@ -59,14 +68,14 @@ def run(names):
         try:
             execute(nb, NOTEBOOKS)
         except Exception as e:  # CellExecutionError and kernel failures
-            failed.append(f"{os.path.basename(path)}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
-            print(f"FAIL {os.path.basename(path)}", flush=True)
+            failed.append(f"{os.path.basename(path)}: {type(e).__name__}")
+            print(f"FAIL {os.path.basename(path)}\n{e}", flush=True)
             continue
         bad = problems(nb)
         nbformat.write(nb, path)
         elapsed = time.time() - start
         if bad:
-            failed.append(f"{os.path.basename(path)}: " + "; ".join(bad))
+            failed.append(f"{os.path.basename(path)}:\n" + "\n".join(bad))
             print(f"FAIL {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)
         else:
             print(f"ok {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)

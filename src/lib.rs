@@ -60,6 +60,7 @@ pub mod prelude {
     pub use crate::optim::{Optimizer, OptimizerConfig};
     pub use crate::scheduler::{CompressionScheduler, Policy, PolicyLoss, PolicySchedule};
     pub use crate::train::{TrainConfig, TrainSummary};
+    pub use crate::{plotters, polars, tch};
     pub use crate::{Error, Result};
     pub use tch::{Device, Kind, Tensor};
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 
 use super::tensorboard::read_scalars;
+use crate::summary::tables::column;
 use crate::{Error, Result};
 
 fn event_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -81,10 +82,10 @@ pub fn read_runs<P: AsRef<Path>>(dirs: &[P]) -> Result<(DataFrame, Vec<String>)>
 
 /// One tag of several runs side by side: a `step` column and one column per run (missing values are null).
 pub fn compare_runs(runs: &DataFrame, tag: &str) -> Result<DataFrame> {
-    let tags = runs.column("tag")?.str()?.clone();
-    let names = runs.column("run")?.str()?.clone();
-    let steps = runs.column("step")?.i64()?.clone();
-    let values = runs.column("value")?.f64()?.clone();
+    let tags = column(runs, "tag")?.str()?.clone();
+    let names = column(runs, "run")?.str()?.clone();
+    let steps = column(runs, "step")?.i64()?.clone();
+    let values = column(runs, "value")?.f64()?.clone();
     let mut run_order: Vec<String> = Vec::new();
     let mut rows: std::collections::BTreeMap<i64, Vec<(String, f64)>> = Default::default();
     for i in 0..runs.height() {

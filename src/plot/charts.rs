@@ -6,16 +6,17 @@ use super::{Figure, Panel, PanelKind, Series};
 use crate::config::Preview;
 use crate::nn::Model;
 use crate::quantization::stats::ActivationStats;
+use crate::summary::tables::column;
 use crate::train::EpochRecord;
 use crate::{Error, Result};
 
 fn str_col(df: &DataFrame, name: &str) -> Result<Vec<String>> {
-    let c = df.column(name)?;
+    let c = column(df, name)?;
     Ok((0..df.height()).map(|i| c.get(i).map(|v| v.get_str().map(String::from).unwrap_or_else(|| v.to_string()))).collect::<std::result::Result<_, _>>()?)
 }
 
 fn f64_col(df: &DataFrame, name: &str) -> Result<Vec<f64>> {
-    let c = df.column(name)?.cast(&DataType::Float64)?;
+    let c = column(df, name)?.cast(&DataType::Float64)?;
     Ok(c.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
 }
 

@@ -10,6 +10,26 @@ use crate::nn::{Conv2d, Linear, Model, ModuleCall, Observer};
 use crate::scheduler::CompressionScheduler;
 use crate::{Error, Result};
 
+/// The column `name` of `df`, found by comparing names rather than through polars' schema hash map.
+///
+/// In evcxr every cell links its own copy of polars, each with its own hash seed, so a DataFrame whose schema was
+/// hashed in one cell is not found by name in a later one (`df.column("tag")` fails with `"tag" not found`).
+/// distill looks columns up this way, and a notebook can too. An unknown name lists the real ones.
+///
+/// ```
+/// use distill::polars::prelude::*;
+/// let df = df!("parameter" => ["fc1.weight"], "top1" => [97.5])?;
+/// assert_eq!(distill::summary::tables::column(&df, "top1")?.f64()?.get(0), Some(97.5));
+/// assert!(distill::summary::tables::column(&df, "top_1").is_err());
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn column<'a>(df: &'a DataFrame, name: &str) -> Result<&'a Column> {
+    df.columns()
+        .iter()
+        .find(|c| c.name().as_str() == name)
+        .ok_or_else(|| Error::unknown("column", name, df.columns().iter().map(|c| c.name().to_string())))
+}
+
 fn shape_text(shape: &[i64]) -> String {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     format!("({})", dims.join(", "))
