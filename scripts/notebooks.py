@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Runs the notebooks in notebooks/ with the "Rust (distill)" kernel through nbclient.
 
-  notebooks.py prebuild       build distill inside the kernel's persistent folder (used by setup-notebooks.sh)
-  notebooks.py run [NB ...]   execute notebooks in place (outputs saved), fail on any error output, panic or
-                              error written to stderr,
-                              and print each notebook's run time
+  notebooks.py prebuild                   build distill inside the kernel's persistent folder (setup-notebooks.sh)
+  notebooks.py run [--in-place] [NB ...]  execute notebooks; fail on any error output, any panic and any error
+                                          written to stderr; print each notebook's run time
+
+`run` writes the executed notebooks to target/notebooks/, so the test suite leaves the committed notebooks alone;
+`--in-place` refreshes the committed outputs instead. Run times go to target/notebooks/times.csv either way.
 """
 import os
 import re
@@ -57,10 +59,16 @@ def prebuild():
     print(f"prebuild: {time.time() - start:.1f} s")
 
 
-def run(names):
-    paths = [os.path.join(NOTEBOOKS, n) for n in names] or sorted(
+def run(args):
+    in_place = "--in-place" in args
+    names = [a for a in args if a != "--in-place"]
+    paths = [os.path.join(NOTEBOOKS, os.path.basename(n)) for n in names] or sorted(
         os.path.join(NOTEBOOKS, f) for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb"))
+    record_dir = os.path.join(ROOT, "target", "notebooks")
+    out_dir = NOTEBOOKS if in_place else record_dir
+    os.makedirs(record_dir, exist_ok=True)
     failed = []
+    times = []
     total = time.time()
     for path in paths:
         nb = nbformat.read(path, as_version=4)
@@ -69,18 +77,23 @@ def run(names):
             execute(nb, NOTEBOOKS)
         except Exception as e:  # CellExecutionError and kernel failures
             failed.append(f"{os.path.basename(path)}: {type(e).__name__}")
+            times.append((os.path.basename(path), time.time() - start, "fail"))
             print(f"FAIL {os.path.basename(path)}\n{e}", flush=True)
             continue
         bad = problems(nb)
-        nbformat.write(nb, path)
+        nbformat.write(nb, os.path.join(out_dir, os.path.basename(path)))
         elapsed = time.time() - start
+        times.append((os.path.basename(path), elapsed, "fail" if bad else "ok"))
         if bad:
             failed.append(f"{os.path.basename(path)}:\n" + "\n".join(bad))
             print(f"FAIL {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)
         else:
             print(f"ok {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)
     print(f"{len(paths) - len(failed)} passed, {len(failed)} failed")
-    print(f"notebooks: {time.time() - total:.1f} s in all")
+    print(f"notebooks: {time.time() - total:.1f} s in all (executed copies in {os.path.relpath(out_dir, ROOT)})")
+    with open(os.path.join(record_dir, "times.csv"), "w") as f:
+        f.write("notebook,seconds,result\n")
+        f.writelines(f"{n},{t:.1f},{r}\n" for n, t, r in times)
     if failed:
         sys.exit("\n".join(failed))
 

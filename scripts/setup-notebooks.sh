@@ -10,7 +10,9 @@ scripts/setup.sh
 rustup component add rust-src >/dev/null 2>&1 || echo "setup-notebooks: could not add rust-src (evcxr's completions need it)" >&2
 if ! cargo install --list 2>/dev/null | grep -q "^evcxr_jupyter v0.22.0:"; then
   echo "setup-notebooks: building evcxr_jupyter 0.22.0 (about 10 minutes on 2 cores)"
+  start=$SECONDS
   cargo install evcxr_jupyter --locked --version 0.22.0 --quiet
+  echo "setup-notebooks: evcxr_jupyter built in $((SECONDS - start)) s"
 fi
 if ! .venv/bin/python -c "import nbclient, jupyterlab" 2>/dev/null; then
   echo "setup-notebooks: installing jupyterlab and nbclient into .venv"
@@ -42,3 +44,4 @@ if [ ! -f .evcxr/.distill-prebuilt ] || [ -n "$(find src Cargo.toml -newer .evcx
   .venv/bin/python scripts/notebooks.py prebuild
   touch .evcxr/.distill-prebuilt
 fi
+echo "setup-notebooks: ready in $SECONDS s"
