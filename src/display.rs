@@ -5,9 +5,10 @@
 use std::io::Write;
 
 use polars::prelude::DataFrame;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::config::Preview;
+use crate::metrics::Metrics;
 use crate::nn::Model;
 use crate::summary::tables::to_text_table;
 use crate::train::TrainSummary;
@@ -71,10 +72,52 @@ impl Rich for DataFrame {
     }
 }
 
+/// PyTorch's name of a dtype (`torch.float32`).
+fn torch_dtype(kind: Kind) -> String {
+    let name = match kind {
+        Kind::Uint8 => "uint8",
+        Kind::Int8 => "int8",
+        Kind::Int16 => "int16",
+        Kind::Int => "int32",
+        Kind::Int64 => "int64",
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        Kind::Bool => "bool",
+        other => return format!("{other:?}"),
+    };
+    format!("torch.{name}")
+}
+
+/// A tensor as PyTorch prints it, with its shape and dtype always stated:
+/// `tensor([1.0000, 2.5000], shape=[2], dtype=torch.float32)`. Large tensors are summarized with `...`.
+///
+/// ```
+/// let t = tch::Tensor::from_slice(&[1i64, 2, 3, 4]).view([2, 2]);
+/// assert_eq!(distill::display::tensor_text(&t), "tensor([[1, 2],\n        [3, 4]], shape=[2, 2], dtype=torch.int64)");
+/// ```
+pub fn tensor_text(t: &Tensor) -> String {
+    if !t.defined() {
+        return "tensor(undefined)".to_string();
+    }
+    // tch prints the values PyTorch's way, nested rows indented by one space, then a `Tensor[...]` line.
+    let printed = format!("{t}");
+    let values = printed.rsplit_once('\n').map_or("", |(values, _)| values).trim_end();
+    let values = values.replace("\n ", "\n        ");
+    let mut extra = format!("shape={:?}, dtype={}", t.size(), torch_dtype(t.kind()));
+    if t.device() != tch::Device::Cpu {
+        extra += &format!(", device={:?}", t.device());
+    }
+    if t.requires_grad() {
+        extra += ", requires_grad=True";
+    }
+    format!("tensor({values}, {extra})")
+}
+
 impl Rich for Tensor {
     fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
-        let text = format!("tensor({self}, dtype={:?}, shape={:?})", self.kind(), self.size());
-        Ok(vec![("text/plain", text)])
+        Ok(vec![("text/plain", tensor_text(self))])
     }
 }
 
@@ -97,24 +140,35 @@ impl Rich for Preview {
     }
 }
 
+/// A two-column table (`name | value`) with a caption, as HTML and as aligned text.
+fn key_value_bundle(caption: &str, rows: &[(&str, String)]) -> Vec<(&'static str, String)> {
+    let text = rows.iter().map(|(k, v)| format!("{k:<30} {v}")).collect::<Vec<_>>().join("\n");
+    let body: String = rows.iter().map(|(k, v)| format!("<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(v))).collect();
+    vec![("text/html", format!("<table><caption>{}</caption>{body}</table>", escape(caption))), ("text/plain", text)]
+}
+
+impl Rich for Metrics {
+    fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
+        let rows = [
+            ("top-1", format!("{:.2}%", self.top1)),
+            ("top-5", format!("{:.2}%", self.top5)),
+            ("loss", format!("{:.4}", self.loss)),
+        ];
+        Ok(key_value_bundle("metrics", &rows))
+    }
+}
+
 impl Rich for TrainSummary {
     fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
         let rows = [
-            ("final (validation)", format!("top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  epoch {}", self.final_.top1, self.final_.top5, self.final_.loss, self.final_.epoch)),
-            ("best (validation)", format!("top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  epoch {}", self.best.top1, self.best.top5, self.best.loss, self.best.epoch)),
-            ("test", format!("top-1 {:.2}%  top-5 {:.2}%  loss {:.4}", self.test.top1, self.test.top5, self.test.loss)),
+            ("final (validation)", self.final_.to_string()),
+            ("best (validation)", self.best.to_string()),
+            ("test", self.test.to_string()),
             ("parameters", format!("{} ({} non-zero)", self.params, self.nnz_params)),
             ("sparsity of 2-D/4-D weights", format!("{:.2}%", 100.0 * self.sparsity)),
             ("wall time", format!("{:.1} s for {} epochs", self.wall_seconds, self.history.len())),
         ];
-        let text = rows.iter().map(|(k, v)| format!("{k:<30} {v}")).collect::<Vec<_>>().join("\n");
-        let html = format!(
-            "<table><caption>{} on {}</caption>{}</table>",
-            escape(&self.arch),
-            escape(&self.dataset),
-            rows.iter().map(|(k, v)| format!("<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(v))).collect::<String>()
-        );
-        Ok(vec![("text/html", html), ("text/plain", text)])
+        Ok(key_value_bundle(&format!("{} on {}", self.arch, self.dataset), &rows))
     }
 }
 
@@ -136,6 +190,16 @@ mod tests {
     fn tensors_show_values_dtype_and_shape() {
         let t = Tensor::from_slice(&[1.0f32, 2.5]);
         let text = &t.mime_bundle().unwrap()[0].1;
-        assert!(text.contains("2.5") && text.contains("dtype=Float") && text.contains("shape=[2]"), "{text}");
+        assert_eq!(text, "tensor([1.0000, 2.5000], shape=[2], dtype=torch.float32)");
+        let m = Tensor::from_slice(&[1i64, 2, 3, 4]).view([2, 2]);
+        assert_eq!(m.mime_bundle().unwrap()[0].1, "tensor([[1, 2],\n        [3, 4]], shape=[2, 2], dtype=torch.int64)");
+        assert_eq!(tensor_text(&Tensor::new()), "tensor(undefined)");
+    }
+
+    #[test]
+    fn metrics_render_as_a_table() {
+        let b = Metrics { loss: 0.25, top1: 97.4, top5: 100.0 }.mime_bundle().unwrap();
+        assert!(b[0].1.contains("<tr><th>top-1</th><td>97.40%</td></tr>"), "{}", b[0].1);
+        assert!(b[1].1.contains("top-5                          100.00%"), "{}", b[1].1);
     }
 }

@@ -15,6 +15,16 @@ pub struct Metrics {
     pub top5: f64,
 }
 
+/// ```
+/// let m = distill::metrics::Metrics { loss: 0.111748, top1: 97.4, top5: 100.0 };
+/// assert_eq!(m.to_string(), "top-1 97.40%  top-5 100.00%  loss 0.1117");
+/// ```
+impl std::fmt::Display for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "top-1 {:.2}%  top-5 {:.2}%  loss {:.4}", self.top1, self.top5, self.loss)
+    }
+}
+
 /// Accumulates [`Metrics`] over mini-batches, weighting each batch by its size.
 ///
 /// Distiller averages batch losses without weights, which over-weights a short last batch; the per-sample

@@ -119,6 +119,18 @@ impl EpochResult {
     fn of(r: &EpochRecord) -> Self {
         EpochResult { top1: r.valid.top1, top5: r.valid.top5, loss: r.valid.loss, epoch: r.epoch }
     }
+
+    /// The loss and accuracies without the epoch.
+    pub fn metrics(&self) -> Metrics {
+        Metrics { loss: self.loss, top1: self.top1, top5: self.top5 }
+    }
+}
+
+/// `top-1 97.40%  top-5 100.00%  loss 0.1117  epoch 9`
+impl std::fmt::Display for EpochResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}  epoch {}", self.metrics(), self.epoch)
+    }
 }
 
 /// The outcome of a run; written as `summary.json`.
