@@ -169,7 +169,7 @@ impl SensitivityAnalysis {
                     Some(mask) => {
                         let _ = tch::no_grad(|| w.shallow_clone().f_mul_(&mask))?;
                         let m = self.evaluate(model, batches);
-                        let _ = tch::no_grad(|| w.shallow_clone().f_copy_(&original))?;
+                        tch::no_grad(|| w.shallow_clone().f_copy_(&original))?;
                         m?
                     }
                 };

@@ -77,8 +77,8 @@ fn linear_wrapper_matches_a_hand_computation() {
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let lin = Linear::new(vs.root() / "fc", 2, 2, true).unwrap();
     tch::no_grad(|| {
-        let _ = lin.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.5f32, -1.0, 0.25, 2.0]).view([2, 2]));
-        let _ = lin.bias.as_ref().unwrap().shallow_clone().copy_(&Tensor::from_slice(&[0.1f32, -0.2]));
+        lin.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.5f32, -1.0, 0.25, 2.0]).view([2, 2]));
+        lin.bias.as_ref().unwrap().shallow_clone().copy_(&Tensor::from_slice(&[0.1f32, -0.2]));
     });
     let acts = ActQuant {
         bits: 8,
@@ -119,8 +119,8 @@ fn conv_wrapper_matches_a_hand_computation_per_channel_asymmetric() {
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let conv = distill::nn::Conv2d::new(vs.root() / "c", distill::nn::Conv2dConfig::new(1, 2, 1)).unwrap();
     tch::no_grad(|| {
-        let _ = conv.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.8f32, -0.4]).view([2, 1, 1, 1]));
-        let _ = conv.bias.as_ref().unwrap().shallow_clone().copy_(&Tensor::from_slice(&[0.0f32, 0.5]));
+        conv.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.8f32, -0.4]).view([2, 1, 1, 1]));
+        conv.bias.as_ref().unwrap().shallow_clone().copy_(&Tensor::from_slice(&[0.0f32, 0.5]));
     });
     let acts = ActQuant {
         bits: 8,
@@ -276,7 +276,7 @@ fn batch_norm_folding_keeps_the_eval_output() {
     for (name, t) in model.named_buffers() {
         tch::no_grad(|| {
             let v = if name.ends_with("running_var") { Tensor::rand(t.size(), (Kind::Float, Device::Cpu)) + 0.5 } else { Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1 };
-            let _ = t.shallow_clone().copy_(&v);
+            t.shallow_clone().copy_(&v);
         });
     }
     model.eval();

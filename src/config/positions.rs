@@ -1,5 +1,6 @@
 //! Where each node of a YAML document starts, by path, so that every schedule error can name its line and
 //! column. serde_yaml's values carry no positions; yaml-rust2's event parser reports a marker per event.
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -56,10 +57,11 @@ impl Collector {
                     let k = scalar.unwrap_or("").to_string();
                     let mut p = path.clone();
                     p.push(k.clone());
-                    if self.positions.keys.contains_key(&p) {
-                        self.positions.duplicates.push((p, location(mark)));
-                    } else {
-                        self.positions.keys.insert(p, location(mark));
+                    match self.positions.keys.entry(p) {
+                        Entry::Vacant(e) => {
+                            e.insert(location(mark));
+                        }
+                        Entry::Occupied(e) => self.positions.duplicates.push((e.key().clone(), location(mark))),
                     }
                     *key = Some(k);
                     None

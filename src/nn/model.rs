@@ -360,7 +360,7 @@ impl Model {
         }
         tch::no_grad(|| -> Result<()> {
             for (name, t) in &own {
-                let _ = t.shallow_clone().f_copy_(given[name])?;
+                t.shallow_clone().f_copy_(given[name])?;
             }
             Ok(())
         })

@@ -355,7 +355,7 @@ mod tests {
         opt.zero_grad();
         backward(&p, &[-1.0]);
         opt.step().unwrap();
-        let (m, v) = (0.9 * 0.1 * 2.0 + 0.1 * -1.0, 0.999 * 0.001 * 4.0 + 0.001 * 1.0);
+        let (m, v) = (0.9 * 0.1 * 2.0 + -0.1, 0.999 * 0.001 * 4.0 + 0.001 * 1.0);
         let (m_hat, v_hat) = (m / (1.0 - 0.81), v / (1.0 - 0.999f64.powi(2)));
         let expected = 1.0 - 0.1 * 2.0 / (2.0 + 1e-8) - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
         assert!((values(&p)[0] - expected).abs() < 1e-9, "{} vs {expected}", values(&p)[0]);

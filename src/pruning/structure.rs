@@ -518,6 +518,27 @@ impl Pruner for StructureParameterPruner {
     }
 }
 
+/// The L1-ranked mask that prunes `fraction` of `w`'s filters (`GroupType::Filters`) or input channels
+/// (`GroupType::Channels`), as `L1RankedStructureParameterPruner` computes it; `None` when the fraction rounds
+/// to no structure.
+pub fn l1_structure_mask(w: &Tensor, group: GroupType, fraction: f64) -> Result<Option<Tensor>> {
+    let dim = match group {
+        GroupType::Filters => 0,
+        GroupType::Channels => 1,
+        other => return Err(Error::invalid("group", format!("L1 structure masks are for Filters or Channels, not {}", other.as_str()))),
+    };
+    if w.dim() < 2 {
+        return Err(Error::Shape(format!("structure pruning needs a 2-D or 4-D weight, got {:?}", w.size())));
+    }
+    let rows = structures(w, dim)?;
+    let k = num_structs_to_prune(rows.size()[0], 1, fraction);
+    if k <= 0 {
+        return Ok(None);
+    }
+    let map = keep_above_kth(&row_norms(&rows, Norm::L1, true)?, k)?;
+    Ok(Some(expand(&map, w, dim)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,25 +599,4 @@ mod tests {
         assert!(new(GroupType::Filters, Ranking::L1, RankedOptions { group_size: Some(0), ..Default::default() }).is_err());
         assert!(RankedStructurePruner::new("X", "x", GroupType::Filters, Ranking::L1, Fraction::Fixed(1.2), &w, RankedOptions::default()).is_err());
     }
-}
-
-/// The L1-ranked mask that prunes `fraction` of `w`'s filters (`GroupType::Filters`) or input channels
-/// (`GroupType::Channels`), as `L1RankedStructureParameterPruner` computes it; `None` when the fraction rounds
-/// to no structure.
-pub fn l1_structure_mask(w: &Tensor, group: GroupType, fraction: f64) -> Result<Option<Tensor>> {
-    let dim = match group {
-        GroupType::Filters => 0,
-        GroupType::Channels => 1,
-        other => return Err(Error::invalid("group", format!("L1 structure masks are for Filters or Channels, not {}", other.as_str()))),
-    };
-    if w.dim() < 2 {
-        return Err(Error::Shape(format!("structure pruning needs a 2-D or 4-D weight, got {:?}", w.size())));
-    }
-    let rows = structures(w, dim)?;
-    let k = num_structs_to_prune(rows.size()[0], 1, fraction);
-    if k <= 0 {
-        return Ok(None);
-    }
-    let map = keep_above_kth(&row_norms(&rows, Norm::L1, true)?, k)?;
-    Ok(Some(expand(&map, w, dim)?))
 }

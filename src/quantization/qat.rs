@@ -397,6 +397,24 @@ impl QatQuantizer {
     }
 }
 
+/// Every quantized parameter of a prepared model in one go (Distiller's `quantize_params()`), as
+/// `<module>.weight` → its quantized value computed from `float_weight`; for inspection and export.
+pub fn quantized_params(model: &Model) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    let mut failure = None;
+    model.for_each_module(|name, m| {
+        if let Some(layer) = (m as &dyn Any).downcast_ref::<FpCopyLayer>() {
+            match tch::no_grad(|| layer.quantized_weight()) {
+                Ok(q) => out.push((format!("{name}.weight"), q)),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+    });
+    failure.map_or(Ok(out), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,22 +468,4 @@ mod tests {
         // scale 3: round(0.6) = 1 → 1/3; round(1.5) = 2 (half to even) → 2/3; round(2.7) = 3 → 1.
         assert!(close(&v(&m.forward(&x, &mut Forward::new(true, &[])).unwrap()), &[0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 1.0]));
     }
-}
-
-/// Every quantized parameter of a prepared model in one go (Distiller's `quantize_params()`), as
-/// `<module>.weight` → its quantized value computed from `float_weight`; for inspection and export.
-pub fn quantized_params(model: &Model) -> Result<Vec<(String, Tensor)>> {
-    let mut out = Vec::new();
-    let mut failure = None;
-    model.for_each_module(|name, m| {
-        if let Some(layer) = (m as &dyn Any).downcast_ref::<FpCopyLayer>() {
-            match tch::no_grad(|| layer.quantized_weight()) {
-                Ok(q) => out.push((format!("{name}.weight"), q)),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-    });
-    failure.map_or(Ok(out), Err)
 }

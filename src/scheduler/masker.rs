@@ -69,7 +69,7 @@ impl ParameterMasker {
     pub fn revert_weights(&mut self, param: &Tensor) -> Result<()> {
         if let Some(copy) = self.unmasked_copy.take() {
             let _guard = tch::no_grad_guard();
-            let _ = param.shallow_clone().f_copy_(&copy)?;
+            param.shallow_clone().f_copy_(&copy)?;
         }
         Ok(())
     }
