@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 use crate::config::Preview;
 use crate::metrics::Metrics;
 use crate::nn::Model;
-use crate::summary::tables::to_text_table;
+use crate::summary::tables::{cell, to_text_table};
 use crate::train::TrainSummary;
 use crate::Result;
 
@@ -47,18 +47,16 @@ pub trait Rich {
 
 /// An HTML table of a DataFrame (every row).
 pub fn html_table(df: &DataFrame) -> Result<String> {
-    let text = to_text_table(df)?;
     let cols = df.columns();
     let mut html = String::from("<table><thead><tr>");
     for c in cols {
         html += &format!("<th>{}</th>", escape(c.name()));
     }
     html += "</tr></thead><tbody>";
-    // Reuse the text table's cell formatting: its data lines are `| a | b |`.
-    for line in text.lines().filter(|l| l.starts_with('|') && !l.starts_with("|-")).skip(1) {
+    for i in 0..df.height() {
         html += "<tr>";
-        for cell in line.trim_matches('|').split('|') {
-            html += &format!("<td>{}</td>", escape(cell.trim()));
+        for c in cols {
+            html += &format!("<td>{}</td>", escape(&cell(c, i)?));
         }
         html += "</tr>";
     }
@@ -184,6 +182,8 @@ mod tests {
         assert_eq!(b[0].0, "text/html");
         assert!(b[0].1.contains("<th>Fine (%)</th>") && b[0].1.contains("<td>a&lt;b</td>") && b[0].1.contains("<td>50.00000</td>"), "{}", b[0].1);
         assert!(b[1].1.contains("| a<b  |"), "{}", b[1].1);
+        let piped = df!("rule" => ["x | y"]).unwrap();
+        assert!(html_table(&piped).unwrap().contains("<td>x | y</td></tr>"));
     }
 
     #[test]

@@ -168,7 +168,8 @@ pub fn modules_summary(model: &Model) -> Result<DataFrame> {
     )?)
 }
 
-fn cell(c: &Column, i: usize) -> Result<String> {
+/// One cell as the text and HTML tables show it (floats with 5 decimals).
+pub(crate) fn cell(c: &Column, i: usize) -> Result<String> {
     Ok(match c.get(i)? {
         AnyValue::Float64(v) => format!("{v:.5}"),
         AnyValue::Float32(v) => format!("{v:.5}"),
