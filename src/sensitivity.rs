@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 use crate::data::Dataset;
 use crate::metrics::{Metrics, MetricsAccumulator};
 use crate::nn::Model;
-use crate::pruning::criteria::level_mask;
+use crate::pruning::criteria::{check_sparsity, level_mask};
 use crate::pruning::structure::{l1_structure_mask, GroupType};
 use crate::train::cross_entropy;
 use crate::{Error, Result};
@@ -42,6 +42,9 @@ impl std::str::FromStr for SensitivityGroup {
     }
 }
 
+/// The most levels [`levels`] produces: each level costs one evaluation per tensor.
+pub const MAX_LEVELS: usize = 1000;
+
 /// `start, start + step, ...` below `stop`, as NumPy's `arange` (Distiller's `--sense-range 0.0 0.95 0.05` gives
 /// 0.0 … 0.90). Levels must lie in [0, 1).
 pub fn levels(start: f64, stop: f64, step: f64) -> Result<Vec<f64>> {
@@ -49,6 +52,9 @@ pub fn levels(start: f64, stop: f64, step: f64) -> Result<Vec<f64>> {
         return Err(Error::invalid("sensitivity range", format!("need 0 <= start ({start}) < stop ({stop}) <= 1 and step ({step}) > 0")));
     }
     let n = ((stop - start) / step - 1e-9).ceil().max(0.0) as usize;
+    if n > MAX_LEVELS {
+        return Err(Error::invalid("sensitivity range", format!("step {step} gives {n} levels; at most {MAX_LEVELS} (use a larger step)")));
+    }
     Ok((0..n).map(|i| ((start + i as f64 * step) * 1e9).round() / 1e9).collect())
 }
 
@@ -97,9 +103,7 @@ impl SensitivityAnalysis {
         } else {
             params.iter().map(|p| model.parameter(p).map(|_| crate::nn::normalize_name(p))).collect::<Result<_>>()?
         };
-        if let Some(s) = sparsities.iter().find(|s| !(0.0..1.0).contains(*s)) {
-            return Err(Error::invalid("sparsity", format!("{s} must lie in [0, 1)")));
-        }
+        sparsities.iter().try_for_each(|&s| check_sparsity("sparsity", s))?;
         let batches: Vec<(Tensor, Tensor)> = data.batches(batch_size, model.device())?.collect::<Result<_>>()?;
         let was_training = model.is_training();
         model.eval();
@@ -195,6 +199,7 @@ mod tests {
         assert_eq!(levels(0.0, 0.3, 0.1).unwrap(), [0.0, 0.1, 0.2]);
         assert!(levels(0.5, 0.2, 0.1).is_err());
         assert!(levels(0.0, 1.5, 0.1).is_err());
+        assert!(levels(0.0, 0.9, 1e-300).unwrap_err().to_string().contains("larger step"));
         assert!("row".parse::<SensitivityGroup>().is_err());
     }
 }

@@ -118,11 +118,14 @@ fn expand(map: &Tensor, w: &Tensor, dim: i64) -> Result<Tensor> {
 }
 
 /// Distiller's `num_structs_to_prune`: `k = ⌊fraction·n⌋` rounded down to whole groups of `group_size`, and
-/// never all `n` unless `fraction` is exactly 1.
-pub fn num_structs_to_prune(n: i64, group_size: i64, fraction: f64) -> i64 {
+/// never all `n` unless `fraction` is exactly 1. `group_size` must be at least 1.
+pub fn num_structs_to_prune(n: i64, group_size: i64, fraction: f64) -> Result<i64> {
+    if group_size < 1 {
+        return Err(Error::invalid("group_size", format!("{group_size} must be at least 1")));
+    }
     let k = (fraction * n as f64).floor() as i64;
     let k = (k / group_size) * group_size;
-    if k == n && fraction != 1.0 { n - group_size } else { k }
+    Ok(if k == n && fraction != 1.0 { n - group_size } else { k })
 }
 
 /// The binary map that keeps the structures scoring above the k-th smallest score (ties at it are pruned).
@@ -335,7 +338,7 @@ impl RankedStructurePruner {
             let probs = Tensor::f_full([n], 1.0 - fraction, (Kind::Float, w.device()))?;
             return Ok(Some(probs.f_bernoulli()?));
         }
-        let k = num_structs_to_prune(n, self.group_size, fraction);
+        let k = num_structs_to_prune(n, self.group_size, fraction)?;
         if k <= 0 {
             return Ok(None);
         }
@@ -530,8 +533,11 @@ pub fn l1_structure_mask(w: &Tensor, group: GroupType, fraction: f64) -> Result<
     if w.dim() < 2 {
         return Err(Error::Shape(format!("structure pruning needs a 2-D or 4-D weight, got {:?}", w.size())));
     }
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(Error::invalid("fraction", format!("{fraction} must lie in [0, 1]")));
+    }
     let rows = structures(w, dim)?;
-    let k = num_structs_to_prune(rows.size()[0], 1, fraction);
+    let k = num_structs_to_prune(rows.size()[0], 1, fraction)?;
     if k <= 0 {
         return Ok(None);
     }
@@ -549,11 +555,16 @@ mod tests {
 
     #[test]
     fn num_structs_matches_distiller() {
-        assert_eq!(num_structs_to_prune(16, 1, 0.5), 8);
-        assert_eq!(num_structs_to_prune(16, 1, 0.99), 15);
-        assert_eq!(num_structs_to_prune(16, 4, 0.3), 4);
-        assert_eq!(num_structs_to_prune(16, 1, 0.03), 0);
-        assert_eq!(num_structs_to_prune(4, 1, 1.0), 4);
+        assert_eq!(num_structs_to_prune(16, 1, 0.5).unwrap(), 8);
+        assert_eq!(num_structs_to_prune(16, 1, 0.99).unwrap(), 15);
+        assert_eq!(num_structs_to_prune(16, 4, 0.3).unwrap(), 4);
+        assert_eq!(num_structs_to_prune(16, 1, 0.03).unwrap(), 0);
+        assert_eq!(num_structs_to_prune(4, 1, 1.0).unwrap(), 4);
+        assert!(num_structs_to_prune(4, 0, 0.5).is_err());
+        let w = Tensor::ones([4, 2, 1, 1], (Kind::Float, tch::Device::Cpu));
+        for bad in [f64::NAN, -0.1, 1.5] {
+            assert!(l1_structure_mask(&w, GroupType::Filters, bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

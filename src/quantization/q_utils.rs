@@ -187,6 +187,9 @@ pub fn along(v: &Tensor, dim: usize, rank: usize) -> Result<Tensor> {
     if v.dim() == 0 {
         return Ok(v.shallow_clone());
     }
+    if dim >= rank {
+        return Err(Error::Shape(format!("per-channel values {:?} cannot lie along dimension {dim} of a rank-{rank} tensor", v.size())));
+    }
     let mut shape = vec![1i64; rank];
     shape[dim] = v.size()[0];
     Ok(v.f_reshape(shape.as_slice())?)
@@ -333,6 +336,13 @@ mod tests {
 
     fn v(t: &Tensor) -> Vec<f64> {
         Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn along_reshapes_for_broadcast_and_rejects_a_missing_dimension() {
+        let v = Tensor::from_slice(&[1.0f64, 2.0]);
+        assert_eq!(along(&v, 1, 4).unwrap().size(), [1, 2, 1, 1]);
+        assert!(along(&v, 1, 1).unwrap_err().to_string().contains("dimension 1 of a rank-1"));
     }
 
     #[test]
