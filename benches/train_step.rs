@@ -10,7 +10,8 @@
 //! fake quantization with STE on weights and ReLU outputs) against the float step, and the time of a
 //! post-training calibration (two passes over the calibration batches) plus quantization.
 //!
-//! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratios.
+//! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratios. Run by `cargo test
+//! --all-targets` (without cargo bench's `--bench` flag) it makes a four-step smoke run instead (the calibration takes four batches).
 use std::time::Instant;
 
 use distill::config::{PolicyConfig, PrunerConfig, Schedule};
@@ -155,7 +156,11 @@ fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, st
 }
 
 fn main() {
-    let steps: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30);
+    let full = std::env::args().any(|a| a == "--bench");
+    let steps: usize = if full { std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30) } else { 4 };
+    if !full {
+        println!("smoke run (figures are not measurements; `cargo bench --bench train_step` for those)");
+    }
     tch::manual_seed(0);
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu));
     println!("threads: {}, steps per measurement: {steps}", tch::get_num_threads());

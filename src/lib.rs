@@ -32,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod summary;
 mod error;
+pub mod io;
 pub mod models;
 pub mod nn;
 pub mod optim;

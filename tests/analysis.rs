@@ -84,7 +84,7 @@ for tag in acc.Tags()["histograms"]:
 
 #[test]
 fn tensorboard_reads_our_event_files_and_we_read_theirs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let out = dir.path().join("run");
     let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
     let config = TrainConfig { epochs: 2, batch_size: 16, lr: 0.01, progress: Progress::Quiet, out_dir: Some(out.clone()), ..TrainConfig::default() };
@@ -147,7 +147,7 @@ w.close()
 
 #[test]
 fn a_run_killed_mid_write_reads_with_a_warning() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let path = {
         let mut w = distill::logging::EventWriter::create(dir.path()).unwrap();
         for s in 0..10 {
@@ -169,7 +169,7 @@ fn is_svg(s: &str) -> bool {
 
 #[test]
 fn every_chart_renders_to_svg_and_png() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
     let config = TrainConfig { epochs: 2, batch_size: 16, lr: 0.01, progress: Progress::Quiet, ..TrainConfig::default() };
     let run = fit(&mut model, &synthetic(), None, &config).unwrap();
@@ -237,7 +237,8 @@ fn sensitivity_analysis_prunes_one_tensor_at_a_time_and_caches() {
 fn activation_channel_statistics() {
     let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
     tch::no_grad(|| {
-        // conv1's filter 2 always outputs −5: its ReLU channel is all zeros, its mean is exactly −5.
+        // conv1's filter 2 always outputs −5: its ReLU channel is all zeros, its mean is exactly −5 and its L1 norm
+        // (Distiller's: summed over the 28×28 positions, averaged over samples) 5·784.
         let _ = model.parameter("conv1.weight").unwrap().narrow(0, 2, 1).fill_(0.0);
         let _ = model.parameter("conv1.bias").unwrap().narrow(0, 2, 1).fill_(-5.0);
     });
@@ -250,7 +251,7 @@ fn activation_channel_statistics() {
     };
     let col = |c: &str| -> Vec<f64> { df.column(c).unwrap().f64().unwrap().iter().flatten().collect() };
     assert_eq!(col("mean_channels")[row("conv1", 2)], -5.0);
-    assert_eq!(col("l1_channels")[row("conv1", 2)], 5.0);
+    assert_eq!(col("l1_channels")[row("conv1", 2)], 5.0 * 784.0);
     assert_eq!(col("apoz_channels")[row("relu1", 2)], 100.0);
     assert!(col("apoz_channels")[row("relu1", 0)] < 100.0);
     assert!(col("sparsity_ofm")[row("relu1", 0)] >= 100.0 / 6.0, "one of six channels is all zeros");

@@ -19,7 +19,7 @@ fn runs_without_ld_library_path_and_lists_models() {
 
 #[test]
 fn bad_arguments_fail_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let out = dir.path().to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["train", "--arch", "lenett", "--dataset", "mnist", "--out", out], "unknown architecture 'lenett'; did you mean 'lenet'"),
@@ -46,7 +46,7 @@ fn cuda_request_on_a_cpu_machine_is_an_error() {
     if tch::Cuda::is_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--device", "cuda", "--out", dir.path().to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("libtorch sees no CUDA device"), "{}", stderr(&o));
@@ -54,7 +54,7 @@ fn cuda_request_on_a_cpu_machine_is_an_error() {
 
 #[test]
 fn trains_and_writes_its_outputs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let out = dir.path().join("run");
     let o = distill(&["train", "--arch", "mlp", "--dataset", "mnist", "--epochs", "1", "--progress", "lines", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -68,7 +68,7 @@ fn trains_and_writes_its_outputs() {
 
 #[test]
 fn schedule_check_reports_ok_or_located_problems() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let good = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_agp.yaml");
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "pruners:\n  p:\n    class: AutomatedGradualPruner\n    initial_sparsity: 0.1\n    final_sparsity: 0.5\n    weights: [conv9.weight]\npolicies:\n  - pruner:\n      instance_name: p\n    starting_epoch: 0\n    ending_epoch: 3\n    frequency: 1\n").unwrap();
@@ -98,7 +98,7 @@ fn schedule_preview_shows_targets_lr_and_warnings() {
 
 #[test]
 fn train_with_a_schedule_prunes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let out = dir.path().join("run");
     let schedule = dir.path().join("s.yaml");
     std::fs::write(&schedule, "pruners:\n  p:\n    class: AutomatedGradualPruner\n    initial_sparsity: 0.3\n    final_sparsity: 0.6\n    weights: [fc1.weight, fc2.weight]\npolicies:\n  - pruner:\n      instance_name: p\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n").unwrap();
@@ -112,7 +112,7 @@ fn train_with_a_schedule_prunes() {
 
 #[test]
 fn quantize_writes_a_summary_with_fp32_quantized_and_sizes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let run = dir.path().join("run");
     let o = distill(&["train", "--arch", "mlp", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--out", run.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -129,7 +129,7 @@ fn resuming_from_a_checkpoint_matches_the_uninterrupted_run() {
         valid: data.valid.subset("valid", &(0..100).collect::<Vec<_>>()).unwrap(),
         test: data.test.subset("test", &(0..100).collect::<Vec<_>>()).unwrap(),
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let schedule = || {
         let mut s = CompressionScheduler::new(&create_model("simplenet_v2_mnist", "mnist", Device::Cpu).unwrap());
         s.add_policy(Box::new(LrPolicy::new(LrSchedule::StepLR { step_size: 1, gamma: 0.5 }).unwrap()), PolicySchedule::range(0, 3, 1).unwrap());
@@ -176,7 +176,7 @@ fn resuming_from_a_checkpoint_matches_the_uninterrupted_run() {
 
 #[test]
 fn resume_refuses_foreign_or_finished_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let data = synthetic_splits(16);
     let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
     fit(&mut model, &data, None, &TrainConfig { out_dir: Some(dir.path().to_path_buf()), ..quiet(1, 8) }).unwrap();
@@ -187,9 +187,17 @@ fn resume_refuses_foreign_or_finished_checkpoints() {
     assert!(err.contains("saved from 'lenet' (mnist), the model is 'simplenet_mnist' (mnist)"), "{err}");
     assert!(err.contains("'conv1.weight': model has [20, 1, 5, 5], given [6, 1, 5, 5]"), "{err}");
 
+    // The last epoch's checkpoint finishes the run (a kill between the last checkpoint and summary.json).
     let mut same = create_model("lenet", "mnist", Device::Cpu).unwrap();
-    let err = Trainer::new(&mut same, quiet(1, 8)).unwrap().resume(&ckpt).unwrap_err().to_string();
-    assert!(err.contains("already completed epoch 0 of 1"), "{err}");
+    let mut trainer = Trainer::new(&mut same, quiet(1, 8)).unwrap();
+    trainer.resume(&ckpt).unwrap();
+    let summary = trainer.run(&data).unwrap();
+    assert_eq!(summary.epochs, 1);
+    // Fewer epochs than the checkpoint has done is refused.
+    let longer = distill::io::TempDir::new().unwrap();
+    fit(&mut create_model("lenet", "mnist", Device::Cpu).unwrap(), &data, None, &TrainConfig { out_dir: Some(longer.path().to_path_buf()), ..quiet(2, 8) }).unwrap();
+    let err = Trainer::new(&mut same, quiet(1, 8)).unwrap().resume(longer.path().join("checkpoint.safetensors")).unwrap_err().to_string();
+    assert!(err.contains("already completed 2 epochs, more than the 1"), "{err}");
 
     let err = Trainer::new(&mut same, quiet(3, 8)).unwrap().resume(dir.path().join("missing.safetensors")).unwrap_err().to_string();
     assert!(err.contains("missing.safetensors"), "{err}");
@@ -242,7 +250,7 @@ fn resuming_a_pruning_schedule_restores_pruner_state() {
     let data = synthetic_splits(48);
     let yaml = "pruners:\n  s:\n    class: SensitivityPruner\n    sensitivities: {fc1.weight: 0.6, conv2.weight: 0.4}\npolicies:\n  - pruner: {instance_name: s}\n    starting_epoch: 0\n    ending_epoch: 3\n    frequency: 1\n";
     let schedule = distill::config::Schedule::from_yaml_str(yaml, "s.yaml").unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
     let config = |out: &str, epochs| TrainConfig { out_dir: Some(dir.path().join(out)), lr: 0.05, ..quiet(epochs, 16) };
     let train = |out: &str, epochs, resume: bool| {
         tch::manual_seed(11);

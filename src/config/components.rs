@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::pruning::element::{AutomatedGradualPruner, BaiduRNNPruner, MagnitudeParameterPruner, SensitivityPruner, SparsityLevelParameterPruner, SplicingPruner};
 use crate::pruning::structure::{Fraction, GroupType, RankedOptions, RankedStructurePruner, Ranking, StructureParameterPruner};
 use crate::pruning::{PerParam, Pruner};
+use crate::quantization::q_utils::ClipMode;
+use crate::quantization::quantizer::{apply_override, ModuleQuantSettings, QuantDefaults, CLIPPED_OVERRIDE_KEYS, POST_TRAIN_OVERRIDE_KEYS, QAT_OVERRIDE_KEYS};
 use crate::regularization::{GroupLassoRegularizer, GroupRegime, GroupVarianceRegularizer, L1Regularizer, Regularizer};
 use crate::{Error, Result};
 
@@ -370,13 +372,21 @@ impl RegularizerConfig {
     }
 }
 
-/// Parameters of `PostTrainLinearQuantizer` (schema only until quantization lands).
+/// A key that may be absent (`None`: the default), `null` (`Some(None)`: floating point) or a value.
+fn explicit_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<u32>>, D::Error> {
+    Option::<u32>::deserialize(d).map(Some)
+}
+
+/// Parameters of `PostTrainLinearQuantizer`. `bits_activations`/`bits_parameters`: absent = 8 bits, `null` =
+/// floating point (Distiller's meaning).
 #[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostTrainParams {
-    pub bits_activations: Option<u32>,
-    pub bits_parameters: Option<u32>,
+    #[serde(deserialize_with = "explicit_null", skip_serializing_if = "Option::is_none")]
+    pub bits_activations: Option<Option<u32>>,
+    #[serde(deserialize_with = "explicit_null", skip_serializing_if = "Option::is_none")]
+    pub bits_parameters: Option<Option<u32>>,
     pub bits_accum: Option<u32>,
     pub overrides: Option<serde_yaml::Mapping>,
     pub mode: Option<serde_yaml::Value>,
@@ -442,10 +452,6 @@ pub const QUANTIZER_CLASSES: &[&str] = &["PostTrainLinearQuantizer", "QuantAware
 
 const MODES: &[&str] = &["SYMMETRIC", "SYMMETRIC_RESTRICTED", "ASYMMETRIC_UNSIGNED", "ASYMMETRIC_SIGNED"];
 const CLIP_MODES: &[&str] = &["NONE", "AVG", "N_STD", "GAUSS", "LAPLACE"];
-const OVERRIDE_KEYS: &[&str] = &[
-    "bits_activations", "bits_weights", "bits_bias", "bits_accum", "mode", "clip_acts", "clip_n_stds", "clip_half_range", "per_channel_wts",
-    "fpq_module", "input_overrides", "quantize_inputs", "fake", "scale_approx_mult_bits",
-];
 
 impl QuantizerConfig {
     /// The Distiller class name.
@@ -498,7 +504,26 @@ impl QuantizerConfig {
                         return Err((vec!["clip_acts".into()], Error::unknown("clip mode", c, CLIP_MODES.iter().copied())));
                     }
                 }
-                (&p.overrides, vec![("bits_activations", p.bits_activations), ("bits_parameters", p.bits_parameters), ("bits_accum", p.bits_accum)])
+                if let Some(f) = p.fpq_module {
+                    if ![16, 32, 64].contains(&f) {
+                        return Err((vec!["fpq_module".into()], Error::invalid("fpq_module", format!("{f}: the floating-point width must be 16, 32 or 64"))));
+                    }
+                }
+                if p.fp16 == Some(true) && p.fpq_module.is_some_and(|f| f != 16) {
+                    return Err((vec!["fp16".into()], Error::invalid("fp16", "fp16: true conflicts with fpq_module other than 16 (as in Distiller)")));
+                }
+                if p.clip_n_stds.is_some() && p.clip_acts.as_deref().map(str::to_ascii_uppercase).as_deref() != Some("N_STD") {
+                    return Err((vec!["clip_n_stds".into()], Error::invalid("clip_n_stds", "applies to N_STD clipping; add clip_acts: N_STD")));
+                }
+                (
+                    &p.overrides,
+                    vec![
+                        ("bits_activations", p.bits_activations.flatten().filter(|b| *b != 0)),
+                        ("bits_parameters", p.bits_parameters.flatten().filter(|b| *b != 0)),
+                        ("bits_accum", p.bits_accum),
+                        ("scale_approx_mult_bits", p.scale_approx_mult_bits),
+                    ],
+                )
             }
             QuantizerConfig::QuantAwareTrainRangeLinearQuantizer(p) => {
                 mode_ok(&p.mode)?;
@@ -516,6 +541,17 @@ impl QuantizerConfig {
         for (name, b) in bits {
             bits_ok(name, b)?;
         }
+        let (allowed, start) = match self {
+            QuantizerConfig::PostTrainLinearQuantizer(p) => {
+                let clip = match &p.clip_acts {
+                    Some(c) => ClipMode::parse(c, p.clip_n_stds).map_err(|e| (vec!["clip_acts".to_string()], e))?,
+                    None => ClipMode::None,
+                };
+                (POST_TRAIN_OVERRIDE_KEYS, ModuleQuantSettings::from_defaults(&QuantDefaults { clip_acts: clip, ..QuantDefaults::float() }))
+            }
+            QuantizerConfig::QuantAwareTrainRangeLinearQuantizer(_) => (QAT_OVERRIDE_KEYS, ModuleQuantSettings::from_defaults(&QuantDefaults::float())),
+            _ => (CLIPPED_OVERRIDE_KEYS, ModuleQuantSettings::from_defaults(&QuantDefaults::float())),
+        };
         for (pattern, settings) in overrides.iter().flatten() {
             let pattern = yaml_text(pattern);
             let at = vec!["overrides".to_string(), pattern.clone()];
@@ -524,12 +560,28 @@ impl QuantizerConfig {
             }
             match settings {
                 serde_yaml::Value::Mapping(m) => {
-                    for (k, _) in m {
+                    // Each key alone, so that the error points at it.
+                    for (k, v) in m {
                         let key = yaml_text(k);
-                        if !OVERRIDE_KEYS.contains(&key.as_str()) {
+                        let mut one = serde_yaml::Mapping::new();
+                        one.insert(k.clone(), v.clone());
+                        if key == "clip_acts" {
+                            if let Some(n) = m.get("clip_n_stds") {
+                                one.insert("clip_n_stds".into(), n.clone());
+                            }
+                        }
+                        if key == "clip_n_stds" && m.contains_key("clip_acts") {
+                            continue;
+                        }
+                        if let Err(e) = apply_override(&mut start.clone(), &one, allowed) {
                             let mut at = at.clone();
                             at.push(key.clone());
-                            return Err((at, Error::unknown("override setting", &key, OVERRIDE_KEYS.iter().copied())));
+                            let e = if allowed.contains(&key.as_str()) {
+                                e
+                            } else {
+                                Error::invalid("overrides", format!("{}: {}", self.class_name(), e))
+                            };
+                            return Err((at, e));
                         }
                     }
                 }
@@ -580,6 +632,8 @@ impl QuantizerConfig {
                     },
                     ema_decay: p.ema_decay.unwrap_or(0.999),
                     per_channel_wts: p.per_channel_wts.unwrap_or(false),
+                    quantize_inputs: p.quantize_inputs.unwrap_or(true),
+                    num_bits_inputs: bits(p.num_bits_inputs, "num_bits_inputs")?,
                 },
                 bits: QBits { acts: bits(p.bits_activations, "bits_activations")?, wts: bits(p.bits_weights, "bits_weights")?, bias: bits(p.bits_bias.or(Some(32)), "bits_bias")? },
                 overrides: overrides(&p.overrides)?,

@@ -63,7 +63,7 @@ mod tests {
 
     #[test]
     fn reads_records_and_rejects_bad_files() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::io::TempDir::new().unwrap();
         let p = dir.path().join("b.bin");
         let mut bytes = Vec::new();
         for (label, fill) in [(3u8, 10u8), (9, 20)] {

@@ -150,7 +150,7 @@ pub(super) mod tests {
 
     #[test]
     fn idx_roundtrip_and_errors() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::io::TempDir::new().unwrap();
         let p = dir.path().join("x-idx3-ubyte");
         write_idx(&p, &[2, 3, 4]);
         let t = read_idx(&p, 3).unwrap();
@@ -165,7 +165,7 @@ pub(super) mod tests {
 
     #[test]
     fn csv_errors_name_line_and_field() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::io::TempDir::new().unwrap();
         let p = dir.path().join("bad.csv");
         let good = format!("{},7", vec!["0"; 784].join(","));
         std::fs::write(&p, format!("{good}\n1,2,3\n")).unwrap();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::nn::Model;
 use crate::summary::sparsity::{sparsity, sparsity_2d};
-use crate::{Error, Result};
+use crate::Result;
 
 pub use posthoc::{compare_runs, read_runs};
 pub use tensorboard::{read_scalars, EventWriter, ScalarEvent};
@@ -111,6 +111,6 @@ impl DataLogger for CsvLogger {
             out += &format!("{name},\"({})\",{volume},{nnz},{}\n", shape.join(", "), 100.0 * s);
         }
         let path = self.dir.join("weights_sparsity.csv");
-        std::fs::write(&path, out).map_err(|e| Error::io(&path, e))
+        crate::io::write_atomic(&path, out.as_bytes())
     }
 }

@@ -332,7 +332,7 @@ mod tests {
 
     #[test]
     fn scalars_roundtrip_and_truncation_keeps_complete_records() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::io::TempDir::new().unwrap();
         let path = {
             let mut w = EventWriter::create(dir.path()).unwrap();
             for step in 0..5 {

@@ -1,3 +1,5 @@
+use std::any::Any;
+
 use tch::Tensor;
 
 use super::{Module, ModuleCall, SharedObserver};
@@ -10,12 +12,20 @@ pub struct Forward<'a> {
     train: bool,
     path: String,
     observers: &'a [SharedObserver],
+    /// Values attached to tensors for the rest of the pass; each tensor is held so its storage cannot be reused
+    /// by a later tensor that would then inherit the value.
+    annotations: Vec<(Tensor, Box<dyn Any>)>,
+}
+
+/// The same tensor: same storage address, shape, strides and dtype (a reshaped view is another tensor).
+fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
+    a.data_ptr() == b.data_ptr() && a.kind() == b.kind() && a.size() == b.size() && a.stride() == b.stride()
 }
 
 impl<'a> Forward<'a> {
     /// A forward pass in train (`true`) or eval mode, notifying `observers`.
     pub fn new(train: bool, observers: &'a [SharedObserver]) -> Self {
-        Forward { train, path: String::new(), observers }
+        Forward { train, path: String::new(), observers, annotations: Vec::new() }
     }
 
     /// Whether the pass runs in training mode (dropout active, batch-norm statistics updated).
@@ -26,6 +36,19 @@ impl<'a> Forward<'a> {
     /// Dotted name of the module currently running (empty for the root).
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Attaches `value` to `tensor` for the rest of this pass, replacing an earlier value of the same type. This is
+    /// how a quantized layer tells the next one the scale its output was quantized with (Distiller sets a
+    /// `quant_metadata` attribute on the tensor). A view with another shape, or any new tensor, carries nothing.
+    pub fn annotate<T: Any>(&mut self, tensor: &Tensor, value: T) {
+        self.annotations.retain(|(t, v)| !(same_tensor(t, tensor) && v.is::<T>()));
+        self.annotations.push((tensor.shallow_clone(), Box::new(value)));
+    }
+
+    /// The value of type `T` attached to `tensor` in this pass, if any.
+    pub fn annotation<T: Any>(&self, tensor: &Tensor) -> Option<&T> {
+        self.annotations.iter().rev().filter(|(t, _)| same_tensor(t, tensor)).find_map(|(_, v)| v.downcast_ref::<T>())
     }
 
     /// Runs child `name` on one input.

@@ -32,6 +32,7 @@ mod model;
 mod module;
 mod names;
 mod observer;
+mod rollback;
 mod sequential;
 
 pub use forward::Forward;
@@ -43,4 +44,5 @@ pub use model::{Model, ModelInfo, ModuleInfo};
 pub use module::{BoxModule, Module};
 pub use names::{canonical_param_name, normalize_name};
 pub use observer::{ModuleCall, Observer, ObserverId, SharedObserver};
+pub use rollback::Rollback;
 pub use sequential::Sequential;

@@ -292,6 +292,36 @@ impl Model {
         Ok(())
     }
 
+    /// Replaces the root module by `f(old)` where `f` may fail and then hands the old root back, which is put
+    /// back in place. A new root that wraps the old one and lists its children keeps every name (Distiller's
+    /// QAT adds `inputs_quant` to the root this way).
+    pub fn try_map_root(&mut self, f: impl FnOnce(BoxModule) -> std::result::Result<BoxModule, (BoxModule, Error)>) -> Result<()> {
+        let old = std::mem::replace(&mut self.root, Box::new(super::Identity));
+        match f(old) {
+            Ok(new) => {
+                self.root = new;
+                Ok(())
+            }
+            Err((old, e)) => {
+                self.root = old;
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts back the module a transformation replaced at `name` (`""`: the root), as far as the module there
+    /// can hand it back ([`Module::take_replaced`]); returns whether it could.
+    pub fn restore_replaced(&mut self, name: &str) -> Result<bool> {
+        let slot = if normalize_name(name).is_empty() { &mut self.root } else { self.slot_mut(name)? };
+        match slot.take_replaced() {
+            Some(original) => {
+                *slot = original;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Replaces the module called `name` by `f(old)` where `f` may fail; on failure `f` hands the old module
     /// back and it is put back in place, so the model is unchanged.
     pub fn try_map_module(&mut self, name: &str, f: impl FnOnce(BoxModule) -> std::result::Result<BoxModule, (BoxModule, Error)>) -> Result<()> {

@@ -60,6 +60,13 @@ pub trait Module: Any + Debug + Send {
         Vec::new()
     }
 
+    /// For a module that a transformation (a quantizer's wrapper, a folded layer) put in place of another: takes
+    /// that original module out, so a transformation that fails half-way can put the tree back as it was. The
+    /// wrapper is left unusable. `None` for every other module.
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        None
+    }
+
     /// The text inside the parentheses when the tree is printed PyTorch-style, e.g. `1, 20, kernel_size=(5, 5)`.
     fn extra_repr(&self) -> String {
         String::new()

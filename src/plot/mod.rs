@@ -239,13 +239,20 @@ impl Figure {
     /// Writes the SVG to `path`.
     pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_svg()?).map_err(|e| Error::io(path, e))
+        crate::io::write_atomic(path, self.to_svg()?.as_bytes())
     }
 
     /// Renders and writes a PNG to `path`.
     pub fn save_png(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        self.draw(BitMapBackend::new(path, self.size).into_drawing_area())
+        // plotters encodes by the file's extension, so the partial file keeps it.
+        let partial = path.with_file_name(format!(".partial-{}-{}", std::process::id(), path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+        let drawn = self.draw(BitMapBackend::new(&partial, self.size).into_drawing_area());
+        if let Err(e) = drawn {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        crate::io::commit_atomic(&partial, path)
     }
 
     /// Shows the figure in an evcxr (Jupyter) cell; the SVG, or the error message as text.

@@ -586,6 +586,14 @@ mod tests {
         // Cols with Max: max |w| per column = 2.0, 1.0; threshold 1.0 keeps column 0 only.
         assert_eq!(vals(&group_threshold_mask(&w, GroupType::Cols, 1.0, "Max").unwrap()), [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
         assert!(group_threshold_mask(&w, GroupType::Rows, 0.5, "Median").is_err());
+        // Mean_* divides a structure's norm by the structure's own length (README, "differs on purpose"): a row of
+        // this 3×2 weight by 2 columns, a column by 3 rows. Distiller divides a row by the number of rows (3) and a
+        // column by the number of columns (2), which here would prune row 0 (1.2/3 = 0.4) and keep column 1
+        // (1.8/2 = 0.9).
+        let w = Tensor::from_slice(&[0.6f32, 0.6, 0.0, 0.6, 0.0, 0.6]).reshape([3, 2]);
+        assert_eq!(vals(&group_threshold_mask(&w, GroupType::Rows, 0.5, "Mean_Abs").unwrap()), [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(vals(&group_threshold_mask(&w, GroupType::Cols, 0.65, "Mean_L1").unwrap()), [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(vals(&group_threshold_mask(&w, GroupType::Cols, 0.55, "Mean_L1").unwrap()), [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
         assert!(group_threshold_mask(&w, GroupType::Kernels, 0.5, "Max").is_err());
     }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tch::{Kind, Tensor};
 
-use crate::nn::{BatchNorm2d, Conv2d, Identity, Model, ModuleCall, Observer};
+use crate::nn::{BatchNorm2d, Conv2d, Identity, Model, ModuleCall, Observer, Rollback};
 use crate::{Error, Result};
 
 #[derive(Default)]
@@ -58,46 +58,53 @@ pub fn conv_bn_pairs(model: &mut Model) -> Result<Vec<(String, String)>> {
 }
 
 /// Folds every batch norm that directly follows a convolution into it: `w' = w·γ/σ`, `b' = (b − μ)·γ/σ + β` with
-/// `σ = √(var + eps)`; the BN becomes an Identity (its name stays in the tree). Returns the folded pairs.
+/// `σ = √(var + eps)`; the BN becomes an Identity (its name stays in the tree). Returns the folded pairs. On
+/// error the model is left as it was.
 pub fn fold_batch_norms(model: &mut Model) -> Result<Vec<(String, String)>> {
+    let mut rollback = Rollback::begin(model)?;
+    let result = fold_batch_norms_recorded(model, &mut rollback);
+    if result.is_err() {
+        rollback.undo(model);
+    }
+    result
+}
+
+/// [`fold_batch_norms`], recording every module it swaps out in `rollback` (for a caller that undoes more).
+pub(crate) fn fold_batch_norms_recorded(model: &mut Model, rollback: &mut Rollback) -> Result<Vec<(String, String)>> {
     let pairs = conv_bn_pairs(model)?;
     for (conv_name, bn_name) in &pairs {
-        let (gamma_over_sigma, shift) = {
+        let folded = {
             let bn = model.module(bn_name)?;
             let bn = (bn as &dyn Any).downcast_ref::<BatchNorm2d>().ok_or_else(|| Error::invalid("batch-norm folding", format!("{bn_name} is not a BatchNorm2d")))?;
-            let sigma = bn.running_var.f_add_scalar(bn.eps)?.f_sqrt()?;
-            let g = bn.weight.f_detach()?.f_div(&sigma)?;
-            (g.shallow_clone(), (bn.bias.f_detach()?, bn.running_mean.f_detach()?, g))
+            let conv = model.module(conv_name)?;
+            let conv = (conv as &dyn Any).downcast_ref::<Conv2d>().ok_or_else(|| Error::invalid("batch-norm folding", format!("{conv_name} is not a Conv2d")))?;
+            fold(conv, bn)?
         };
-        let (beta, mean, g) = shift;
-        let mut replaced = None;
+        let mut original = None;
         model.try_map_module(conv_name, |m| {
-            let Some(conv) = (m.as_ref() as &dyn Any).downcast_ref::<Conv2d>() else {
-                let e = Error::invalid("batch-norm folding", format!("{conv_name} is not a Conv2d"));
-                return Err((m, e));
-            };
-            let fold = || -> Result<Conv2d> {
-                let _guard = tch::no_grad_guard();
-                let c = conv.weight.size()[0];
-                let weight = conv.weight.f_mul(&gamma_over_sigma.f_reshape([c, 1, 1, 1])?)?.f_detach()?;
-                let b = match &conv.bias {
-                    Some(b) => b.f_detach()?,
-                    None => beta.f_zeros_like()?,
-                };
-                let bias = b.f_sub(&mean)?.f_mul(&g)?.f_add(&beta)?;
-                Ok(Conv2d { weight: weight.set_requires_grad(true), bias: Some(bias.set_requires_grad(true)), config: crate::nn::Conv2dConfig { bias: true, ..conv.config.clone() } })
-            };
-            match fold() {
-                Ok(c) => {
-                    replaced = Some(());
-                    Ok(Box::new(c))
-                }
-                Err(e) => Err((m, e)),
-            }
+            original = Some(m);
+            Ok(Box::new(folded))
         })?;
-        if replaced.is_some() {
-            model.replace_module(bn_name, Identity)?;
+        if let Some(m) = original {
+            rollback.swapped(conv_name, m);
         }
+        let bn = model.replace_module(bn_name, Identity)?;
+        rollback.swapped(bn_name, bn);
     }
     Ok(pairs)
+}
+
+/// The convolution that computes `bn(conv(x))`.
+fn fold(conv: &Conv2d, bn: &BatchNorm2d) -> Result<Conv2d> {
+    let _guard = tch::no_grad_guard();
+    let sigma = bn.running_var.f_add_scalar(bn.eps)?.f_sqrt()?;
+    let g = bn.weight.f_detach()?.f_div(&sigma)?;
+    let c = conv.weight.size()[0];
+    let weight = conv.weight.f_mul(&g.f_reshape([c, 1, 1, 1])?)?.f_detach()?;
+    let b = match &conv.bias {
+        Some(b) => b.f_detach()?,
+        None => bn.bias.f_detach()?.f_zeros_like()?,
+    };
+    let bias = b.f_sub(&bn.running_mean.f_detach()?)?.f_mul(&g)?.f_add(&bn.bias.f_detach()?)?;
+    Ok(Conv2d { weight: weight.set_requires_grad(true), bias: Some(bias.set_requires_grad(true)), config: crate::nn::Conv2dConfig { bias: true, ..conv.config.clone() } })
 }

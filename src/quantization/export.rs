@@ -87,7 +87,9 @@ pub fn export_integer_model(model: &Model, path: impl AsRef<Path>) -> Result<Exp
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    Tensor::write_safetensors(&tensors, path)?;
+    let partial = crate::io::partial_path(path);
+    Tensor::write_safetensors(&tensors, &partial)?;
+    crate::io::commit_atomic(&partial, path)?;
     let file_bytes = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
     Ok(ExportedModel { path: path.to_path_buf(), file_bytes, integer_layers })
 }

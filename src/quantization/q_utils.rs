@@ -120,21 +120,33 @@ fn f64_tensor(t: &Tensor) -> Result<Tensor> {
 /// Symmetric parameters for saturation `sat` (≥ 0): `scale = n / sat` with `n = (2^b − 1)/2`, or `2^(b−1) − 1`
 /// when restricted; a zero saturation gives scale 1. The zero point is 0.
 pub fn symmetric_params(bits: u32, sat: &Tensor, restrict: bool) -> Result<(Tensor, Tensor)> {
+    let (levels, span, zp) = symmetric_span(bits, sat, restrict)?;
+    Ok((span.f_full_like(levels)?.f_div(&span)?, zp))
+}
+
+/// `(n, span, zero_point)` with `scale = n / span`: quantizing as `x·n / span` divides once, so a value exactly
+/// half-way between two levels stays a tie (rounded to even) instead of drifting with the rounding of `scale`.
+fn symmetric_span(bits: u32, sat: &Tensor, restrict: bool) -> Result<(f64, Tensor, Tensor)> {
     check_bits("bits", bits)?;
     let sat = f64_tensor(sat)?;
     if sat.f_lt(0.0)?.f_any()?.f_int64_value(&[])? != 0 {
         return Err(Error::invalid("saturation", "must be >= 0 for symmetric quantization"));
     }
     let n = if restrict { 2f64.powi(bits as i32 - 1) - 1.0 } else { (2f64.powi(bits as i32) - 1.0) / 2.0 };
-    let sat = sat.f_masked_fill(&sat.f_eq(0.0)?, n)?;
-    let scale = sat.f_full_like(n)?.f_div(&sat)?;
-    let zp = scale.f_zeros_like()?;
-    Ok((scale, zp))
+    let span = sat.f_masked_fill(&sat.f_eq(0.0)?, n)?;
+    let zp = span.f_zeros_like()?;
+    Ok((n, span, zp))
 }
 
 /// Asymmetric parameters for the range `[min, max]` (widened to include 0): `scale = (2^b − 1)/(max − min)`
 /// (a zero-width range gives scale 1), `zero_point = round(scale·min)`, plus `2^(b−1)` when signed.
 pub fn asymmetric_params(bits: u32, min: &Tensor, max: &Tensor, integral_zero_point: bool, signed: bool) -> Result<(Tensor, Tensor)> {
+    let (levels, span, zp) = asymmetric_span(bits, min, max, integral_zero_point, signed)?;
+    Ok((span.f_full_like(levels)?.f_div(&span)?, zp))
+}
+
+/// `(n, span, zero_point)` with `scale = n / span` (see [`symmetric_span`]).
+fn asymmetric_span(bits: u32, min: &Tensor, max: &Tensor, integral_zero_point: bool, signed: bool) -> Result<(f64, Tensor, Tensor)> {
     check_bits("bits", bits)?;
     let (min, max) = (f64_tensor(min)?, f64_tensor(max)?);
     if min.f_gt_tensor(&max)?.f_any()?.f_int64_value(&[])? != 0 {
@@ -144,16 +156,113 @@ pub fn asymmetric_params(bits: u32, min: &Tensor, max: &Tensor, integral_zero_po
     let min = min.f_clamp_max(0.0)?;
     let max = max.f_clamp_min(0.0)?;
     let diff = max.f_sub(&min)?;
-    let diff = diff.f_masked_fill(&diff.f_eq(0.0)?, n)?;
-    let scale = diff.f_full_like(n)?.f_div(&diff)?;
-    let mut zp = scale.f_mul(&min)?;
+    let span = diff.f_masked_fill(&diff.f_eq(0.0)?, n)?;
+    let mut zp = min.f_mul_scalar(n)?.f_div(&span)?;
     if integral_zero_point {
         zp = zp.f_round()?;
     }
     if signed {
         zp = zp.f_add_scalar(2f64.powi(bits as i32 - 1))?;
     }
-    Ok((scale, zp))
+    Ok((n, span, zp))
+}
+
+/// Scale and zero point for the range `[min, max]` (tensors) without validation or host synchronization, in
+/// the tensors' dtype: symmetric over `max(|min|, |max|)`, else asymmetric over the range widened to include 0
+/// (Distiller's formulas; a zero range gives scale 1).
+pub fn range_scale_fast(bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor) -> Result<(Tensor, Tensor)> {
+    if mode.symmetric() {
+        let n = if mode.restricted() { 2f64.powi(bits as i32 - 1) - 1.0 } else { (2f64.powi(bits as i32) - 1.0) / 2.0 };
+        let sat = min.f_abs()?.f_maximum(&max.f_abs()?)?;
+        let sat = sat.f_masked_fill(&sat.f_eq(0.0)?, n)?;
+        Ok((sat.f_reciprocal()?.f_mul_scalar(n)?, sat.f_zeros_like()?))
+    } else {
+        let n = 2f64.powi(bits as i32) - 1.0;
+        let (lo, hi) = (min.f_clamp_max(0.0)?, max.f_clamp_min(0.0)?);
+        let diff = hi.f_sub(&lo)?;
+        let diff = diff.f_masked_fill(&diff.f_eq(0.0)?, n)?;
+        let scale = diff.f_reciprocal()?.f_mul_scalar(n)?;
+        let mut zp = lo.f_mul_scalar(n)?.f_div(&diff)?.f_round()?;
+        if mode == LinearQuantMode::AsymmetricSigned {
+            zp = zp.f_add_scalar(2f64.powi(bits as i32 - 1))?;
+        }
+        Ok((scale, zp))
+    }
+}
+
+/// Fake quantization of `x` over the range `[min, max]` (0-d tensors, or `[C]` along `axis` for per-channel
+/// weights, on `x`'s device), with no host synchronization: Distiller's `(round(scale·x − zp) + zp) / scale` with
+/// `scale` and `zp` from the range ([`range_scale_fast`]) and a straight-through gradient.
+///
+/// With `clip` (activations, Distiller's `FakeLinearQuantization`) values beyond the range saturate at the
+/// integer range's ends and get no gradient. The saturation and the gradient mask are taken on the integers, as
+/// PyTorch's fused fake quantization does: an input less than half a level beyond the range still gets its
+/// gradient, where Distiller's `clamp` of the input stops it at the range's ends. Without `clip` (weights, whose
+/// range is their own) nothing saturates and the gradient is the identity. Three full-size tensors per call
+/// (the zero point's passes are skipped when symmetric): `clamp`'s own backward pass and libtorch's fused kernel
+/// are each several times slower on the CPU.
+pub fn fake_quantize_range(x: &Tensor, bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor, axis: Option<usize>, clip: bool) -> Result<Tensor> {
+    let (scale, zp) = range_scale_fast(bits, mode, min, max)?;
+    fake_quantize(x, bits, mode, &scale, &zp, axis, clip)
+}
+
+/// [`fake_quantize_range`] with the scale and zero point already known (0-d, or `[C]` along `axis`).
+pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tensor, zp: &Tensor, axis: Option<usize>, clip: bool) -> Result<Tensor> {
+    let kind = x.kind();
+    let symmetric = mode.symmetric();
+    let shaped = |t: &Tensor| -> Result<Tensor> {
+        let t = match axis {
+            Some(a) => along(t, a, x.dim())?,
+            None => t.shallow_clone(),
+        };
+        if t.kind() == kind { Ok(t) } else { Ok(t.f_to_kind(kind)?) }
+    };
+    let scale = shaped(scale)?;
+    // A symmetric zero point is 0: its passes are skipped.
+    let zp = if symmetric { scale.shallow_clone() } else { shaped(zp)? };
+    let xd = x.f_detach()?;
+    let mut q = tch::no_grad(|| -> Result<Tensor> {
+        let mut q = xd.f_mul(&scale)?;
+        if !symmetric {
+            let _ = q.f_sub_(&zp)?;
+        }
+        let _ = q.f_round_()?;
+        Ok(q)
+    })?;
+    if !clip {
+        let dq = tch::no_grad(|| -> Result<Tensor> {
+            if !symmetric {
+                let _ = q.f_add_(&zp)?;
+            }
+            let _ = q.f_div_(&scale)?;
+            Ok(q)
+        })?;
+        return straight_through(x, &dq);
+    }
+    let half = 2f64.powi(bits as i32 - 1);
+    let (qmin, qmax) = match mode {
+        // The symmetric range's ends map to ±(2^b − 1)/2, which round (to even) to ±2^(b−1).
+        LinearQuantMode::Symmetric => (-half, half),
+        LinearQuantMode::SymmetricRestricted => (-(half - 1.0), half - 1.0),
+        LinearQuantMode::AsymmetricUnsigned => (0.0, 2.0 * half - 1.0),
+        LinearQuantMode::AsymmetricSigned => (-half, half - 1.0),
+    };
+    // q becomes the mask (1 where nothing saturated), dq the saturated, dequantized value.
+    let mut dq = tch::no_grad(|| -> Result<Tensor> {
+        let mut dq = q.f_clamp(qmin, qmax)?;
+        let _ = q.f_eq_tensor_(&dq)?;
+        if !mode.symmetric() {
+            let _ = dq.f_add_(&zp)?;
+        }
+        let _ = dq.f_div_(&scale)?;
+        Ok(dq)
+    })?;
+    // Value: x·mask + (dq − x·mask) = dq; gradient: the mask. In place where autograd allows, since every
+    // full-size pass counts on the CPU.
+    let mut y = x.f_mul(&q)?;
+    let _ = tch::no_grad(|| dq.f_sub_(&y.f_detach()?))?;
+    let _ = y.f_add_(&dq)?;
+    Ok(y)
 }
 
 /// `round(scale·x − zero_point)`.
@@ -290,19 +399,63 @@ pub struct QParams {
     pub zero_point: Tensor,
     /// Integer range.
     pub range: (f64, f64),
+    /// `scale = levels / span`: the two are kept apart so that [`QParams::quantize`] divides once. `None` when
+    /// the scale is used as it is (an approximated scale).
+    span: Option<(f64, Tensor)>,
+}
+
+impl Clone for QParams {
+    fn clone(&self) -> Self {
+        QParams {
+            scale: self.scale.shallow_clone(),
+            zero_point: self.zero_point.shallow_clone(),
+            range: self.range,
+            span: self.span.as_ref().map(|(n, s)| (*n, s.shallow_clone())),
+        }
+    }
+}
+
+/// `scale` approximated as `mult / 2^shift` with a `mult_bits`-bit integer multiplier (Distiller's
+/// `approx_scale_as_mult_and_shift`): `shift = ⌊log2((2^m − 1)/scale)⌋`, `mult = ⌊scale·2^shift⌋`.
+pub fn approx_scale_as_mult_and_shift(scale: &Tensor, mult_bits: u32) -> Result<Tensor> {
+    if !(1..=32).contains(&mult_bits) {
+        return Err(Error::invalid("scale_approx_mult_bits", format!("{mult_bits}: must be 1..=32")));
+    }
+    let scale = scale.f_to_kind(Kind::Double)?;
+    let limit = 2f64.powi(mult_bits as i32) - 1.0;
+    let shift = scale.f_reciprocal()?.f_mul_scalar(limit)?.f_log2()?.f_floor()?;
+    let pow = shift.f_exp2()?;
+    Ok(scale.f_mul(&pow)?.f_floor()?.f_div(&pow)?)
 }
 
 impl QParams {
+    /// The same parameters with the scale approximated by a `mult_bits`-bit multiplier and a shift
+    /// ([`approx_scale_as_mult_and_shift`]); the zero point is kept.
+    pub fn approximated(&self, mult_bits: u32) -> Result<Self> {
+        let scale = approx_scale_as_mult_and_shift(&self.scale, mult_bits)?;
+        // x·scale is exact in float64 for a float32 x and a multiplier of at most 29 bits.
+        Ok(QParams { scale, zero_point: self.zero_point.shallow_clone(), range: self.range, span: None })
+    }
+
+    fn from_span(levels: f64, span: Tensor, zero_point: Tensor, range: (f64, f64)) -> Result<Self> {
+        let scale = span.f_full_like(levels)?.f_div(&span)?;
+        Ok(QParams { scale, zero_point, range, span: Some((levels, span)) })
+    }
+
     /// Parameters of `mode` at `bits` for statistics `stats` clipped by `clip`.
     pub fn from_stats(stats: &RangeStats, bits: u32, mode: LinearQuantMode, clip: ClipMode, half_range: bool) -> Result<Self> {
         let range = quantized_range(bits, mode.signed(), mode.restricted());
-        let (scale, zero_point) = if mode.symmetric() {
-            symmetric_params(bits, &Tensor::from(stats.symmetric_sat(clip, bits, half_range)?), mode.restricted())?
+        let values = [stats.min, stats.max, stats.avg_min, stats.avg_max, stats.mean, stats.std, stats.b];
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::invalid("statistics", format!("ranges must be finite numbers, got {stats:?}")));
+        }
+        let (levels, span, zero_point) = if mode.symmetric() {
+            symmetric_span(bits, &Tensor::from(stats.symmetric_sat(clip, bits, half_range)?), mode.restricted())?
         } else {
             let (lo, hi) = stats.range(clip, bits, half_range)?;
-            asymmetric_params(bits, &Tensor::from(lo), &Tensor::from(hi), true, mode == LinearQuantMode::AsymmetricSigned)?
+            asymmetric_span(bits, &Tensor::from(lo), &Tensor::from(hi), true, mode == LinearQuantMode::AsymmetricSigned)?
         };
-        Ok(QParams { scale, zero_point, range })
+        QParams::from_span(levels, span, zero_point, range)
     }
 
     /// Parameters from a weight tensor's own range, per output channel (dimension 0) or per tensor; no clipping.
@@ -316,12 +469,36 @@ impl QParams {
         } else {
             (w.f_min()?, w.f_max()?)
         };
-        let (scale, zero_point) = if mode.symmetric() {
-            symmetric_params(bits, &min.f_abs()?.f_maximum(&max.f_abs()?)?, mode.restricted())?
+        if min.f_isfinite()?.f_logical_and(&max.f_isfinite()?)?.f_all()?.f_int64_value(&[])? == 0 {
+            return Err(Error::invalid("weights", format!("a tensor of shape {:?} holds NaN or infinite values; it cannot be quantized", w.size())));
+        }
+        let (levels, span, zero_point) = if mode.symmetric() {
+            symmetric_span(bits, &min.f_abs()?.f_maximum(&max.f_abs()?)?, mode.restricted())?
         } else {
-            asymmetric_params(bits, &min, &max, true, mode == LinearQuantMode::AsymmetricSigned)?
+            asymmetric_span(bits, &min, &max, true, mode == LinearQuantMode::AsymmetricSigned)?
         };
-        Ok(QParams { scale, zero_point, range })
+        QParams::from_span(levels, span, zero_point, range)
+    }
+
+    /// `clamp(round(x·scale − zero_point))` in float64, per channel along dimension `dim` of `x` when the
+    /// parameters are per channel. Computed as `x·n / span` (one rounding, and none for `x·n` when `x` is float32
+    /// and `n` has at most 29 bits), so a value exactly half-way between two levels rounds to even as in exact
+    /// arithmetic: a symmetric range's most negative value lands on −2^(b−1), never one level above.
+    pub fn quantize(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        let rank = x.dim();
+        let x = x.f_to_kind(Kind::Double)?;
+        let scaled = match &self.span {
+            Some((levels, span)) => x.f_mul_scalar(*levels)?.f_div(&along(span, dim, rank)?)?,
+            None => x.f_mul(&along(&self.scale, dim, rank)?.f_to_kind(Kind::Double)?)?,
+        };
+        let zp = along(&self.zero_point, dim, rank)?;
+        Ok(scaled.f_sub(&zp)?.f_round()?.f_clamp(self.range.0, self.range.1)?)
+    }
+
+    /// `(q + zero_point) / scale` in float64, per channel along dimension `dim` of `q`.
+    pub fn dequantize(&self, q: &Tensor, dim: usize) -> Result<Tensor> {
+        let (s, z) = self.along(dim, q.dim(), Kind::Double)?;
+        linear_dequantize(&q.f_to_kind(Kind::Double)?, &s, &z)
     }
 
     /// The parameters shaped to broadcast along dimension `dim` of a rank-`rank` tensor, as `kind`.
@@ -396,6 +573,58 @@ mod tests {
         let q = linear_quantize(&Tensor::from_slice(&[0.0f64, 10.0]), &s, &z).unwrap();
         assert_eq!(v(&q), [42.0, 254.0]);
         assert_eq!(v(&linear_dequantize(&q, &s, &z).unwrap())[0], 0.0);
+    }
+
+    #[test]
+    fn ties_at_the_range_ends_round_as_exact_arithmetic() {
+        // Symmetric 8 bits: the range's most negative value −sat maps to exactly −127.5, a tie that rounds to even
+        // (−128). Look for a saturation where float32's rounded scale misses the tie.
+        let sat = (1..10_000)
+            .map(|k| 0.1f32 + k as f32 * 1e-3)
+            .find(|&s| -s * (127.5f32 / s) > -127.5)
+            .expect("a saturation where float32 rounding moves the product off the tie");
+        assert_eq!((-sat * (127.5f32 / sat)).round(), -127.0, "the case the test is about");
+        let st = RangeStats { min: -sat as f64, max: sat as f64 / 2.0, avg_min: 0.0, avg_max: 0.0, mean: 0.0, std: 0.0, b: 0.0 };
+        let p = QParams::from_stats(&st, 8, LinearQuantMode::Symmetric, ClipMode::None, false).unwrap();
+        let x = Tensor::from_slice(&[-sat, sat]);
+        assert_eq!(v(&p.quantize(&x, 0).unwrap()), [-128.0, 127.0]);
+        // The same through a weight tensor (per channel), and the asymmetric zero point: min·n/span = −127.5 → −128.
+        let w = Tensor::from_slice(&[-sat, sat / 2.0, -sat, 0.25]).reshape([2, 2]);
+        let p = QParams::from_weight(&w, 8, LinearQuantMode::Symmetric, true).unwrap();
+        assert_eq!(v(&p.quantize(&w, 0).unwrap())[..2], [-128.0, 64.0]);
+        let (_, z) = asymmetric_params(8, &Tensor::from(-(sat as f64)), &Tensor::from(sat as f64), true, false).unwrap();
+        assert_eq!(z.double_value(&[]), -128.0);
+        // Non-finite statistics and weights are refused.
+        assert!(QParams::from_stats(&RangeStats { max: f64::NAN, ..st }, 8, LinearQuantMode::Symmetric, ClipMode::None, false).is_err());
+        let nan = Tensor::from_slice(&[1.0f32, f32::NAN]);
+        assert!(QParams::from_weight(&nan, 8, LinearQuantMode::Symmetric, false).unwrap_err().to_string().contains("NaN"));
+    }
+
+    #[test]
+    fn scale_approximation_is_a_multiplier_and_a_shift() {
+        // 0.3 with 8 bits: shift ⌊log2(255/0.3)⌋ = 9, mult ⌊0.3·512⌋ = 153; 100: shift 1, mult 200.
+        let s = approx_scale_as_mult_and_shift(&Tensor::from_slice(&[0.3f64, 100.0]), 8).unwrap();
+        assert_eq!(v(&s), [153.0 / 512.0, 100.0]);
+        assert!(approx_scale_as_mult_and_shift(&Tensor::from(1.0f64), 0).is_err());
+    }
+
+    #[test]
+    fn range_fake_quantization_matches_distillers_formula_and_masks_saturated_gradients() {
+        // Asymmetric unsigned 2 bits over [−1, 2]: scale 1, zero point −1; levels −1, 0, 1, 2.
+        let x = Tensor::from_slice(&[-3.0f32, -0.6, 0.4, 0.5, 1.6, 2.2, 9.0]).set_requires_grad(true);
+        let (lo, hi) = (Tensor::from(-1.0f32), Tensor::from(2.0f32));
+        let y = fake_quantize_range(&x, 2, LinearQuantMode::AsymmetricUnsigned, &lo, &hi, None, true).unwrap();
+        // 0.5 ↦ 1.5, a tie, rounds to the even level 2, i.e. 1.0; 2.2 is beyond the range but rounds onto its end.
+        assert_eq!(v(&y), [-1.0, -1.0, 0.0, 1.0, 2.0, 2.0, 2.0]);
+        y.sum(Kind::Float).backward();
+        assert_eq!(v(&x.grad()), [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0], "no gradient through saturated values");
+        // Weights: no saturation, identity gradient; symmetric 8 bits over ±2: scale 63.75.
+        let w = Tensor::from_slice(&[-2.0f32, 0.01, 1.0]).set_requires_grad(true);
+        let q = fake_quantize_range(&w, 8, LinearQuantMode::Symmetric, &Tensor::from(-2.0f32), &Tensor::from(1.0f32), None, false).unwrap();
+        let expected: Vec<f64> = [-2.0f32, 0.01, 1.0].iter().map(|x| ((x * 63.75f32).round_ties_even() / 63.75f32) as f64).collect();
+        assert_eq!(v(&q), expected);
+        q.sum(Kind::Float).backward();
+        assert_eq!(v(&w.grad()), [1.0, 1.0, 1.0]);
     }
 
     #[test]

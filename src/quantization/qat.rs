@@ -7,14 +7,13 @@
 //! (range-linear) fake quantizers.
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use tch::nn::Init;
 use tch::Tensor;
 
-use super::q_utils::{fake_quantize_ste, straight_through, symmetric_params, LinearQuantMode, QParams};
-use super::quantizer::{resolve_settings, ModeSpec, ModuleQuantSettings, Overrides, QBits, QuantDefaults, ReplaceFactory, Replaced};
-use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module};
+use super::q_utils::{fake_quantize, fake_quantize_range, fake_quantize_ste, straight_through, symmetric_params, LinearQuantMode};
+use super::quantizer::{resolve_settings, ModeSpec, ModuleQuantSettings, Overrides, QBits, QuantDefaults, ReplaceFactory, Replaced, CLIPPED_OVERRIDE_KEYS, QAT_OVERRIDE_KEYS};
+use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module, Rollback};
 use crate::{Error, Result};
 
 /// How a quantization-aware method quantizes weights.
@@ -62,9 +61,14 @@ impl WeightQuant {
                 fake_quantize_ste(&c, &s.f_to_kind(w.kind())?, &z.f_to_kind(w.kind())?)
             }
             WeightQuant::RangeLinear { bits, mode, per_channel } => {
-                let p = tch::no_grad(|| QParams::from_weight(w, bits, mode, per_channel))?;
-                let (s, z) = p.along(0, w.dim(), w.kind())?;
-                fake_quantize_ste(w, &s, &z)
+                let wd = w.f_detach()?;
+                if per_channel && wd.dim() >= 2 {
+                    let (min, max) = wd.f_reshape([wd.size()[0], -1])?.f_aminmax(1, false)?;
+                    fake_quantize_range(w, bits, mode, &min, &max, Some(0), false)
+                } else {
+                    let (min, max) = wd.f_aminmax(None, false)?;
+                    fake_quantize_range(w, bits, mode, &min, &max, None, false)
+                }
             }
         }
     }
@@ -89,20 +93,20 @@ impl FpCopyLayer {
         Ok(Box::new(FpCopyLayer { layer, weight, bias }))
     }
 
-    fn parts(&self) -> (&Tensor, Option<&Tensor>) {
+    fn parts(&self) -> Result<(&Tensor, Option<&Tensor>)> {
         let any = self.layer.as_ref() as &dyn Any;
-        match any.downcast_ref::<Conv2d>() {
-            Some(c) => (&c.weight, c.bias.as_ref()),
-            None => {
-                let l = any.downcast_ref::<Linear>().expect("checked in new");
-                (&l.weight, l.bias.as_ref())
-            }
+        if let Some(c) = any.downcast_ref::<Conv2d>() {
+            return Ok((&c.weight, c.bias.as_ref()));
+        }
+        match any.downcast_ref::<Linear>() {
+            Some(l) => Ok((&l.weight, l.bias.as_ref())),
+            None => Err(Error::invalid("module", "the quantized layer no longer holds a Conv2d or Linear")),
         }
     }
 
     /// The quantized weight the layer computes with.
     pub fn quantized_weight(&self) -> Result<Tensor> {
-        self.weight.apply(self.parts().0)
+        self.weight.apply(self.parts()?.0)
     }
 }
 
@@ -111,7 +115,7 @@ impl Module for FpCopyLayer {
         self.layer.type_name()
     }
     fn forward(&self, x: &Tensor, _: &mut Forward) -> Result<Tensor> {
-        let (w, b) = self.parts();
+        let (w, b) = self.parts()?;
         let wq = self.weight.apply(w)?;
         let bq = match (b, &self.bias) {
             (Some(b), Some(q)) => Some(q.apply(b)?),
@@ -128,10 +132,13 @@ impl Module for FpCopyLayer {
         }
     }
     fn parameters(&self) -> Vec<(&str, &Tensor)> {
-        let (w, b) = self.parts();
+        let Ok((w, b)) = self.parts() else { return Vec::new() };
         let mut p = vec![("float_weight", w)];
         p.extend(b.map(|b| (if self.bias.is_some() { "float_bias" } else { "bias" }, b)));
         p
+    }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        Some(std::mem::replace(&mut self.layer, Box::new(crate::nn::Identity)))
     }
     fn extra_repr(&self) -> String {
         format!("{}, weights={:?}", self.layer.extra_repr(), self.weight)
@@ -155,6 +162,10 @@ impl Module for ClippedLinearQuantization {
         let c = x.f_clamp(0.0, self.clip_val)?;
         let s = Tensor::from((2f64.powi(self.bits as i32) - 1.0) / self.clip_val).f_to_kind(x.kind())?;
         fake_quantize_ste(&c, &s, &s.f_zeros_like()?)
+    }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        // It only ever replaces a ReLU, which holds no state.
+        Some(Box::new(crate::nn::ReLU))
     }
     fn extra_repr(&self) -> String {
         format!("num_bits={}, clip_val={}", self.bits, self.clip_val)
@@ -186,41 +197,122 @@ impl Module for LearnedClippedLinearQuantization {
     fn parameters(&self) -> Vec<(&str, &Tensor)> {
         vec![("clip_val", &self.clip_val)]
     }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        // It only ever replaces a ReLU, which holds no state.
+        Some(Box::new(crate::nn::ReLU))
+    }
     fn extra_repr(&self) -> String {
         format!("num_bits={}, clip_val={:.4}", self.bits, self.clip_val.f_double_value(&[0]).unwrap_or(f64::NAN))
     }
 }
 
-/// Range-linear activation fake quantization with EMA-tracked ranges (Distiller's `FakeLinearQuantization`
-/// inside a `FakeQuantizationWrapper`): the wrapped module runs, then its output is clamped to the tracked range
-/// and quantized.
+/// Distiller's `FakeLinearQuantization`: range-linear fake quantization with ranges tracked by a bias-corrected
+/// exponential moving average of each training batch's min and max. The state lives in buffers on the model's
+/// device (Distiller's names: `tracked_min_biased`, `tracked_min`, `tracked_max_biased`, `tracked_max`,
+/// `iter_count`, `scale`, `zero_point`), so a training step never waits for the device and checkpoints carry
+/// the ranges.
 #[derive(Debug)]
-pub struct FakeQuantizationWrapper {
-    wrapped: BoxModule,
+pub struct FakeLinearQuantization {
     bits: u32,
     mode: LinearQuantMode,
     ema_decay: f64,
-    state: Mutex<EmaState>,
+    buffers: [Tensor; 7],
+    /// Known to hold a tracked range (set by training; a loaded checkpoint is checked once).
+    tracking: std::sync::atomic::AtomicBool,
 }
 
-#[derive(Debug, Default, Clone)]
-struct EmaState {
-    iter: i32,
-    min_biased: f64,
-    max_biased: f64,
-    min: f64,
-    max: f64,
-}
+const EMA_BUFFERS: [&str; 7] = ["tracked_min_biased", "tracked_min", "tracked_max_biased", "tracked_max", "iter_count", "scale", "zero_point"];
 
-impl FakeQuantizationWrapper {
-    /// Wraps `wrapped` (a ReLU) with `bits`-bit fake quantization of its output.
-    pub fn new(wrapped: BoxModule, bits: u32, mode: LinearQuantMode, ema_decay: f64) -> Self {
-        FakeQuantizationWrapper { wrapped, bits, mode, ema_decay, state: Mutex::new(EmaState::default()) }
+impl FakeLinearQuantization {
+    /// `bits`-bit `mode` quantization with EMA decay `ema_decay`, its state on `device`.
+    pub fn new(bits: u32, mode: LinearQuantMode, ema_decay: f64, device: tch::Device) -> Result<Self> {
+        let zero = || Tensor::f_zeros([1], (tch::Kind::Float, device));
+        let buffers = [zero()?, zero()?, zero()?, zero()?, zero()?, Tensor::f_ones([1], (tch::Kind::Float, device))?, zero()?];
+        Ok(FakeLinearQuantization { bits, mode, ema_decay, buffers, tracking: std::sync::atomic::AtomicBool::new(false) })
     }
 
     /// The tracked (bias-corrected) range.
-    pub fn tracked_range(&self) -> (f64, f64) {
-        self.state.lock().map(|s| (s.min, s.max)).unwrap_or((0.0, 0.0))
+    pub fn tracked_range(&self) -> Result<(f64, f64)> {
+        Ok((self.buffers[1].f_double_value(&[0])?, self.buffers[3].f_double_value(&[0])?))
+    }
+
+    fn update(&self, y: &Tensor) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let [min_biased, min, max_biased, max, iter, scale, zero_point] = &self.buffers;
+        let d = self.ema_decay;
+        let (lo, hi) = y.f_detach()?.f_aminmax(None, false)?;
+        let _ = iter.shallow_clone().f_add_scalar_(1.0)?;
+        let _ = min_biased.shallow_clone().f_mul_scalar_(d)?.f_add_(&lo.f_to_kind(tch::Kind::Float)?.f_mul_scalar(1.0 - d)?)?;
+        let _ = max_biased.shallow_clone().f_mul_scalar_(d)?.f_add_(&hi.f_to_kind(tch::Kind::Float)?.f_mul_scalar(1.0 - d)?)?;
+        // Bias correction 1 − d^iter, on the device.
+        let correction = Tensor::f_pow_scalar(d, iter)?.f_neg()?.f_add_scalar(1.0)?;
+        let _ = min.shallow_clone().f_copy_(&min_biased.f_div(&correction)?)?;
+        let _ = max.shallow_clone().f_copy_(&max_biased.f_div(&correction)?)?;
+        let (s, z) = super::q_utils::range_scale_fast(self.bits, self.mode, min, max)?;
+        let _ = scale.shallow_clone().f_copy_(&s)?;
+        let _ = zero_point.shallow_clone().f_copy_(&z)?;
+        self.tracking.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether a range has been tracked; asks the device only while the answer is not known to be yes (before
+    /// the first training batch, or after its buffers were loaded from a checkpoint).
+    fn has_range(&self) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        if self.tracking.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let yes = self.buffers[4].f_double_value(&[0])? > 0.0;
+        self.tracking.store(yes, Ordering::Relaxed);
+        Ok(yes)
+    }
+}
+
+impl Module for FakeLinearQuantization {
+    fn type_name(&self) -> &str {
+        "FakeLinearQuantization"
+    }
+    fn forward(&self, y: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
+        if ctx.is_training() {
+            self.update(y)?;
+        } else if !self.has_range()? {
+            // No range has been seen yet: pass the input through.
+            return Ok(y.shallow_clone());
+        }
+        let [.., scale, zero_point] = &self.buffers;
+        fake_quantize(y, self.bits, self.mode, scale, zero_point, None, true)
+    }
+    fn buffers(&self) -> Vec<(&str, &Tensor)> {
+        EMA_BUFFERS.iter().copied().zip(self.buffers.iter()).collect()
+    }
+    fn extra_repr(&self) -> String {
+        format!("mode={:?}, num_bits={}, ema_decay={:.4}", self.mode, self.bits, self.ema_decay)
+    }
+}
+
+/// Range-linear activation fake quantization of a module's output (Distiller's `FakeQuantizationWrapper`): the
+/// wrapped module (a ReLU) runs, then `fake_q`.
+#[derive(Debug)]
+pub struct FakeQuantizationWrapper {
+    wrapped: BoxModule,
+    fake_q: BoxModule,
+}
+
+impl FakeQuantizationWrapper {
+    /// Wraps `wrapped` (a ReLU) with `bits`-bit fake quantization of its output, its state on `device`.
+    pub fn new(wrapped: BoxModule, bits: u32, mode: LinearQuantMode, ema_decay: f64, device: tch::Device) -> Replaced {
+        match FakeLinearQuantization::new(bits, mode, ema_decay, device) {
+            Ok(q) => Ok(Box::new(FakeQuantizationWrapper { wrapped, fake_q: Box::new(q) })),
+            Err(e) => Err((wrapped, e)),
+        }
+    }
+
+    /// The tracked (bias-corrected) range.
+    pub fn tracked_range(&self) -> Result<(f64, f64)> {
+        match (self.fake_q.as_ref() as &dyn Any).downcast_ref::<FakeLinearQuantization>() {
+            Some(q) => q.tracked_range(),
+            None => Err(Error::invalid("module", "fake_q is not a FakeLinearQuantization")),
+        }
     }
 }
 
@@ -230,44 +322,58 @@ impl Module for FakeQuantizationWrapper {
     }
     fn forward(&self, x: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         let y = ctx.call("wrapped_module", self.wrapped.as_ref(), x)?;
-        let mut st = self.state.lock().map_err(|_| Error::invalid("fake quantization", "state poisoned"))?;
-        if ctx.is_training() {
-            let (lo, hi) = (y.f_min()?.f_double_value(&[])?, y.f_max()?.f_double_value(&[])?);
-            st.iter += 1;
-            let d = self.ema_decay;
-            st.min_biased = st.min_biased * d + (1.0 - d) * lo;
-            st.max_biased = st.max_biased * d + (1.0 - d) * hi;
-            let correction = 1.0 - d.powi(st.iter);
-            st.min = st.min_biased / correction;
-            st.max = st.max_biased / correction;
-        }
-        if st.iter == 0 {
-            return Ok(y);
-        }
-        let (lo, hi) = if self.mode.symmetric() {
-            let m = st.min.abs().max(st.max.abs());
-            (-m, m)
-        } else {
-            (st.min, st.max)
-        };
-        let p = QParams::from_stats(
-            &super::q_utils::RangeStats { min: lo, max: hi, avg_min: lo, avg_max: hi, mean: 0.0, std: 0.0, b: 0.0 },
-            self.bits,
-            self.mode,
-            super::q_utils::ClipMode::None,
-            false,
-        )?;
-        let (s, z) = (p.scale.f_to_kind(y.kind())?, p.zero_point.f_to_kind(y.kind())?);
-        fake_quantize_ste(&y.f_clamp(lo, hi)?, &s, &z)
+        ctx.call("fake_q", self.fake_q.as_ref(), &y)
     }
     fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("wrapped_module", self.wrapped.as_ref())]
+        vec![("wrapped_module", self.wrapped.as_ref()), ("fake_q", self.fake_q.as_ref())]
     }
     fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
-        vec![("wrapped_module", &mut self.wrapped)]
+        vec![("wrapped_module", &mut self.wrapped), ("fake_q", &mut self.fake_q)]
+    }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
+    }
+}
+
+/// The model's root with its input fake-quantized first (Distiller's `inputs_quant`, added to the model by
+/// `QuantAwareTrainRangeLinearQuantizer` with `quantize_inputs`). It lists the root's own parameters and
+/// children, then `inputs_quant`, so every other name stays.
+#[derive(Debug)]
+pub struct InputQuantized {
+    inner: BoxModule,
+    inputs_quant: BoxModule,
+}
+
+impl Module for InputQuantized {
+    fn type_name(&self) -> &str {
+        self.inner.type_name()
+    }
+    fn forward_many(&self, inputs: &[&Tensor], ctx: &mut Forward) -> Result<Tensor> {
+        let quantized = inputs.iter().map(|x| ctx.call("inputs_quant", self.inputs_quant.as_ref(), x)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = quantized.iter().collect();
+        self.inner.forward_many(&refs, ctx)
+    }
+    fn parameters(&self) -> Vec<(&str, &Tensor)> {
+        self.inner.parameters()
+    }
+    fn buffers(&self) -> Vec<(&str, &Tensor)> {
+        self.inner.buffers()
+    }
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        let mut c = self.inner.children();
+        c.push(("inputs_quant", self.inputs_quant.as_ref()));
+        c
+    }
+    fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
+        let mut c = self.inner.children_mut();
+        c.push(("inputs_quant", &mut self.inputs_quant));
+        c
+    }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        Some(std::mem::replace(&mut self.inner, Box::new(crate::nn::Identity)))
     }
     fn extra_repr(&self) -> String {
-        format!("num_bits={}, mode={:?}, ema_decay={}", self.bits, self.mode, self.ema_decay)
+        self.inner.extra_repr()
     }
 }
 
@@ -294,6 +400,10 @@ pub enum QatMethod {
         ema_decay: f64,
         /// Per-channel weights.
         per_channel_wts: bool,
+        /// Fake-quantize the model's input (Distiller's default).
+        quantize_inputs: bool,
+        /// Bits of the input (`None`: the activations').
+        num_bits_inputs: Option<u32>,
     },
 }
 
@@ -334,12 +444,22 @@ pub struct Prepared {
 impl QatQuantizer {
     /// Replaces the model's Conv2d/Linear layers and ReLUs, names kept.
     pub fn prepare_model(&self, model: &mut Model) -> Result<Prepared> {
-        let mode = match &self.method {
-            QatMethod::RangeLinear { mode, .. } => *mode,
-            _ => ModeSpec::both(LinearQuantMode::Symmetric),
+        let mut rollback = Rollback::begin(model)?;
+        let result = self.prepare_steps(model, &mut rollback);
+        if result.is_err() {
+            rollback.undo(model);
+        }
+        result
+    }
+
+    fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<Prepared> {
+        let (mode, allowed) = match &self.method {
+            QatMethod::RangeLinear { mode, .. } => (*mode, QAT_OVERRIDE_KEYS),
+            _ => (ModeSpec::both(LinearQuantMode::Symmetric), CLIPPED_OVERRIDE_KEYS),
         };
-        let defaults = QuantDefaults { bits: self.bits, mode, clip_acts: super::q_utils::ClipMode::None, per_channel_wts: false };
-        let settings = resolve_settings(model, &defaults, &self.overrides)?;
+        let defaults = QuantDefaults { bits: self.bits, mode, ..QuantDefaults::float() };
+        let settings = resolve_settings(model, &defaults, &self.overrides, allowed)?;
+        let device = model.device();
         // PACT's α are created in the VarStore under their module's path before the tree is changed.
         let mut alphas: HashMap<String, Tensor> = HashMap::new();
         if let QatMethod::Pact { act_clip_init_val, .. } = self.method {
@@ -376,17 +496,25 @@ impl QatQuantizer {
         let alphas = std::cell::RefCell::new(alphas);
         let relu = |m: BoxModule, name: &str, s: &ModuleQuantSettings| -> Replaced {
             let Some(bits) = s.bits.acts else { return Ok(m) };
-            Ok(match &self.method {
-                QatMethod::Dorefa | QatMethod::Wrpn => Box::new(ClippedLinearQuantization { bits, clip_val: 1.0 }),
+            match &self.method {
+                QatMethod::Dorefa | QatMethod::Wrpn => Ok(Box::new(ClippedLinearQuantization { bits, clip_val: 1.0 })),
                 QatMethod::Pact { .. } => match alphas.borrow_mut().remove(name) {
-                    Some(clip_val) => Box::new(LearnedClippedLinearQuantization { bits, clip_val }),
-                    None => return Err((m, Error::invalid("PACT", format!("no clipping value was created for {name}")))),
+                    Some(clip_val) => Ok(Box::new(LearnedClippedLinearQuantization { bits, clip_val })),
+                    None => Err((m, Error::invalid("PACT", format!("no clipping value was created for {name}")))),
                 },
-                QatMethod::RangeLinear { .. } => Box::new(FakeQuantizationWrapper::new(m, bits, s.mode.activations, ema_decay)),
-            })
+                QatMethod::RangeLinear { .. } => FakeQuantizationWrapper::new(m, bits, s.mode.activations, ema_decay, device),
+            }
         };
         let factory = ReplaceFactory::default().with("Conv2d", layer).with("Linear", layer).with("ReLU", relu);
-        let replaced = factory.prepare(model, &settings, self.method.class_name())?;
+        let mut replaced = factory.prepare(model, &settings, rollback)?;
+        if let QatMethod::RangeLinear { quantize_inputs: true, num_bits_inputs, mode, ema_decay, .. } = &self.method {
+            if let Some(bits) = num_bits_inputs.or(self.bits.acts) {
+                let inputs_quant: BoxModule = Box::new(FakeLinearQuantization::new(bits, mode.activations, *ema_decay, device)?);
+                model.try_map_root(|inner| Ok(Box::new(InputQuantized { inner, inputs_quant })))?;
+                rollback.wrapped("");
+                replaced.push("inputs_quant".into());
+            }
+        }
         let new_params: Vec<(String, Tensor)> =
             model.named_parameters().into_iter().filter(|(n, _)| n.ends_with(".clip_val")).collect();
         let new_params_weight_decay = match self.method {

@@ -2,58 +2,129 @@
 //! simulated integer arithmetic with requantization, element-wise adds rescale their integer inputs to the output
 //! scale, and every other leaf quantizes its output ("fake" quantization). Ranges come from calibration
 //! statistics (static) or from each batch (dynamic).
+//!
+//! As in Distiller, a quantized module's output carries the parameters it was quantized with to the next module
+//! (attached to the tensor through [`Forward::annotate`]); a module whose input does not come straight from a
+//! quantized module (the model's input, or after a reshape) quantizes it by its `input_overrides`, or with its
+//! output's settings when `inputs_quant_auto_fallback` is on (the default).
 use std::any::Any;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::q_utils::{linear_dequantize, linear_quantize_clamp, quantized_range, ClipMode, LinearQuantMode, QParams, RangeStats};
-use super::quantizer::{resolve_settings, ModeSpec, ModuleQuantSettings, Overrides, QBits, QuantDefaults, ReplaceFactory, Replaced};
+use super::q_utils::{approx_scale_as_mult_and_shift, quantized_range, ClipMode, LinearQuantMode, QParams, RangeStats};
+use super::quantizer::{resolve_settings, InputOverride, ModeSpec, ModuleQuantSettings, Overrides, QBits, QuantDefaults, ReplaceFactory, Replaced, POST_TRAIN_OVERRIDE_KEYS};
 use super::stats::{ActivationStats, ModuleStats};
-use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module};
+use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module, Rollback};
 use crate::{Error, Result};
 
-/// How one wrapper quantizes activations.
+/// How one activation tensor (a module's output, or one of its inputs) is quantized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActSettings {
+    /// Bits.
+    pub bits: u32,
+    /// Mode.
+    pub mode: LinearQuantMode,
+    /// Clipping of the range.
+    pub clip: ClipMode,
+    /// The tensor is known non-negative (a fused ReLU): the range starts at 0 (Distiller's `clip_half_range`).
+    pub half_range: bool,
+}
+
+impl ActSettings {
+    /// `bits`-bit `mode` quantization of the full range.
+    pub fn new(bits: u32, mode: LinearQuantMode) -> Self {
+        ActSettings { bits, mode, clip: ClipMode::None, half_range: false }
+    }
+}
+
+/// How a wrapper quantizes its activations: its output's settings and calibration statistics, and how inputs
+/// that arrive without quantization parameters are quantized.
 #[derive(Debug, Clone)]
 pub struct ActQuant {
-    /// Bits of activations.
-    pub bits: u32,
-    /// Mode of activations.
-    pub mode: LinearQuantMode,
-    /// Clipping.
-    pub clip: ClipMode,
-    /// Output known non-negative.
-    pub half_range: bool,
+    /// The output's settings.
+    pub output: ActSettings,
     /// Calibration statistics (static ranges); `None` = dynamic, from each batch.
     pub stats: Option<ModuleStats>,
+    /// Settings for specific inputs (Distiller's `input_overrides`).
+    pub input_overrides: BTreeMap<usize, ActSettings>,
+    /// Quantize other inputs with the output's settings (Distiller's `inputs_quant_auto_fallback`); when off,
+    /// such an input is an error.
+    pub inputs_auto_fallback: bool,
+    /// Accumulator bits (Distiller's `bits_accum`).
+    pub accum_bits: u32,
+    /// Approximate every scale by an integer multiplier of this many bits and a shift (Distiller's
+    /// `scale_approx_mult_bits`).
+    pub scale_approx_mult_bits: Option<u32>,
 }
 
 impl ActQuant {
-    fn params_for(&self, stats: Option<&RangeStats>, x: &Tensor) -> Result<QParams> {
-        let dynamic;
-        let s = match stats {
-            Some(s) => s,
-            None => {
-                dynamic = RangeStats::of(x)?;
-                &dynamic
-            }
-        };
-        QParams::from_stats(s, self.bits, self.mode, self.clip, self.half_range)
+    /// `output` settings with `stats`; inputs fall back to the output's settings, 32-bit accumulator, exact scales.
+    pub fn new(output: ActSettings, stats: Option<ModuleStats>) -> Self {
+        ActQuant { output, stats, input_overrides: BTreeMap::new(), inputs_auto_fallback: true, accum_bits: 32, scale_approx_mult_bits: None }
     }
 
-    fn input_params(&self, index: usize, x: &Tensor) -> Result<QParams> {
-        let s = self.stats.as_ref().and_then(|m| m.inputs.get(&index).or(Some(&m.output)).map(|t| &t.range));
-        self.params_for(s, x)
+    fn params(&self, s: &ActSettings, stats: Option<&RangeStats>, x: &Tensor) -> Result<QParams> {
+        let p = match stats {
+            Some(st) => QParams::from_stats(st, s.bits, s.mode, s.clip, s.half_range)?,
+            None => QParams::from_stats(&RangeStats::of(x)?, s.bits, s.mode, s.clip, s.half_range)?,
+        };
+        match self.scale_approx_mult_bits {
+            Some(m) => p.approximated(m),
+            None => Ok(p),
+        }
+    }
+
+    /// Distiller's `_get_input_quant_metadata`: the parameters input `idx` was quantized with by the module that
+    /// produced it, else its override, else (with the fallback) the output's settings without the half range.
+    fn input_params(&self, idx: usize, x: &Tensor, ctx: &Forward) -> Result<QParams> {
+        if let Some(p) = ctx.annotation::<QParams>(x) {
+            if self.input_overrides.contains_key(&idx) {
+                return Err(Error::invalid(
+                    "input_overrides",
+                    format!("input {idx} comes quantized from the module before, which conflicts with its input override (as in Distiller); remove the override"),
+                ));
+            }
+            return Ok(p.clone());
+        }
+        let settings = match self.input_overrides.get(&idx) {
+            Some(s) => *s,
+            None if self.inputs_auto_fallback => ActSettings { half_range: false, ..self.output },
+            None => {
+                return Err(Error::invalid(
+                    "inputs_quant_auto_fallback",
+                    format!("input {idx} does not come from a quantized module, so nothing says how to quantize it: quantize the module before it, give input_overrides for input {idx}, or set inputs_quant_auto_fallback: true"),
+                ))
+            }
+        };
+        let stats = match &self.stats {
+            Some(m) => Some(
+                &m.inputs
+                    .get(&idx)
+                    .ok_or_else(|| Error::invalid("model_activation_stats", format!("no statistics for input {idx} (the file has inputs {:?})", m.inputs.keys().collect::<Vec<_>>())))?
+                    .range,
+            ),
+            None => None,
+        };
+        self.params(&settings, stats, x)
     }
 
     fn output_params(&self, y: &Tensor) -> Result<QParams> {
-        self.params_for(self.stats.as_ref().map(|m| &m.output.range), y)
+        self.params(&self.output, self.stats.as_ref().map(|m| &m.output.range), y)
+    }
+
+    fn approx(&self, scale: Tensor) -> Result<Tensor> {
+        match self.scale_approx_mult_bits {
+            Some(m) => approx_scale_as_mult_and_shift(&scale, m),
+            None => Ok(scale),
+        }
     }
 }
 
-/// Quantize-dequantize `x` with `p` (per tensor).
+/// Quantize-dequantize `x` with `p` (per tensor), back in `x`'s dtype.
 fn quant_dequant(x: &Tensor, p: &QParams) -> Result<Tensor> {
-    let (s, z) = (p.scale.f_to_kind(x.kind())?, p.zero_point.f_to_kind(x.kind())?);
-    linear_dequantize(&linear_quantize_clamp(x, &s, &z, p.range.0, p.range.1)?, &s, &z)
+    Ok(p.dequantize(&p.quantize(x, 0)?, 0)?.f_to_kind(x.kind())?)
 }
 
 fn layer_weight(m: &dyn Module) -> Option<(&Tensor, Option<&Tensor>)> {
@@ -76,17 +147,53 @@ fn layer_forward(m: &dyn Module, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> 
     }
 }
 
+/// How a layer's weights are quantized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightSettings {
+    /// Bits.
+    pub bits: u32,
+    /// Mode.
+    pub mode: LinearQuantMode,
+    /// One scale per output channel.
+    pub per_channel: bool,
+    /// Clipping of the weights' range (Distiller's `also_clip_weights` applies the activations' clip mode);
+    /// per tensor only.
+    pub clip: ClipMode,
+    /// Keep the floating-point weights as the buffer `float_weight` (Distiller's `save_fp_weights`).
+    pub save_fp_weights: bool,
+}
+
+impl WeightSettings {
+    /// `bits`-bit `mode` weights over their full range, per channel or per tensor.
+    pub fn new(bits: u32, mode: LinearQuantMode, per_channel: bool) -> Self {
+        WeightSettings { bits, mode, per_channel, clip: ClipMode::None, save_fp_weights: false }
+    }
+
+    fn params(&self, w: &Tensor) -> Result<QParams> {
+        match self.clip {
+            ClipMode::None => QParams::from_weight(w, self.bits, self.mode, self.per_channel),
+            _ if self.per_channel => Err(Error::invalid(
+                "also_clip_weights",
+                "clipped weight ranges are per tensor (Distiller averages per-channel ranges into one for AVG and refuses N_STD); turn per_channel_wts off or also_clip_weights off",
+            )),
+            clip => QParams::from_stats(&RangeStats::of(w)?, self.bits, self.mode, clip, false),
+        }
+    }
+}
+
 /// Distiller's `RangeLinearQuantParamLayerWrapper` for Conv2d and Linear: integer weights (per tensor or per
 /// output channel), an integer bias at the accumulator's scale, integer-valued accumulation, and requantization of
-/// the accumulator to the output's scale.
+/// the accumulator to the output's scale. Without activation bits the weights are quantized and dequantized back
+/// and the layer runs in floating point.
 #[derive(Debug)]
 pub struct RangeLinearQuantParamLayer {
     wrapped: BoxModule,
     w_params: QParams,
-    weight_mode: LinearQuantMode,
+    weights: WeightSettings,
     fp_bias: Option<Tensor>,
+    fp_weight: Option<Tensor>,
     acts: Option<ActQuant>,
-    accum_bits: u32,
+    half_range: bool,
     /// Integer weights loaded from an export: when set, the layer computes in exact integer arithmetic
     /// (float64, whose 53-bit mantissa holds every product and sum exactly) instead of float32 simulation.
     exact_weight: Option<Tensor>,
@@ -94,7 +201,7 @@ pub struct RangeLinearQuantParamLayer {
 
 impl RangeLinearQuantParamLayer {
     /// Quantizes the weights of `wrapped` (a Conv2d or Linear) in place to integers.
-    pub fn new(wrapped: BoxModule, bits_weights: u32, weight_mode: LinearQuantMode, per_channel: bool, acts: Option<ActQuant>) -> std::result::Result<Self, (BoxModule, Error)> {
+    pub fn new(wrapped: BoxModule, weights: WeightSettings, acts: Option<ActQuant>) -> std::result::Result<Self, (BoxModule, Error)> {
         let (w, b) = match layer_weight(wrapped.as_ref()) {
             Some((w, b)) => (w.shallow_clone(), b.map(|b| b.shallow_clone())),
             None => {
@@ -102,23 +209,28 @@ impl RangeLinearQuantParamLayer {
                 return Err((wrapped, e));
             }
         };
-        let build = || -> Result<(QParams, Option<Tensor>)> {
+        let build = || -> Result<(QParams, Option<Tensor>, Option<Tensor>)> {
             let fp_bias = b.as_ref().map(|b| b.f_detach_copy()).transpose()?;
-            let p = QParams::from_weight(&w, bits_weights, weight_mode, per_channel)?;
-            let (s, z) = p.along(0, w.dim(), w.kind())?;
-            let q = linear_quantize_clamp(&w.f_detach()?, &s, &z, p.range.0, p.range.1)?;
-            tch::no_grad(|| w.shallow_clone().f_copy_(&q))?;
+            let fp_weight = if weights.save_fp_weights { Some(w.f_detach_copy()?) } else { None };
+            let p = weights.params(&w)?;
+            let q = p.quantize(&w.f_detach()?, 0)?;
             // Without activation quantization the weights are dequantized back: weights-only fake quantization.
-            if acts.is_none() {
-                let dq = linear_dequantize(&q, &s, &z)?;
-                tch::no_grad(|| w.shallow_clone().f_copy_(&dq))?;
-            }
-            Ok((p, fp_bias))
+            let stored = if acts.is_none() { p.dequantize(&q, 0)? } else { q };
+            tch::no_grad(|| w.shallow_clone().f_copy_(&stored))?;
+            Ok((p, fp_bias, fp_weight))
         };
+        let half_range = acts.as_ref().is_some_and(|a| a.output.half_range);
         match build() {
-            Ok((w_params, fp_bias)) => Ok(RangeLinearQuantParamLayer { wrapped, w_params, weight_mode, fp_bias, acts, accum_bits: 32, exact_weight: None }),
+            Ok((w_params, fp_bias, fp_weight)) => Ok(RangeLinearQuantParamLayer { wrapped, w_params, weights, fp_bias, fp_weight, acts, half_range, exact_weight: None }),
             Err(e) => Err((wrapped, e)),
         }
+    }
+
+    /// Applies a ReLU to the output of a layer whose activations are not quantized (Distiller's
+    /// `clip_half_range` on a pass-through wrapper).
+    pub fn with_half_range(mut self, on: bool) -> Self {
+        self.half_range = on;
+        self
     }
 
     /// Weight scale and zero point.
@@ -134,6 +246,11 @@ impl RangeLinearQuantParamLayer {
     /// The floating-point bias kept to be requantized at the accumulator's scale.
     pub fn float_bias(&self) -> Option<&Tensor> {
         self.fp_bias.as_ref()
+    }
+
+    /// The floating-point weights, when kept (`save_fp_weights`).
+    pub fn float_weight(&self) -> Option<&Tensor> {
+        self.fp_weight.as_ref()
     }
 
     /// Activation settings (None: weights-only).
@@ -165,41 +282,44 @@ impl Module for RangeLinearQuantParamLayer {
     }
     fn forward(&self, x: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         let Some(acts) = &self.acts else {
-            return ctx.call("wrapped_module", self.wrapped.as_ref(), x);
+            let y = ctx.call("wrapped_module", self.wrapped.as_ref(), x)?;
+            return if self.half_range { Ok(y.f_relu()?) } else { Ok(y) };
         };
         if ctx.is_training() {
             return Err(Error::invalid("mode", "post-training quantized layers run in eval mode only; call model.eval()"));
         }
         let (own, _) = layer_weight(self.wrapped.as_ref()).ok_or_else(|| Error::invalid("module", "wrapped layer lost its weight"))?;
         let out_kind = x.kind();
-        let (w, x, kind) = match &self.exact_weight {
-            Some(w) => (w.f_to_kind(tch::Kind::Double)?, x.f_to_kind(tch::Kind::Double)?, tch::Kind::Double),
-            None => (own.shallow_clone(), x.shallow_clone(), out_kind),
+        // Integer values up to 2^24 are exact in float32, so the convolution itself may run in float32; every
+        // scaling and rounding step runs in float64.
+        let (w, compute) = match &self.exact_weight {
+            Some(w) => (w.shallow_clone(), Kind::Double),
+            None => (own.shallow_clone(), out_kind),
         };
-        let x = &x;
         let out_rank = if w.dim() == 4 { 4 } else { 2 };
-        // Input.
-        let in_p = acts.input_params(0, x)?;
-        let (s_x, z_x) = (in_p.scale.f_to_kind(kind)?, in_p.zero_point.f_to_kind(kind)?);
-        let x_q = linear_quantize_clamp(x, &s_x, &z_x, in_p.range.0, in_p.range.1)?;
+        let in_p = acts.input_params(0, x, ctx)?;
+        let x_q = in_p.quantize(x, 0)?.f_add(&in_p.zero_point)?;
         // Accumulator scale per output channel and the integer bias.
-        let (w_s, w_z) = self.w_params.along(1, out_rank, kind)?;
-        let accum_scale = w_s.f_mul(&s_x)?;
-        let (acc_lo, acc_hi) = quantized_range(self.accum_bits, true, false);
+        let (w_s, _) = self.w_params.along(1, out_rank, Kind::Double)?;
+        let accum_scale = acts.approx(w_s.f_mul(&in_p.scale.f_to_kind(Kind::Double)?)?)?;
+        let (acc_lo, acc_hi) = quantized_range(acts.accum_bits, true, false);
         let b_q = match &self.fp_bias {
-            Some(b) => Some(b.f_to_kind(kind)?.f_mul(&accum_scale.f_flatten(0, -1)?)?.f_round()?.f_clamp(acc_lo, acc_hi)?),
+            Some(b) => Some(b.f_to_kind(Kind::Double)?.f_mul(&accum_scale.f_flatten(0, -1)?)?.f_round()?.f_clamp(acc_lo, acc_hi)?.f_to_kind(compute)?),
             None => None,
         };
-        let w_eff = if self.weight_mode.symmetric() { w.shallow_clone() } else { w.f_add(&self.w_params.along(0, w.dim(), kind)?.1)? };
-        let _ = w_z;
-        let accum = layer_forward(self.wrapped.as_ref(), &x_q.f_add(&z_x)?, &w_eff, b_q.as_ref())?.f_clamp(acc_lo, acc_hi)?;
-        let accum = if acts.half_range { accum.f_relu()? } else { accum };
+        let w_eff = if self.weights.mode.symmetric() { w.f_to_kind(compute)? } else { w.f_to_kind(Kind::Double)?.f_add(&self.w_params.along(0, w.dim(), Kind::Double)?.1)?.f_to_kind(compute)? };
+        let accum = layer_forward(self.wrapped.as_ref(), &x_q.f_to_kind(compute)?, &w_eff, b_q.as_ref())?.f_to_kind(Kind::Double)?.f_clamp(acc_lo, acc_hi)?;
+        let accum = if acts.output.half_range { accum.f_relu()? } else { accum };
         // Requantize to the output's scale.
         let out_p = acts.output_params(&accum.f_div(&accum_scale)?)?;
-        let (s_y, z_y) = (out_p.scale.f_to_kind(kind)?, out_p.zero_point.f_to_kind(kind)?);
-        let requant = s_y.f_div(&accum_scale)?;
-        let out_q = accum.f_mul(&requant)?.f_sub(&z_y)?.f_round()?.f_clamp(out_p.range.0, out_p.range.1)?;
-        Ok(linear_dequantize(&out_q, &s_y, &z_y)?.f_to_kind(out_kind)?)
+        let requant = acts.approx(out_p.scale.f_to_kind(Kind::Double)?.f_div(&accum_scale)?)?;
+        let out_q = accum.f_mul(&requant)?.f_sub(&out_p.zero_point)?.f_round()?.f_clamp(out_p.range.0, out_p.range.1)?;
+        let y = out_p.dequantize(&out_q, 0)?.f_to_kind(out_kind)?;
+        ctx.annotate(&y, out_p);
+        Ok(y)
+    }
+    fn buffers(&self) -> Vec<(&str, &Tensor)> {
+        self.fp_weight.iter().map(|w| ("float_weight", w)).collect()
     }
     fn children(&self) -> Vec<(&str, &dyn Module)> {
         vec![("wrapped_module", self.wrapped.as_ref())]
@@ -207,19 +327,35 @@ impl Module for RangeLinearQuantParamLayer {
     fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
         vec![("wrapped_module", &mut self.wrapped)]
     }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
+    }
     fn extra_repr(&self) -> String {
         match &self.acts {
-            Some(a) => format!("weights={:?}, activations={} bits {:?} clip={:?}", self.weight_mode, a.bits, a.mode, a.clip),
-            None => format!("weights={:?}, activations=float", self.weight_mode),
+            Some(a) => format!("weights={:?}, activations={} bits {:?} clip={:?}", self.weights.mode, a.output.bits, a.output.mode, a.output.clip),
+            None => format!("weights={:?}, activations=float", self.weights.mode),
         }
     }
 }
 
-/// Distiller's `RangeLinearQuantEltwiseAddWrapper`: inputs quantized, rescaled to the output's scale, summed.
+/// Distiller's `RangeLinearQuantEltwiseAddWrapper` (static ranges only, as Distiller): inputs quantized,
+/// rescaled to the output's scale, summed.
 #[derive(Debug)]
 pub struct RangeLinearQuantEltwiseAdd {
     wrapped: BoxModule,
     acts: ActQuant,
+}
+
+impl RangeLinearQuantEltwiseAdd {
+    /// Wraps an add; refuses (handing it back) without calibration statistics, where Distiller keeps the float
+    /// add.
+    pub fn new(wrapped: BoxModule, acts: ActQuant) -> Replaced {
+        if acts.stats.is_none() {
+            let e = Error::invalid("model_activation_stats", "a quantized add needs calibration statistics (dynamic ranges are not supported, as in Distiller)");
+            return Err((wrapped, e));
+        }
+        Ok(Box::new(RangeLinearQuantEltwiseAdd { wrapped, acts }))
+    }
 }
 
 impl Module for RangeLinearQuantEltwiseAdd {
@@ -227,19 +363,26 @@ impl Module for RangeLinearQuantEltwiseAdd {
         "RangeLinearQuantEltwiseAddWrapper"
     }
     fn forward_many(&self, inputs: &[&Tensor], ctx: &mut Forward) -> Result<Tensor> {
-        let fp = ctx.call_many("wrapped_module", self.wrapped.as_ref(), inputs)?;
-        let out_p = self.acts.output_params(&fp)?;
-        let kind = fp.kind();
-        let (s_y, z_y) = (out_p.scale.f_to_kind(kind)?, out_p.zero_point.f_to_kind(kind)?);
-        let mut acc = fp.f_zeros_like()?;
+        let kind = inputs.first().map_or(Kind::Float, |x| x.kind());
+        let out_p = self.acts.output_params(inputs.first().copied().unwrap_or(&Tensor::from(0.0f32)))?;
+        let (acc_lo, acc_hi) = quantized_range(self.acts.accum_bits, true, false);
+        let s_y = out_p.scale.f_to_kind(Kind::Double)?;
+        let mut acc: Option<Tensor> = None;
         for (i, x) in inputs.iter().enumerate() {
-            let p = self.acts.input_params(i, x)?;
-            let (s, z) = (p.scale.f_to_kind(kind)?, p.zero_point.f_to_kind(kind)?);
-            let q = linear_quantize_clamp(x, &s, &z, p.range.0, p.range.1)?;
-            acc = acc.f_add(&q.f_add(&z)?.f_mul(&s_y.f_div(&s)?)?.f_round()?)?;
+            let p = self.acts.input_params(i, x, ctx)?;
+            let q = p.quantize(x, 0)?.f_add(&p.zero_point)?;
+            let re_q = q.f_mul(&s_y.f_div(&p.scale.f_to_kind(Kind::Double)?)?)?.f_round()?.f_clamp(acc_lo, acc_hi)?;
+            acc = Some(match acc {
+                Some(a) => a.f_add(&re_q)?,
+                None => re_q,
+            });
         }
-        let out_q = acc.f_sub(&z_y)?.f_round()?.f_clamp(out_p.range.0, out_p.range.1)?;
-        linear_dequantize(&out_q, &s_y, &z_y)
+        let acc = acc.ok_or_else(|| Error::invalid("inputs", "an add needs inputs"))?;
+        let acc = if self.acts.output.half_range { acc.f_relu()? } else { acc };
+        let out_q = acc.f_sub(&out_p.zero_point)?.f_round()?.f_clamp(out_p.range.0, out_p.range.1)?;
+        let y = out_p.dequantize(&out_q, 0)?.f_to_kind(kind)?;
+        ctx.annotate(&y, out_p);
+        Ok(y)
     }
     fn children(&self) -> Vec<(&str, &dyn Module)> {
         vec![("wrapped_module", self.wrapped.as_ref())]
@@ -247,13 +390,74 @@ impl Module for RangeLinearQuantEltwiseAdd {
     fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
         vec![("wrapped_module", &mut self.wrapped)]
     }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
+    }
 }
 
-/// Distiller's `RangeLinearFakeQuantWrapper`: runs the module in floating point and quantizes its output.
+/// The dtype of `fpq_module` (16, 32 or 64 bits).
+fn fp_kind(bits: u32) -> Result<Kind> {
+    match bits {
+        16 => Ok(Kind::Half),
+        32 => Ok(Kind::Float),
+        64 => Ok(Kind::Double),
+        _ => Err(Error::invalid("fpq_module", format!("{bits}: must be 16, 32 or 64"))),
+    }
+}
+
+/// Converts a module's parameters and buffers to `kind` in place (PyTorch's `module.to(dtype)`).
+fn convert_module(m: &dyn Module, kind: Kind) -> Result<()> {
+    let mut all = m.parameters();
+    all.extend(m.buffers());
+    tch::no_grad(|| -> Result<()> {
+        for (_, t) in all {
+            let converted = t.f_to_kind(kind)?;
+            t.shallow_clone().set_data(&converted);
+        }
+        Ok(())
+    })?;
+    for (_, child) in m.children() {
+        convert_module(child, kind)?;
+    }
+    Ok(())
+}
+
+fn run_in(kind: Option<Kind>, wrapped: &dyn Module, inputs: &[&Tensor], ctx: &mut Forward) -> Result<Tensor> {
+    match kind {
+        None => ctx.call_many("wrapped_module", wrapped, inputs),
+        Some(k) => {
+            let cast: Vec<Tensor> = inputs.iter().map(|x| x.f_to_kind(k)).collect::<std::result::Result<_, _>>()?;
+            let refs: Vec<&Tensor> = cast.iter().collect();
+            ctx.call_many("wrapped_module", wrapped, &refs)
+        }
+    }
+}
+
+/// Distiller's `RangeLinearFakeQuantWrapper`: runs the module in floating point (float16/32/64 with
+/// `fpq_module`) and quantizes its output; inputs that do not come quantized are quantized and dequantized
+/// first when `quantize_inputs` is on.
 #[derive(Debug)]
 pub struct RangeLinearFakeQuant {
     wrapped: BoxModule,
     acts: ActQuant,
+    quantize_inputs: bool,
+    dtype: Option<Kind>,
+}
+
+impl RangeLinearFakeQuant {
+    /// Wraps `wrapped`; with `fpq_module` the module's parameters are converted to that width.
+    pub fn new(wrapped: BoxModule, acts: ActQuant, quantize_inputs: bool, fpq_module: Option<u32>) -> Replaced {
+        let dtype = match fpq_module.map(fp_kind).transpose() {
+            Ok(d) => d,
+            Err(e) => return Err((wrapped, e)),
+        };
+        if let Some(k) = dtype {
+            if let Err(e) = convert_module(wrapped.as_ref(), k) {
+                return Err((wrapped, e));
+            }
+        }
+        Ok(Box::new(RangeLinearFakeQuant { wrapped, acts, quantize_inputs, dtype }))
+    }
 }
 
 impl Module for RangeLinearFakeQuant {
@@ -261,8 +465,25 @@ impl Module for RangeLinearFakeQuant {
         "RangeLinearFakeQuantWrapper"
     }
     fn forward_many(&self, inputs: &[&Tensor], ctx: &mut Forward) -> Result<Tensor> {
-        let y = ctx.call_many("wrapped_module", self.wrapped.as_ref(), inputs)?;
-        quant_dequant(&y, &self.acts.output_params(&y)?)
+        let kind = inputs.first().map_or(Kind::Float, |x| x.kind());
+        let mut prepared = Vec::with_capacity(inputs.len());
+        for (i, x) in inputs.iter().enumerate() {
+            if !self.quantize_inputs {
+                prepared.push(x.shallow_clone());
+                continue;
+            }
+            let arrived_quantized = ctx.annotation::<QParams>(x).is_some();
+            // Checks an input override against parameters that came with the input, as Distiller does.
+            let p = self.acts.input_params(i, x, ctx)?;
+            prepared.push(if arrived_quantized { x.shallow_clone() } else { quant_dequant(x, &p)? });
+        }
+        let refs: Vec<&Tensor> = prepared.iter().collect();
+        let y = run_in(self.dtype, self.wrapped.as_ref(), &refs, ctx)?.f_to_kind(kind)?;
+        let y = if self.acts.output.half_range { y.f_relu()? } else { y };
+        let p = self.acts.output_params(&y)?;
+        let out = quant_dequant(&y, &p)?;
+        ctx.annotate(&out, p);
+        Ok(out)
     }
     fn children(&self) -> Vec<(&str, &dyn Module)> {
         vec![("wrapped_module", self.wrapped.as_ref())]
@@ -270,21 +491,83 @@ impl Module for RangeLinearFakeQuant {
     fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
         vec![("wrapped_module", &mut self.wrapped)]
     }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
+    }
+    fn extra_repr(&self) -> String {
+        let a = &self.acts.output;
+        format!("activations={} bits {:?} clip={:?}, quantize_inputs={}{}", a.bits, a.mode, a.clip, self.quantize_inputs, self.dtype.map(|k| format!(", dtype={k:?}")).unwrap_or_default())
+    }
+}
+
+/// Distiller's `FPWrapper`: runs the module in float16, float32 or float64 and returns float32; nothing is
+/// quantized (`fpq_module` without `fake`).
+#[derive(Debug)]
+pub struct FpWrapper {
+    wrapped: BoxModule,
+    dtype: Kind,
+}
+
+impl FpWrapper {
+    /// Wraps `wrapped`, converting its parameters to `bits` (16, 32 or 64) bits.
+    pub fn new(wrapped: BoxModule, bits: u32) -> Replaced {
+        let dtype = match fp_kind(bits).and_then(|k| convert_module(wrapped.as_ref(), k).map(|_| k)) {
+            Ok(k) => k,
+            Err(e) => return Err((wrapped, e)),
+        };
+        Ok(Box::new(FpWrapper { wrapped, dtype }))
+    }
+}
+
+impl Module for FpWrapper {
+    fn type_name(&self) -> &str {
+        "FPWrapper"
+    }
+    fn forward_many(&self, inputs: &[&Tensor], ctx: &mut Forward) -> Result<Tensor> {
+        Ok(run_in(Some(self.dtype), self.wrapped.as_ref(), inputs, ctx)?.f_to_kind(Kind::Float)?)
+    }
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        vec![("wrapped_module", self.wrapped.as_ref())]
+    }
+    fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
+        vec![("wrapped_module", &mut self.wrapped)]
+    }
+    fn take_replaced(&mut self) -> Option<BoxModule> {
+        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
+    }
+    fn extra_repr(&self) -> String {
+        format!("dtype={:?}", self.dtype)
+    }
 }
 
 /// Settings of [`PostTrainLinearQuantizer`] (Distiller's constructor arguments).
 #[derive(Debug, Clone)]
 pub struct PostTrainConfig {
-    /// Activation bits (`None`: weights only).
+    /// Activation bits (`None`: activations stay in floating point).
     pub bits_activations: Option<u32>,
-    /// Weight bits.
+    /// Weight bits (`None`: weights stay in floating point).
     pub bits_parameters: Option<u32>,
+    /// Accumulator bits.
+    pub bits_accum: u32,
     /// Modes.
     pub mode: ModeSpec,
     /// Activation clipping.
     pub clip_acts: ClipMode,
     /// Per-output-channel weight scales.
     pub per_channel_wts: bool,
+    /// Every output known non-negative (Distiller's `clip_half_range`).
+    pub clip_half_range: bool,
+    /// Approximate scales by integer multipliers of this many bits and shifts.
+    pub scale_approx_mult_bits: Option<u32>,
+    /// Quantize an input that does not come from a quantized module with the module's output settings.
+    pub inputs_quant_auto_fallback: bool,
+    /// Run modules in this floating-point width (16, 32, 64): with `fake: true` overrides, quantizing their
+    /// outputs; otherwise not quantized at all.
+    pub fpq_module: Option<u32>,
+    /// Keep each quantized layer's floating-point weights as `float_weight`.
+    pub save_fp_weights: bool,
+    /// Clip weight ranges with the activations' clip mode.
+    pub also_clip_weights: bool,
     /// Ordered overrides.
     pub overrides: Overrides,
     /// Static ranges; `None` for dynamic quantization.
@@ -294,14 +577,22 @@ pub struct PostTrainConfig {
 }
 
 impl Default for PostTrainConfig {
-    /// 8-bit symmetric activations and weights, no clipping, per-tensor, dynamic (Distiller's defaults).
+    /// 8-bit symmetric activations and weights, 32-bit accumulator, no clipping, per-tensor, dynamic, inputs
+    /// falling back to output settings (Distiller's defaults).
     fn default() -> Self {
         PostTrainConfig {
             bits_activations: Some(8),
             bits_parameters: Some(8),
+            bits_accum: 32,
             mode: ModeSpec::both(LinearQuantMode::Symmetric),
             clip_acts: ClipMode::None,
             per_channel_wts: false,
+            clip_half_range: false,
+            scale_approx_mult_bits: None,
+            inputs_quant_auto_fallback: true,
+            fpq_module: None,
+            save_fp_weights: false,
+            also_clip_weights: false,
             overrides: Overrides::default(),
             stats: None,
             fold_batch_norms: true,
@@ -314,35 +605,16 @@ pub struct PostTrainLinearQuantizer {
     config: PostTrainConfig,
 }
 
-fn act_quant(s: &ModuleQuantSettings, name: &str, stats: &Option<ActivationStats>) -> Option<ActQuant> {
-    s.bits.acts.map(|bits| ActQuant {
-        bits,
-        mode: s.mode.activations,
-        clip: s.clip_acts,
-        half_range: s.clip_half_range,
-        stats: stats.as_ref().and_then(|st| st.get(name).cloned()),
-    })
-}
-
-fn replace_param_layer(m: BoxModule, acts: Option<ActQuant>, s: &ModuleQuantSettings) -> Replaced {
-    match s.bits.wts {
-        Some(bits) => RangeLinearQuantParamLayer::new(m, bits, s.mode.weights, s.per_channel_wts, acts).map(|w| Box::new(w) as BoxModule),
-        None => fake_quant(m, acts),
-    }
-}
-
-fn replace_add(m: BoxModule, acts: Option<ActQuant>) -> Replaced {
-    match acts {
-        Some(acts) => Ok(Box::new(RangeLinearQuantEltwiseAdd { wrapped: m, acts })),
-        None => Ok(m),
-    }
-}
-
-fn fake_quant(m: BoxModule, acts: Option<ActQuant>) -> Replaced {
-    match acts {
-        Some(acts) => Ok(Box::new(RangeLinearFakeQuant { wrapped: m, acts })),
-        None => Ok(m),
-    }
+/// What [`PostTrainLinearQuantizer::prepare_model`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PtqPrepared {
+    /// Modules replaced by wrappers.
+    pub replaced: Vec<String>,
+    /// Batch norms folded into the convolution before them, as (convolution, batch norm).
+    pub folded: Vec<(String, String)>,
+    /// Modules left in floating point although their settings quantize them, with the reason (an add without
+    /// calibration statistics, as Distiller).
+    pub kept_float: Vec<(String, String)>,
 }
 
 impl PostTrainLinearQuantizer {
@@ -351,15 +623,123 @@ impl PostTrainLinearQuantizer {
         PostTrainLinearQuantizer { config }
     }
 
+    fn act_quant(&self, s: &ModuleQuantSettings, name: &str, stats: &Option<ActivationStats>) -> Option<ActQuant> {
+        let c = &self.config;
+        let bits = s.bits.acts?;
+        let output = ActSettings { bits, mode: s.mode.activations, clip: s.clip_acts, half_range: s.clip_half_range };
+        let input_overrides = s
+            .input_overrides
+            .iter()
+            .map(|(i, o)| {
+                let settings = match *o {
+                    InputOverride::FromOutput => ActSettings { half_range: false, ..output },
+                    InputOverride::Settings { bits, mode, clip } => ActSettings { bits: bits.unwrap_or(output.bits), mode: mode.unwrap_or(output.mode), clip: clip.unwrap_or(output.clip), half_range: false },
+                };
+                (*i, settings)
+            })
+            .collect();
+        Some(ActQuant {
+            output,
+            stats: stats.as_ref().and_then(|st| st.get(name).cloned()),
+            input_overrides,
+            inputs_auto_fallback: c.inputs_quant_auto_fallback,
+            accum_bits: s.bits_accum.unwrap_or(c.bits_accum),
+            scale_approx_mult_bits: s.scale_approx_mult_bits.or(c.scale_approx_mult_bits),
+        })
+    }
+
+    /// Distiller's `replace_param_layer`, `replace_non_param_layer` and `replace_fake_quant` in one: which
+    /// wrapper a module gets.
+    fn replace(&self, m: BoxModule, name: &str, s: &ModuleQuantSettings, stats: &Option<ActivationStats>, kept: &RefCell<Vec<(String, String)>>) -> Replaced {
+        let c = &self.config;
+        let type_name = m.type_name().to_string();
+        let fpq = s.fpq_module.or(c.fpq_module);
+        let refuse = |m: BoxModule, key: &str, msg: String| -> Replaced { Err((m, Error::invalid(key, format!("{name}: {msg}")))) };
+        let is_layer = matches!(type_name.as_str(), "Conv2d" | "Linear");
+        let acts = self.act_quant(s, name, stats);
+        if !is_layer && type_name != "EltwiseAdd" {
+            // Every other leaf: fake quantization of its output.
+            if !s.fake.unwrap_or(true) {
+                return match fpq {
+                    Some(bits) => FpWrapper::new(m, bits),
+                    None => refuse(m, "fake", "fake: false leaves a module unquantized only together with fpq_module (Distiller's FPWrapper)".into()),
+                };
+            }
+            let Some(mut acts) = acts else { return Ok(m) };
+            if type_name == "ReLU" {
+                // Distiller: a ReLU's output is non-negative; ACIQ clipping reads the statistics before the ReLU.
+                acts.output.half_range = true;
+                if let (ClipMode::Gauss | ClipMode::Laplace, Some(st)) = (acts.output.clip, acts.stats.as_mut()) {
+                    if let Some(input) = st.inputs.get(&0).map(|t| t.range) {
+                        let out = &mut st.output.range;
+                        (out.mean, out.std, out.b) = (input.mean, input.std, input.b);
+                    }
+                }
+            }
+            return RangeLinearFakeQuant::new(m, acts, s.quantize_inputs.unwrap_or(true), fpq);
+        }
+        if s.quantize_inputs.is_some() {
+            return refuse(m, "quantize_inputs", format!("quantize_inputs applies to fake-quantized modules, not to a {type_name} (Distiller refuses it too)"));
+        }
+        if let (Some(bits), false) = (fpq, s.fake == Some(true)) {
+            return FpWrapper::new(m, bits);
+        }
+        // Quantizing only the activations of a layer is fake quantization.
+        let fake = s.fake == Some(true) || is_layer && s.bits.acts.is_some() && s.bits.wts.is_none();
+        if fake {
+            let Some(acts) = acts else { return Ok(m) };
+            return RangeLinearFakeQuant::new(m, acts, false, fpq);
+        }
+        if is_layer {
+            let Some(bits) = s.bits.wts else { return Ok(m) };
+            let weights = WeightSettings {
+                bits,
+                mode: s.mode.weights,
+                per_channel: s.per_channel_wts,
+                clip: if c.also_clip_weights { s.clip_acts } else { ClipMode::None },
+                save_fp_weights: c.save_fp_weights,
+            };
+            return RangeLinearQuantParamLayer::new(m, weights, acts).map(|l| Box::new(l.with_half_range(s.clip_half_range)) as BoxModule);
+        }
+        let Some(acts) = acts else { return Ok(m) };
+        match RangeLinearQuantEltwiseAdd::new(m, acts) {
+            Ok(w) => Ok(w),
+            Err((m, e)) => {
+                kept.borrow_mut().push((name.to_string(), e.to_string()));
+                Ok(m)
+            }
+        }
+    }
+
     /// Replaces `model`'s modules by quantized wrappers (names kept) and quantizes its weights in place; the model
-    /// is then for evaluation only. Returns the names of the replaced modules.
-    pub fn prepare_model(&self, model: &mut Model) -> Result<Vec<String>> {
-        if let Some(st) = &self.config.stats {
+    /// is then for evaluation only. All or nothing: on any error the model is left exactly as it was.
+    pub fn prepare_model(&self, model: &mut Model) -> Result<PtqPrepared> {
+        let mut rollback = Rollback::begin(model)?;
+        let result = self.prepare_steps(model, &mut rollback);
+        if result.is_err() {
+            rollback.undo(model);
+        }
+        result
+    }
+
+    fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<PtqPrepared> {
+        let c = &self.config;
+        if let Some(st) = &c.stats {
             st.check_model(model)?;
         }
-        let mut stats = self.config.stats.clone();
-        if self.config.fold_batch_norms {
-            for (conv, bn) in super::bn_fold::fold_batch_norms(model)? {
+        let defaults = QuantDefaults {
+            bits: QBits { acts: c.bits_activations, wts: c.bits_parameters, bias: c.bits_parameters.map(|_| 32) },
+            mode: c.mode,
+            clip_acts: c.clip_acts,
+            per_channel_wts: c.per_channel_wts,
+            clip_half_range: c.clip_half_range,
+        };
+        // Settings are resolved (and every override checked) before anything changes.
+        let settings = resolve_settings(model, &defaults, &c.overrides, POST_TRAIN_OVERRIDE_KEYS)?;
+        let mut stats = c.stats.clone();
+        let mut folded = Vec::new();
+        if c.fold_batch_norms {
+            for (conv, bn) in super::bn_fold::fold_batch_norms_recorded(model, rollback)? {
                 // The folded convolution now produces what the batch norm produced.
                 if let Some(st) = stats.as_mut() {
                     let bn_out = st.get(&bn).map(|s| s.output.clone());
@@ -367,27 +747,17 @@ impl PostTrainLinearQuantizer {
                         entry.1.output = out;
                     }
                 }
+                folded.push((conv, bn));
             }
         }
-        let c = &self.config;
-        let defaults = QuantDefaults {
-            bits: QBits { acts: c.bits_activations, wts: c.bits_parameters, bias: c.bits_parameters.map(|_| 32) },
-            mode: c.mode,
-            clip_acts: c.clip_acts,
-            per_channel_wts: c.per_channel_wts,
-        };
-        let settings = resolve_settings(model, &defaults, &c.overrides)?;
         let stats = &stats;
-        let factory = ReplaceFactory::default()
-            .with("Conv2d", |m, name, s| replace_param_layer(m, act_quant(s, name, stats), s))
-            .with("Linear", |m, name, s| replace_param_layer(m, act_quant(s, name, stats), s))
-            .with("EltwiseAdd", |m, name, s| replace_add(m, act_quant(s, name, stats)))
-            .with_default(|m, name, s| fake_quant(m, act_quant(s, name, stats)))
-            .keeping("Dropout")
-            .keeping("Identity");
-        let result = factory.prepare(model, &settings, "PostTrainLinearQuantizer");
+        let kept = RefCell::new(Vec::new());
+        let replace = |m: BoxModule, name: &str, s: &ModuleQuantSettings| -> Replaced { self.replace(m, name, s, stats, &kept) };
+        let factory = ReplaceFactory::default().with_default(replace).keeping("Dropout").keeping("Identity");
+        let replaced = factory.prepare(model, &settings, rollback)?;
+        drop(factory);
         model.eval();
-        result
+        Ok(PtqPrepared { replaced, folded, kept_float: kept.into_inner() })
     }
 }
 
@@ -396,37 +766,53 @@ impl PostTrainConfig {
     /// `base_dir` (the schedule's folder).
     pub fn from_params(p: &crate::config::components::PostTrainParams, base_dir: &std::path::Path) -> Result<Self> {
         let defaults = PostTrainConfig::default();
-        let bits = |b: Option<u32>, default: Option<u32>, name: &str| -> Result<Option<u32>> {
-            match b.or(default) {
-                Some(0) => Ok(None),
-                Some(b) => super::q_utils::check_bits(name, b).map(|_| Some(b)),
-                None => Ok(None),
+        // Absent: Distiller's default (8); `null` (or 0, as Distiller's command line): floating point.
+        let bits = |b: Option<Option<u32>>, name: &str| -> Result<Option<u32>> {
+            match b {
+                None => Ok(Some(8)),
+                Some(None) | Some(Some(0)) => Ok(None),
+                Some(Some(b)) => super::q_utils::check_bits(name, b).map(|_| Some(b)),
             }
         };
         let stats = match &p.model_activation_stats {
             None | Some(serde_yaml::Value::Null) => None,
             Some(serde_yaml::Value::String(path)) => Some(ActivationStats::from_yaml_file(base_dir.join(path))?),
-            Some(other) => {
-                let tmp = std::env::temp_dir().join(format!("distill-inline-stats-{}.yaml", std::process::id()));
-                std::fs::write(&tmp, serde_yaml::to_string(other).map_err(|e| Error::invalid("model_activation_stats", e.to_string()))?)
-                    .map_err(|e| Error::io(&tmp, e))?;
-                let s = ActivationStats::from_yaml_file(&tmp);
-                let _ = std::fs::remove_file(&tmp);
-                Some(s?)
-            }
+            Some(other) => Some(ActivationStats::from_value(other)?),
         };
+        if p.fp16 == Some(true) && p.fpq_module.is_some_and(|b| b != 16) {
+            return Err(Error::invalid("fp16", "fp16: true conflicts with fpq_module other than 16 (as in Distiller)"));
+        }
+        let bits_accum = match p.bits_accum {
+            Some(b) => super::q_utils::check_bits("bits_accum", b).map(|_| b)?,
+            None => defaults.bits_accum,
+        };
+        if let Some(m) = p.scale_approx_mult_bits {
+            super::q_utils::check_bits("scale_approx_mult_bits", m)?;
+        }
         Ok(PostTrainConfig {
-            bits_activations: bits(p.bits_activations, defaults.bits_activations, "bits_activations")?,
-            bits_parameters: bits(p.bits_parameters, defaults.bits_parameters, "bits_parameters")?,
+            bits_activations: bits(p.bits_activations, "bits_activations")?,
+            bits_parameters: bits(p.bits_parameters, "bits_parameters")?,
+            bits_accum,
             mode: match &p.mode {
                 Some(m) => ModeSpec::from_yaml(m)?,
                 None => defaults.mode,
             },
             clip_acts: match &p.clip_acts {
                 Some(c) => ClipMode::parse(c, p.clip_n_stds)?,
+                None if p.clip_n_stds.is_some() => return Err(Error::invalid("clip_n_stds", "applies to N_STD clipping; add clip_acts: N_STD")),
                 None => defaults.clip_acts,
             },
             per_channel_wts: p.per_channel_wts.unwrap_or(false),
+            clip_half_range: p.clip_half_range.unwrap_or(false),
+            scale_approx_mult_bits: p.scale_approx_mult_bits,
+            inputs_quant_auto_fallback: p.inputs_quant_auto_fallback.unwrap_or(true),
+            fpq_module: match (p.fpq_module, p.fp16) {
+                (Some(b), _) => Some(fp_kind(b).map(|_| b)?),
+                (None, Some(true)) => Some(16),
+                _ => None,
+            },
+            save_fp_weights: p.save_fp_weights.unwrap_or(false),
+            also_clip_weights: p.also_clip_weights.unwrap_or(false),
             overrides: match &p.overrides {
                 Some(o) => Overrides::from_mapping(o)?,
                 None => Overrides::default(),

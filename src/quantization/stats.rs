@@ -54,13 +54,40 @@ impl ActivationStats {
     pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let top: serde_yaml::Mapping = serde_yaml::from_str(&text).map_err(|e| Error::data(path, format!("malformed statistics YAML: {e}")))?;
+        let top: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| Error::data(path, format!("malformed statistics YAML: {e}")))?;
+        Self::read(top, &path.display().to_string())
+    }
+
+    /// From statistics written inline in a schedule (`model_activation_stats:` as a mapping).
+    pub fn from_value(v: &serde_yaml::Value) -> Result<Self> {
+        Self::read(v.clone(), "model_activation_stats")
+    }
+
+    /// Reads and validates: at least one module, every number finite, every minimum at most its maximum. A
+    /// NaN range would quantize everything to garbage and an empty file would silently mean dynamic ranges.
+    fn read(top: serde_yaml::Value, source: &str) -> Result<Self> {
+        let bad = |msg: String| Error::data(Path::new(source), msg);
+        let serde_yaml::Value::Mapping(top) = top else {
+            return Err(bad("expected a mapping from module names to their statistics; the file is empty or holds something else".into()));
+        };
         let mut modules = Vec::new();
         for (k, v) in top {
             let name = k.as_str().map(String::from).unwrap_or_else(|| format!("{k:?}"));
-            let stats: ModuleStats = serde_path_to_error::deserialize(v)
-                .map_err(|e| Error::data(path, format!("statistics of '{name}' at '{}': {}", e.path(), e.inner())))?;
+            let stats: ModuleStats = serde_path_to_error::deserialize(v).map_err(|e| bad(format!("statistics of '{name}' at '{}': {}", e.path(), e.inner())))?;
+            for (slot, t) in stats.inputs.iter().map(|(i, t)| (format!("inputs[{i}]"), t)).chain(std::iter::once(("output".to_string(), &stats.output))) {
+                let r = &t.range;
+                let values = [("min", r.min), ("max", r.max), ("avg_min", r.avg_min), ("avg_max", r.avg_max), ("mean", r.mean), ("std", r.std), ("b", r.b)];
+                if let Some((field, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
+                    return Err(bad(format!("statistics of '{name}' {slot}.{field} is {v}: every value must be a finite number (recalibrate)")));
+                }
+                if r.min > r.max || r.avg_min > r.avg_max || r.std < 0.0 || r.b < 0.0 {
+                    return Err(bad(format!("statistics of '{name}' {slot}: min {} > max {}, avg_min {} > avg_max {}, or a negative std/b; the file is inconsistent", r.min, r.max, r.avg_min, r.avg_max)));
+                }
+            }
             modules.push((name, stats));
+        }
+        if modules.is_empty() {
+            return Err(bad("holds no module statistics; calibrate again or leave model_activation_stats out for dynamic ranges".into()));
         }
         Ok(ActivationStats { modules })
     }
@@ -73,7 +100,7 @@ impl ActivationStats {
             top.insert(name.clone().into(), serde_yaml::to_value(s).map_err(|e| Error::invalid("statistics", e.to_string()))?);
         }
         let text = serde_yaml::to_string(&top).map_err(|e| Error::invalid("statistics", e.to_string()))?;
-        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+        crate::io::write_atomic(path, text.as_bytes())
     }
 
     /// Checks every recorded module exists in `model`, with suggestions for those that do not.

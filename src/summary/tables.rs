@@ -237,7 +237,7 @@ pub fn to_csv(df: &DataFrame) -> Result<String> {
 /// Writes [`to_csv`] to `path`.
 pub fn write_csv(df: &DataFrame, path: impl AsRef<std::path::Path>) -> Result<()> {
     let path = path.as_ref();
-    std::fs::write(path, to_csv(df)?).map_err(|e| Error::io(path, e))
+    crate::io::write_atomic(path, to_csv(df)?.as_bytes())
 }
 
 /// The frame as JSON: an array of objects keyed by column name.
@@ -269,8 +269,9 @@ pub fn to_json(df: &DataFrame) -> Result<serde_json::Value> {
 
 /// Per-layer activation statistics over `batches` mini-batches of `data` (eval mode), as Distiller's
 /// `SummaryActivationStatsCollector`: for every leaf module whose output has channels, `sparsity_ofm` (% of zero
-/// outputs) and, per channel, `l1_channels` (mean over samples of the channel's mean |a|), `apoz_channels` (%
-/// of zeros) and `mean_channels` (mean activation). One row per (layer, channel); `sparsity_ofm` repeats per row.
+/// outputs) and, per channel, `l1_channels` (mean over samples of the channel's L1 norm: the sum of |a| over its
+/// H×W positions, as Distiller's `activation_channels_l1`), `apoz_channels` (% of zeros) and `mean_channels` (mean
+/// activation). A 2-D output's channels are its features (Distiller reports one value per layer there). One row per (layer, channel); `sparsity_ofm` repeats per row.
 pub fn activation_channel_summary(model: &mut Model, data: &crate::data::Dataset, batches: usize, batch_size: usize) -> Result<DataFrame> {
     #[derive(Default)]
     struct Acts {
@@ -286,7 +287,7 @@ pub fn activation_channel_summary(model: &mut Model, data: &crate::data::Dataset
             let _g = tch::no_grad_guard();
             let n = size[0];
             let y = call.output.detach().to_kind(Kind::Double).reshape([n, size[1], -1]);
-            let l1 = y.abs().mean_dim(2, false, Kind::Double).sum_dim_intlist(0, false, Kind::Double);
+            let l1 = y.abs().sum_dim_intlist(2, false, Kind::Double).sum_dim_intlist(0, false, Kind::Double);
             let apoz = y.eq(0.0).to_kind(Kind::Double).mean_dim(2, false, Kind::Double).sum_dim_intlist(0, false, Kind::Double);
             let mean = y.mean_dim(2, false, Kind::Double).sum_dim_intlist(0, false, Kind::Double);
             let zeros = y.eq(0.0).sum(Kind::Double).double_value(&[]);

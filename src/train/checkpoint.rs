@@ -148,9 +148,7 @@ impl Checkpoint {
         let info = Some(HashMap::from([(META_KEY.to_string(), meta)]));
         let bytes = safetensors::tensor::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), &info)
             .map_err(|e| Error::checkpoint(path, e.to_string()))?;
-        let tmp = path.with_extension("safetensors.tmp");
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        crate::io::write_atomic(path, &bytes)
     }
 
     /// Reads a checkpoint written by [`Checkpoint::save`].

@@ -407,10 +407,12 @@ impl<'a> Trainer<'a> {
             }
             None => {}
         }
-        if ckpt.meta.epoch + 1 >= self.config.epochs {
+        // A checkpoint of the last epoch is accepted: the run then only evaluates and writes its summary, which
+        // finishes a run that was stopped between its last checkpoint and its summary.
+        if ckpt.meta.epoch + 1 > self.config.epochs {
             return Err(Error::invalid(
                 "epochs",
-                format!("the checkpoint already completed epoch {} of {}; ask for more epochs to continue", ckpt.meta.epoch, self.config.epochs),
+                format!("the checkpoint already completed {} epochs, more than the {} asked for; ask for more epochs to continue", ckpt.meta.epoch + 1, self.config.epochs),
             ));
         }
         self.config.seed = ckpt.meta.seed;
@@ -438,7 +440,7 @@ impl<'a> Trainer<'a> {
         if let Some(dir) = &self.config.out_dir {
             let path = dir.join(SUMMARY_FILE);
             let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::invalid("summary", e.to_string()))?;
-            std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))?;
+            crate::io::write_atomic(&path, (json + "\n").as_bytes())?;
         }
         Ok(summary)
     }
@@ -498,7 +500,10 @@ impl<'a> Trainer<'a> {
             let ckpt = Checkpoint::capture(self.model, Some(&self.optimizer), self.scheduler.as_deref(), epoch, self.config.seed, self.history.clone());
             ckpt.save(dir.join(CHECKPOINT_FILE))?;
             if is_best {
-                std::fs::copy(dir.join(CHECKPOINT_FILE), dir.join(BEST_FILE)).map_err(|e| Error::io(dir.join(BEST_FILE), e))?;
+                // Copied to a partial file and renamed, so a kill never leaves a truncated best checkpoint.
+                let partial = crate::io::partial_path(dir.join(BEST_FILE));
+                std::fs::copy(dir.join(CHECKPOINT_FILE), &partial).map_err(|e| Error::io(&partial, e))?;
+                crate::io::commit_atomic(&partial, dir.join(BEST_FILE))?;
             }
             write_metrics_csv(&dir.join(METRICS_FILE), &self.history)?;
         }
@@ -554,7 +559,7 @@ fn write_metrics_csv(path: &Path, history: &[EpochRecord]) -> Result<()> {
             c.params, c.nnz_params, c.weights, c.nnz_weights, c.sparsity, r.seconds
         );
     }
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    crate::io::write_atomic(path, out.as_bytes())
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`; CUDA must be available.

@@ -338,7 +338,10 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         config.stats = Some(stats);
     }
     let fp32_bytes = distill::quantization::export::float_size_bytes(&model);
-    PostTrainLinearQuantizer::new(config).prepare_model(&mut model)?;
+    let prepared = PostTrainLinearQuantizer::new(config).prepare_model(&mut model)?;
+    for (module, reason) in &prepared.kept_float {
+        eprintln!("warning: {module} stays in floating point: {reason}");
+    }
     let quantized = train::validate(&mut model, &data.test, args.batch_size)?;
     println!("quantized: top1 {:.2}%  top5 {:.2}%  loss {:.4}", quantized.top1, quantized.top5, quantized.loss);
     let export_path = args.out.join("quantized.safetensors");
@@ -359,7 +362,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
     let path = args.out.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n").map_err(|e| distill::Error::io(&path, e))?;
+    distill::io::write_atomic(&path, (serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n").as_bytes())?;
     println!("results in {}", args.out.display());
     Ok(())
 }
