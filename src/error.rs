@@ -127,7 +127,7 @@ impl fmt::Display for Error {
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Schedule(problems) => write!(f, "{}", problems.join("\n")),
             Error::Table(message) => write!(f, "table: {message}"),
-            Error::Torch(e) => write!(f, "libtorch: {e}"),
+            Error::Torch(e) => write!(f, "libtorch: {}", torch_message(&e.to_string())),
         }
     }
 }
@@ -153,6 +153,13 @@ impl From<polars::prelude::PolarsError> for Error {
     fn from(e: polars::prelude::PolarsError) -> Self {
         Error::Table(e.to_string())
     }
+}
+
+/// libtorch's message without the C++ stack trace it appends ("Exception raised from ... frame #0: ..."), joined
+/// on one line.
+fn torch_message(text: &str) -> String {
+    let cut = ["\nException raised from", "Exception raised from", "\nframe #"].iter().filter_map(|m| text.find(m)).min().unwrap_or(text.len());
+    text[..cut].split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl From<tch::TchError> for Error {
@@ -211,6 +218,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libtorch_messages_lose_their_cpp_trace() {
+        let raw = "Torch(\"invalid argument\nException raised from empty_cpu at aten/src/ATen/EmptyTensor.cpp:12 (most recent call first):\nframe #0: c10::Error\")";
+        assert_eq!(torch_message(raw), "Torch(\"invalid argument");
+        let e = Error::from(tch::Tensor::f_zeros([-1], (tch::Kind::Float, tch::Device::Cpu)).unwrap_err());
+        let text = e.to_string();
+        assert!(!text.contains('\n') && !text.contains("frame #"), "{text}");
+    }
 
     #[test]
     fn edit_distance_counts_insertions_deletions_substitutions() {

@@ -132,3 +132,61 @@ fn quantize_writes_a_summary_with_fp32_quantized_and_sizes() {
     let o = distill(&["quantize", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--config", config, "--out", out.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("saved from 'mlp'"), "{}", stderr(&o));
 }
+
+/// Runs `distill` through a shell, for pipes and redirections.
+fn shell(cmd: &str) -> Output {
+    let bin = env!("CARGO_BIN_EXE_distill");
+    Command::new("bash").arg("-c").arg(cmd.replace("DISTILL", bin)).env_remove("LD_LIBRARY_PATH").output().unwrap()
+}
+
+#[test]
+fn closed_or_full_standard_output_and_hostile_values() {
+    // A closed pipe ends the command quietly; a full device is an error, not a panic.
+    let o = shell("set -o pipefail; DISTILL models | head -c 5 > /dev/null");
+    assert!(o.status.success() && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    let o = shell("DISTILL models > /dev/full");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cannot write to standard output: No space left on device"), "{}", stderr(&o));
+    let dir = distill::io::TempDir::new().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let schedule = dir.path().join("s.yaml");
+    std::fs::write(&schedule, "lr_schedulers:\n  w: {class: CosineAnnealingWarmRestarts, T_0: 2, T_mult: 18446744073709551615}\npolicies:\n  - lr_scheduler: {instance_name: w}\n    starting_epoch: 0\n    ending_epoch: 20\n    frequency: 1\n").unwrap();
+    let s = schedule.to_str().unwrap();
+    // A huge T_mult previews (it used to loop forever); huge epoch counts and batch sizes are refused.
+    let o = distill(&["schedule", "preview", s, "--epochs", "20"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cases: &[(&[&str], &str)] = &[
+        (&["schedule", "preview", s, "--epochs", "18446744073709551615"], "beyond the limit of 100000"),
+        (&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1000000000", "--out", out], "beyond the limit of 100000"),
+        (&["train", "--arch", "lenet", "--dataset", "mnist", "--batch-size", "18446744073709551615", "--out", out], "invalid batch size"),
+        (&["schedule", "check", "/dev/zero"], "not a regular file"),
+    ];
+    for (args, message) in cases {
+        let o = distill(args);
+        // `schedule check` reports on standard output, the others on standard error.
+        let err = if args[0] == "schedule" && args[1] == "check" { String::from_utf8_lossy(&o.stdout).into_owned() } else { stderr(&o) };
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(err.contains(message) && err.trim().lines().count() == 1, "{args:?}: expected one line with '{message}':\n{err}");
+    }
+    // A FIFO is refused at once instead of blocking the reader.
+    let fifo = dir.path().join("pipe.yaml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let o = distill(&["schedule", "check", fifo.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stdout).contains("not a regular file"), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn default_flags_train_and_a_diverging_run_is_reported() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let out = dir.path().join("lr5");
+    // lr 5 on LeNet: the loss goes to NaN or stays at ln(10), accuracy at chance; the run says why.
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "2", "--lr", "5", "--progress", "quiet", "--out", out.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(err.contains("learning rate") && (err.contains("collapsed") || err.contains("NaN")), "{err}");
+    // The defaults are the model's (README table), printed before training.
+    let out = dir.path().join("defaults");
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("settings: SGD lr 0.02 (cosine-annealed), batch 32, weight decay 0.0001, momentum 0.9"), "{text}");
+}

@@ -369,12 +369,12 @@ impl Schedule {
     /// stores a symbolic link on systems without them, as in Distiller's `baseline_networks/`) is followed.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Schedule> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_text_file(path)?;
         let trimmed = text.trim();
         if !trimmed.contains(['\n', ':']) && trimmed.ends_with(".yaml") {
             let target: PathBuf = path.parent().unwrap_or(Path::new(".")).join(trimmed);
             if target.is_file() && target != path {
-                let text = std::fs::read_to_string(&target).map_err(|e| Error::io(&target, e))?;
+                let text = read_text_file(&target)?;
                 return Schedule::from_yaml_str(&text, &target.display().to_string());
             }
         }
@@ -383,6 +383,7 @@ impl Schedule {
 
     /// Parses schedule text; `name` labels error locations (usually the file name).
     pub fn from_yaml_str(text: &str, name: &str) -> Result<Schedule> {
+        check_text(text, name, "a schedule, a mapping with 'policies' and the sections they name")?;
         let positions = Positions::of(text);
         let value: Value = match serde_yaml::from_str(text) {
             Ok(v) => v,
@@ -790,8 +791,76 @@ impl Schedule {
 }
 
 fn malformed(name: &str, e: &serde_yaml::Error) -> Error {
-    let at = e.location().map(|l| format!("{name}:{}:{}", l.line(), l.column())).unwrap_or_else(|| name.to_string());
+    let at = e.location().map(|l| format!("{name}:{}:{}", l.line(), l.column())).unwrap_or_else(|| format!("{name}:1:1"));
     Error::Schedule(vec![format!("{at}: malformed YAML: {}", strip_serde_position(&e.to_string()))])
+}
+
+/// The largest schedule or statistics file read (Distiller's largest schedule is 15 KB, a ResNet-50 statistics
+/// file about 200 KB).
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+/// The deepest nesting of `[` and `{` accepted: the YAML parser's time grows faster than the text with it.
+pub const MAX_FLOW_DEPTH: usize = 64;
+
+/// Reads a YAML file: a regular file (a FIFO or a device would block or never end) of at most
+/// [`MAX_FILE_BYTES`], in UTF-8 (an error gives the line and column of the first invalid byte).
+pub fn read_text_file(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::data(path, "is not a regular file (a folder, FIFO or device); give a YAML file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::data(path, format!("is {} bytes, more than the {MAX_FILE_BYTES} a schedule or statistics file may have", meta.len())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+        let column = valid.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+        Error::Schedule(vec![format!("{}:{line}:{column}: not UTF-8 text (byte {}); YAML files are UTF-8", path.display(), valid.len())])
+    })
+}
+
+/// Refuses, with their position, what the YAML parser handles badly: flow nesting deeper than
+/// [`MAX_FLOW_DEPTH`] and several documents in one file; and says so for an empty file.
+pub(crate) fn check_text(text: &str, name: &str, what: &str) -> Result<()> {
+    let at = |line: usize, column: usize, msg: &str| Err(Error::Schedule(vec![format!("{name}:{line}:{column}: {msg}")]));
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return at(1, 1, &format!("{} bytes is more than the {MAX_FILE_BYTES} a schedule may have", text.len()));
+    }
+    if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        return at(1, 1, &format!("the file is empty: expected {what}"));
+    }
+    let (mut depth, mut quote, mut documents) = (0usize, None::<char>, 0usize);
+    for (i, line) in text.lines().enumerate() {
+        if quote.is_none() && (line.starts_with("---") || line == "...") {
+            documents += 1;
+            let content_before = text.lines().take(i).any(|l| !(l.trim().is_empty() || l.trim_start().starts_with('#') || l.starts_with("%")));
+            if documents > 1 || content_before && line.starts_with("---") {
+                return at(i + 1, 1, "a second YAML document: the file must hold one (remove the '---' or split the file)");
+            }
+        }
+        for (j, c) in line.chars().enumerate() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return at(i + 1, j + 1, &format!("brackets nested more than {MAX_FLOW_DEPTH} deep"));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        // A quoted scalar may span lines only in flow context; a stray quote in block context ends with the line.
+        if depth == 0 {
+            quote = None;
+        }
+    }
+    Ok(())
 }
 
 /// The document built from yaml-rust2's events, where a repeated key's last value wins (PyYAML's behaviour;

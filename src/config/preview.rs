@@ -35,6 +35,7 @@ impl Schedule {
     /// Previews `epochs` epochs starting from learning rate `lr`. With a `model`, `'*'` entries expand to its
     /// parameters and names are checked against it.
     pub fn preview(&self, epochs: usize, lr: f64, model: Option<&Model>) -> Result<Preview> {
+        crate::scheduler::check_epochs("epochs", epochs)?;
         if let Some(m) = model {
             self.check_model(m)?;
         }

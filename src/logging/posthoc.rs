@@ -10,12 +10,20 @@ use super::tensorboard::read_scalars;
 use crate::summary::tables::column;
 use crate::{Error, Result};
 
-fn event_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// The event files under `dir`. Each folder is visited once (by its canonical path), so a symbolic link back up
+/// the tree does not loop; a link that points nowhere is skipped with a warning.
+fn event_files(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet<PathBuf>, warnings: &mut Vec<String>) -> Result<()> {
+    let canonical = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    if !seen.insert(canonical) {
+        return Ok(());
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for entry in entries {
         let p = entry.map_err(|e| Error::io(dir, e))?.path();
-        if p.is_dir() {
-            event_files(&p, out)?;
+        if std::fs::metadata(&p).is_err() {
+            warnings.push(format!("{}: a link to nothing; skipped", p.display()));
+        } else if p.is_dir() {
+            event_files(&p, out, seen, warnings)?;
         } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("events.out.tfevents")) {
             out.push(p);
         }
@@ -36,7 +44,7 @@ pub fn read_runs<P: AsRef<Path>>(dirs: &[P]) -> Result<(DataFrame, Vec<String>)>
         }
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
         let mut files = Vec::new();
-        event_files(dir, &mut files)?;
+        event_files(dir, &mut files, &mut Default::default(), &mut warnings)?;
         files.sort();
         for f in &files {
             let (events, warning) = read_scalars(f)?;

@@ -371,6 +371,11 @@ impl Model {
                 Some(g) if g.size() != t.size() => {
                     problems.push(format!("'{name}': model has {:?}, given {:?}", t.size(), g.size()))
                 }
+                // Float widths convert (a float16 checkpoint loads into float32); a float read as integers
+                // or the reverse is a corrupt or foreign file.
+                Some(g) if g.is_floating_point() != t.is_floating_point() => {
+                    problems.push(format!("'{name}': model has {:?} values, given {:?}", t.kind(), g.kind()))
+                }
                 Some(_) => {}
             }
         }

@@ -53,7 +53,8 @@ impl ActivationStats {
     /// Reads Distiller's statistics YAML.
     pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::config::read_text_file(path)?;
+        crate::config::check_text(&text, &path.display().to_string(), "activation statistics, a mapping from module names to their ranges")?;
         let top: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| Error::data(path, format!("malformed statistics YAML: {e}")))?;
         Self::read(top, &path.display().to_string())
     }

@@ -235,10 +235,11 @@ impl LrSchedule {
                     (epoch % t_0, *t_0)
                 } else {
                     // Find the restart period containing `epoch` by walking the geometric periods.
-                    let (mut start, mut period) = (0, *t_0);
-                    while epoch >= start + period {
+                    let (mut start, mut period): (usize, usize) = (0, *t_0);
+                    // Saturating: a huge T_mult ends the walk instead of wrapping around forever.
+                    while epoch >= start.saturating_add(period) {
                         start += period;
-                        period *= t_mult;
+                        period = period.saturating_mul(*t_mult);
                     }
                     (epoch - start, period)
                 };

@@ -49,7 +49,7 @@ use crate::optim::Optimizer;
 use crate::{Error, Result};
 
 pub use masker::{Masks, ParameterMasker};
-pub use policy::{LossComponent, Minibatch, Policy, PolicyContext, PolicyLoss, PolicySchedule};
+pub use policy::{check_epochs, LossComponent, Minibatch, Policy, PolicyContext, PolicyLoss, PolicySchedule, MAX_EPOCHS};
 
 struct ScheduledPolicy {
     policy: Box<dyn Policy>,

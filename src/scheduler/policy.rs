@@ -19,6 +19,18 @@ pub struct PolicySchedule {
     epochs: Vec<usize>,
 }
 
+/// The most epochs a schedule, a preview or a run may span: every epoch costs a record, so a limit keeps a
+/// mistyped `ending_epoch: 1000000000` from asking for gigabytes. Far beyond any real training run.
+pub const MAX_EPOCHS: usize = 100_000;
+
+/// Refuses an epoch count beyond [`MAX_EPOCHS`].
+pub fn check_epochs(what: &str, epochs: usize) -> Result<()> {
+    if epochs > MAX_EPOCHS {
+        return Err(Error::invalid(what, format!("{epochs} epochs is beyond the limit of {MAX_EPOCHS}")));
+    }
+    Ok(())
+}
+
 impl PolicySchedule {
     /// Active at `starting_epoch, starting_epoch + frequency, ...` while below `ending_epoch`.
     ///
@@ -30,6 +42,7 @@ impl PolicySchedule {
     /// # Ok::<(), distill::Error>(())
     /// ```
     pub fn range(starting_epoch: usize, ending_epoch: usize, frequency: usize) -> Result<Self> {
+        check_epochs("ending_epoch", ending_epoch)?;
         if starting_epoch >= ending_epoch {
             return Err(Error::invalid(
                 "policy schedule",
@@ -51,6 +64,7 @@ impl PolicySchedule {
         let (Some(&first), Some(&last)) = (epochs.first(), epochs.last()) else {
             return Err(Error::invalid("policy schedule", "the epochs list is empty"));
         };
+        check_epochs("epochs", last.saturating_add(1))?;
         if epochs.windows(2).any(|w| w[0] >= w[1]) {
             return Err(Error::invalid("policy schedule", format!("epochs {epochs:?} must be strictly increasing")));
         }

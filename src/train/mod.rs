@@ -39,6 +39,9 @@ pub const METRICS_FILE: &str = "metrics.csv";
 /// The run's outcome.
 pub const SUMMARY_FILE: &str = "summary.json";
 
+/// The largest mini-batch a run accepts (a larger value is a typo, and libtorch fails on it with a C++ trace).
+pub const MAX_BATCH: usize = 1 << 20;
+
 /// Hyper-parameters of a training run.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -171,6 +174,9 @@ pub struct TrainSummary {
     pub wall_seconds: f64,
     /// Every epoch's record.
     pub history: Vec<EpochRecord>,
+    /// Problems noticed during the run (a collapsed run: see [`collapse_warning`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Mean cross-entropy of `logits` against `labels`.
@@ -334,6 +340,7 @@ pub struct Trainer<'a> {
     config: TrainConfig,
     history: Vec<EpochRecord>,
     loggers: Vec<Box<dyn DataLogger>>,
+    warnings: Vec<String>,
 }
 
 impl<'a> Trainer<'a> {
@@ -342,11 +349,12 @@ impl<'a> Trainer<'a> {
         if config.epochs == 0 {
             return Err(Error::invalid("epochs", "must be at least 1"));
         }
-        if config.batch_size == 0 {
-            return Err(Error::invalid("batch size", "must be at least 1"));
+        crate::scheduler::check_epochs("epochs", config.epochs)?;
+        if config.batch_size == 0 || config.batch_size > MAX_BATCH {
+            return Err(Error::invalid("batch size", format!("{} must lie in 1..={MAX_BATCH}", config.batch_size)));
         }
         let optimizer = Optimizer::for_model(model, config.optimizer, config.lr)?;
-        Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new(), loggers: Vec::new() })
+        Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new(), loggers: Vec::new(), warnings: Vec::new() })
     }
 
     /// Also reports to `logger` (with an output folder, TensorBoard and CSV loggers are added by [`Trainer::run`]).
@@ -423,6 +431,11 @@ impl<'a> Trainer<'a> {
     /// Trains up to `config.epochs`, validating every epoch, then evaluates the final model on the test set.
     pub fn run(&mut self, data: &DataSplits) -> Result<TrainSummary> {
         let started = Instant::now();
+        for (split, set) in [("training", &data.train), ("validation", &data.valid), ("test", &data.test)] {
+            if set.is_empty() {
+                return Err(Error::invalid("data", format!("the {split} split has no samples; a run needs all three splits")));
+            }
+        }
         if let Some(dir) = &self.config.out_dir {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             self.loggers.push(Box::new(TensorBoardLogger::new(dir)?));
@@ -495,6 +508,14 @@ impl<'a> Trainer<'a> {
             best.epoch,
         );
         Reporter::new(self.config.progress, epoch, self.config.epochs, 1).finish(&line);
+        if self.warnings.is_empty() {
+            if let Some(w) = collapse_warning(&self.history, self.model.info().num_classes, self.config.lr) {
+                if self.config.progress != Progress::Quiet {
+                    eprintln!("warning: {w}");
+                }
+                self.warnings.push(w);
+            }
+        }
         if let Some(dir) = self.config.out_dir.clone() {
             let is_best = best.epoch == epoch;
             let ckpt = Checkpoint::capture(self.model, Some(&self.optimizer), self.scheduler.as_deref(), epoch, self.config.seed, self.history.clone());
@@ -533,8 +554,30 @@ impl<'a> Trainer<'a> {
             sparsity: counts.sparsity,
             wall_seconds,
             history: self.history.clone(),
+            warnings: self.warnings.clone(),
         })
     }
+}
+
+/// Whether a run has collapsed, judged after its latest epoch: the training loss still near `ln(classes)` (what a
+/// network that has learnt nothing scores) and validation top-1 at chance level. A collapse in the first epochs
+/// almost always means a learning rate too high for the model; the message says so and how to change it.
+pub fn collapse_warning(history: &[EpochRecord], num_classes: i64, lr: f64) -> Option<String> {
+    let last = history.last()?;
+    let classes = num_classes.max(2) as f64;
+    let chance = 100.0 / classes;
+    let untrained = classes.ln();
+    let loss = last.train.objective.loss;
+    let stuck = !loss.is_finite() || loss >= 0.9 * untrained;
+    (stuck && last.valid.top1 <= 1.5 * chance).then(|| {
+        format!(
+            "training has collapsed after epoch {}: training loss {loss:.3} stays near ln({num_classes}) = {untrained:.3} and validation top-1 {:.2}% is chance level ({chance:.0}%). \
+             The learning rate {lr} is the likely cause: lower it (`--lr`, or `TrainConfig::lr`), e.g. to {}",
+            last.epoch + 1,
+            last.valid.top1,
+            lr / 5.0
+        )
+    })
 }
 
 /// Trains `model` on `data` as configured, with an optional compression scheduler; see [`Trainer`] to resume.

@@ -7,6 +7,7 @@ use distill::config::Schedule;
 use distill::data::{self, DataSplits};
 use distill::models;
 use distill::optim::OptimizerConfig;
+use distill::scheduler::lr::{LrPolicy, LrSchedule};
 use distill::train::{self, Progress, TrainConfig, Trainer};
 use distill::Result;
 
@@ -193,6 +194,14 @@ enum OptimizerKind {
     Adam,
 }
 
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum LrScheduleKind {
+    /// Anneal to 0 along a cosine over the run.
+    Cosine,
+    /// Keep the learning rate (or leave it to the --compress schedule).
+    Constant,
+}
+
 #[derive(clap::Args)]
 struct TrainArgs {
     #[command(flatten)]
@@ -200,21 +209,24 @@ struct TrainArgs {
     /// Total epochs (a resumed run continues up to this number).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    /// Initial learning rate.
-    #[arg(long, default_value_t = 0.1)]
-    lr: f64,
-    /// Mini-batch size.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    /// Initial learning rate [default: the model's, see `distill models` and the README's training defaults].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Mini-batch size [default: the model's].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Optimizer.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
     optimizer: OptimizerKind,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
-    /// L2 weight decay.
-    #[arg(long, default_value_t = 1e-4)]
-    weight_decay: f64,
+    /// SGD momentum [default: the model's].
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// L2 weight decay [default: the model's].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Learning-rate schedule when the --compress schedule has none [default: the model's].
+    #[arg(long, value_enum)]
+    lr_schedule: Option<LrScheduleKind>,
     /// Seed of initialization, shuffling and dropout.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -255,14 +267,18 @@ fn train(args: TrainArgs) -> Result<()> {
         distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
     }
     let data = args.model.data()?;
+    let defaults = models::training_defaults(&args.model.arch, &args.model.dataset);
+    let (lr, batch_size) = (args.lr.unwrap_or(defaults.lr), args.batch_size.unwrap_or(defaults.batch_size));
+    let weight_decay = args.weight_decay.unwrap_or(defaults.weight_decay);
     let optimizer = match args.optimizer {
-        OptimizerKind::Sgd => OptimizerConfig::sgd(args.momentum, args.weight_decay),
-        OptimizerKind::Adam => OptimizerConfig::adam(args.weight_decay),
+        OptimizerKind::Sgd => OptimizerConfig::sgd(args.momentum.unwrap_or(defaults.momentum), weight_decay),
+        OptimizerKind::Adam => OptimizerConfig::adam(weight_decay),
     };
+    let lr_schedule = args.lr_schedule.unwrap_or(if defaults.cosine_lr { LrScheduleKind::Cosine } else { LrScheduleKind::Constant });
     let config = TrainConfig {
         epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
+        batch_size,
+        lr,
         optimizer,
         seed: args.seed,
         out_dir: Some(args.out.clone()),
@@ -278,15 +294,29 @@ fn train(args: TrainArgs) -> Result<()> {
         model.num_parameters(),
         device
     );
-    let mut scheduler = match &args.compress {
+    println!(
+        "settings: {} lr {lr} ({}), batch {batch_size}, weight decay {weight_decay}{}",
+        optimizer.name(),
+        if lr_schedule == LrScheduleKind::Cosine { "cosine-annealed" } else { "constant unless the schedule says" },
+        match optimizer {
+            OptimizerConfig::Sgd { momentum, .. } => format!(", momentum {momentum}"),
+            OptimizerConfig::Adam { .. } => String::new(),
+        }
+    );
+    let (mut scheduler, has_lr_schedule) = match &args.compress {
         Some(path) => {
             let schedule = Schedule::from_file(path)?;
             let scheduler = schedule.build(&model)?;
-            print!("{}", schedule.preview(args.epochs, args.lr, Some(&model))?);
-            Some(scheduler)
+            print!("{}", schedule.preview(args.epochs, lr, Some(&model))?);
+            (Some(scheduler), !schedule.lr_schedulers.is_empty())
         }
-        None => None,
+        None => (None, false),
     };
+    if lr_schedule == LrScheduleKind::Cosine && !has_lr_schedule && args.epochs > 0 {
+        let cosine = LrPolicy::new(LrSchedule::CosineAnnealingLR { t_max: args.epochs, eta_min: 0.0 })?;
+        let s = scheduler.get_or_insert_with(|| distill::scheduler::CompressionScheduler::new(&model));
+        s.add_policy(Box::new(cosine), distill::scheduler::PolicySchedule::range(0, args.epochs, 1)?);
+    }
     let mut trainer = Trainer::new(&mut model, config)?;
     if let Some(s) = scheduler.as_mut() {
         trainer = trainer.with_scheduler(s);
@@ -297,6 +327,10 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     let summary = trainer.run(&data)?;
     drop(trainer);
+    if progress == Progress::Quiet {
+        // Shown during the run otherwise.
+        summary.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    }
     let written = write_run_reports(&mut model, &args.out, &summary)?;
     println!("summaries and charts: {}", written.join(", "));
     println!(
@@ -500,7 +534,39 @@ fn check(files: &[PathBuf], arch: Option<&str>, dataset: Option<&str>) -> Result
     Ok(all_ok)
 }
 
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default()
+}
+
 fn main() -> ExitCode {
+    // Writing to a closed or full standard output makes `println!` panic. A closed pipe (`distill ... | head`)
+    // ends the command quietly, as any Unix tool; a full device is reported as an error. Any other panic is a bug:
+    // one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let text = panic_text(info.payload());
+        if !text.starts_with("failed printing to stdout") {
+            let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            eprintln!("error: internal error{at}: {text} (please report it)");
+        }
+    }));
+    match std::panic::catch_unwind(run) {
+        Ok(code) => code,
+        Err(payload) => {
+            let text = panic_text(payload.as_ref());
+            match text.strip_prefix("failed printing to stdout: ") {
+                Some(why) if why.contains("Broken pipe") => ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("error: cannot write to standard output: {why}");
+                    ExitCode::FAILURE
+                }
+                None => ExitCode::from(101),
+            }
+        }
+    }
+}
+
+fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
