@@ -190,3 +190,19 @@ fn default_flags_train_and_a_diverging_run_is_reported() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("settings: SGD lr 0.02 (cosine-annealed), batch 32, weight decay 0.0001, momentum 0.9"), "{text}");
 }
+
+#[test]
+fn every_mnist_model_trains_with_default_flags() {
+    // The README's table: seed 1 of each MNIST model, 10 epochs, no hyper-parameter flags (seeds 2 and 3 are
+    // in the README; 500 test digits, so one digit is 0.2 points).
+    let dir = distill::io::TempDir::new().unwrap();
+    for arch in ["lenet", "simplenet_mnist", "simplenet_v2_mnist", "mlp"] {
+        let out = dir.path().join(arch);
+        let o = distill(&["train", "--arch", arch, "--dataset", "mnist", "--epochs", "10", "--seed", "1", "--progress", "quiet", "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        let top1 = summary["test"]["top1"].as_f64().unwrap();
+        assert!(top1 >= 97.0, "{arch}: test top-1 {top1}");
+        assert!(summary.get("warnings").is_none(), "{arch}: {summary}");
+    }
+}

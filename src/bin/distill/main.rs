@@ -294,23 +294,28 @@ fn train(args: TrainArgs) -> Result<()> {
         model.num_parameters(),
         device
     );
+    let schedule = args.compress.as_ref().map(Schedule::from_file).transpose()?;
+    let has_lr_schedule = schedule.as_ref().is_some_and(|s| !s.lr_schedulers.is_empty());
     println!(
         "settings: {} lr {lr} ({}), batch {batch_size}, weight decay {weight_decay}{}",
         optimizer.name(),
-        if lr_schedule == LrScheduleKind::Cosine { "cosine-annealed" } else { "constant unless the schedule says" },
+        match (has_lr_schedule, lr_schedule) {
+            (true, _) => "scheduled by --compress",
+            (false, LrScheduleKind::Cosine) => "cosine-annealed",
+            (false, LrScheduleKind::Constant) => "constant",
+        },
         match optimizer {
             OptimizerConfig::Sgd { momentum, .. } => format!(", momentum {momentum}"),
             OptimizerConfig::Adam { .. } => String::new(),
         }
     );
-    let (mut scheduler, has_lr_schedule) = match &args.compress {
-        Some(path) => {
-            let schedule = Schedule::from_file(path)?;
+    let mut scheduler = match &schedule {
+        Some(schedule) => {
             let scheduler = schedule.build(&model)?;
             print!("{}", schedule.preview(args.epochs, lr, Some(&model))?);
-            (Some(scheduler), !schedule.lr_schedulers.is_empty())
+            Some(scheduler)
         }
-        None => (None, false),
+        None => None,
     };
     if lr_schedule == LrScheduleKind::Cosine && !has_lr_schedule && args.epochs > 0 {
         let cosine = LrPolicy::new(LrSchedule::CosineAnnealingLR { t_max: args.epochs, eta_min: 0.0 })?;
