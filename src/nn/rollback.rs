@@ -23,6 +23,17 @@ pub struct Rollback {
 }
 
 impl Rollback {
+    /// Runs `f`, which records its changes in the rollback it is given; if `f` fails, the model is put back as it
+    /// was before the call.
+    pub fn transaction<T>(model: &mut Model, f: impl FnOnce(&mut Model, &mut Rollback) -> Result<T>) -> Result<T> {
+        let mut rollback = Rollback::begin(model)?;
+        let result = f(model, &mut rollback);
+        if result.is_err() {
+            rollback.undo(model);
+        }
+        result
+    }
+
     /// Records the model's state before the transformation: a copy of every parameter and buffer.
     pub fn begin(model: &Model) -> Result<Self> {
         let values = tch::no_grad(|| model.state_dict().into_iter().map(|(n, t)| Ok((n, t.f_detach_copy()?))).collect::<Result<Vec<_>>>())?;

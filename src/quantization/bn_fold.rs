@@ -61,12 +61,7 @@ pub fn conv_bn_pairs(model: &mut Model) -> Result<Vec<(String, String)>> {
 /// `σ = √(var + eps)`; the BN becomes an Identity (its name stays in the tree). Returns the folded pairs. On
 /// error the model is left as it was.
 pub fn fold_batch_norms(model: &mut Model) -> Result<Vec<(String, String)>> {
-    let mut rollback = Rollback::begin(model)?;
-    let result = fold_batch_norms_recorded(model, &mut rollback);
-    if result.is_err() {
-        rollback.undo(model);
-    }
-    result
+    Rollback::transaction(model, fold_batch_norms_recorded)
 }
 
 /// [`fold_batch_norms`], recording every module it swaps out in `rollback` (for a caller that undoes more).

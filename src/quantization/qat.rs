@@ -246,11 +246,11 @@ impl FakeLinearQuantization {
         let _ = max_biased.shallow_clone().f_mul_scalar_(d)?.f_add_(&hi.f_to_kind(tch::Kind::Float)?.f_mul_scalar(1.0 - d)?)?;
         // Bias correction 1 − d^iter, on the device.
         let correction = Tensor::f_pow_scalar(d, iter)?.f_neg()?.f_add_scalar(1.0)?;
-        let _ = min.shallow_clone().f_copy_(&min_biased.f_div(&correction)?)?;
-        let _ = max.shallow_clone().f_copy_(&max_biased.f_div(&correction)?)?;
+        min.shallow_clone().f_copy_(&min_biased.f_div(&correction)?)?;
+        max.shallow_clone().f_copy_(&max_biased.f_div(&correction)?)?;
         let (s, z) = super::q_utils::range_scale_fast(self.bits, self.mode, min, max)?;
-        let _ = scale.shallow_clone().f_copy_(&s)?;
-        let _ = zero_point.shallow_clone().f_copy_(&z)?;
+        scale.shallow_clone().f_copy_(&s)?;
+        zero_point.shallow_clone().f_copy_(&z)?;
         self.tracking.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -444,12 +444,7 @@ pub struct Prepared {
 impl QatQuantizer {
     /// Replaces the model's Conv2d/Linear layers and ReLUs, names kept.
     pub fn prepare_model(&self, model: &mut Model) -> Result<Prepared> {
-        let mut rollback = Rollback::begin(model)?;
-        let result = self.prepare_steps(model, &mut rollback);
-        if result.is_err() {
-            rollback.undo(model);
-        }
-        result
+        Rollback::transaction(model, |model, rollback| self.prepare_steps(model, rollback))
     }
 
     fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<Prepared> {

@@ -410,10 +410,9 @@ impl<'a> ReplaceFactory<'a> {
             model
                 .try_map_module(name, |m| {
                     let (before, before_type): (*const dyn Module, String) = (m.as_ref(), m.type_name().to_string());
-                    f(m, name, s).map(|new| {
+                    f(m, name, s).inspect(|new| {
                         // The factory hands a module it keeps back unchanged.
                         changed = !std::ptr::addr_eq(before, new.as_ref() as *const dyn Module) || new.type_name() != before_type;
-                        new
                     })
                 })
                 .map_err(|e| Error::invalid("quantization", format!("{name} ({type_name}): {e}")))?;

@@ -19,6 +19,21 @@ use super::stats::{ActivationStats, ModuleStats};
 use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module, Rollback};
 use crate::{Error, Result};
 
+/// The child `wrapped_module` of a wrapper that holds the module it replaced in its field `wrapped`.
+macro_rules! wraps_one_module {
+    () => {
+        fn children(&self) -> Vec<(&str, &dyn Module)> {
+            vec![("wrapped_module", self.wrapped.as_ref())]
+        }
+        fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
+            vec![("wrapped_module", &mut self.wrapped)]
+        }
+        fn take_replaced(&mut self) -> Option<BoxModule> {
+            Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
+        }
+    };
+}
+
 /// How one activation tensor (a module's output, or one of its inputs) is quantized.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ActSettings {
@@ -321,15 +336,7 @@ impl Module for RangeLinearQuantParamLayer {
     fn buffers(&self) -> Vec<(&str, &Tensor)> {
         self.fp_weight.iter().map(|w| ("float_weight", w)).collect()
     }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("wrapped_module", self.wrapped.as_ref())]
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
-        vec![("wrapped_module", &mut self.wrapped)]
-    }
-    fn take_replaced(&mut self) -> Option<BoxModule> {
-        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
-    }
+    wraps_one_module!();
     fn extra_repr(&self) -> String {
         match &self.acts {
             Some(a) => format!("weights={:?}, activations={} bits {:?} clip={:?}", self.weights.mode, a.output.bits, a.output.mode, a.output.clip),
@@ -384,15 +391,7 @@ impl Module for RangeLinearQuantEltwiseAdd {
         ctx.annotate(&y, out_p);
         Ok(y)
     }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("wrapped_module", self.wrapped.as_ref())]
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
-        vec![("wrapped_module", &mut self.wrapped)]
-    }
-    fn take_replaced(&mut self) -> Option<BoxModule> {
-        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
-    }
+    wraps_one_module!();
 }
 
 /// The dtype of `fpq_module` (16, 32 or 64 bits).
@@ -485,15 +484,7 @@ impl Module for RangeLinearFakeQuant {
         ctx.annotate(&out, p);
         Ok(out)
     }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("wrapped_module", self.wrapped.as_ref())]
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
-        vec![("wrapped_module", &mut self.wrapped)]
-    }
-    fn take_replaced(&mut self) -> Option<BoxModule> {
-        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
-    }
+    wraps_one_module!();
     fn extra_repr(&self) -> String {
         let a = &self.acts.output;
         format!("activations={} bits {:?} clip={:?}, quantize_inputs={}{}", a.bits, a.mode, a.clip, self.quantize_inputs, self.dtype.map(|k| format!(", dtype={k:?}")).unwrap_or_default())
@@ -526,15 +517,7 @@ impl Module for FpWrapper {
     fn forward_many(&self, inputs: &[&Tensor], ctx: &mut Forward) -> Result<Tensor> {
         Ok(run_in(Some(self.dtype), self.wrapped.as_ref(), inputs, ctx)?.f_to_kind(Kind::Float)?)
     }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("wrapped_module", self.wrapped.as_ref())]
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut BoxModule)> {
-        vec![("wrapped_module", &mut self.wrapped)]
-    }
-    fn take_replaced(&mut self) -> Option<BoxModule> {
-        Some(std::mem::replace(&mut self.wrapped, Box::new(crate::nn::Identity)))
-    }
+    wraps_one_module!();
     fn extra_repr(&self) -> String {
         format!("dtype={:?}", self.dtype)
     }
@@ -714,12 +697,7 @@ impl PostTrainLinearQuantizer {
     /// Replaces `model`'s modules by quantized wrappers (names kept) and quantizes its weights in place; the model
     /// is then for evaluation only. All or nothing: on any error the model is left exactly as it was.
     pub fn prepare_model(&self, model: &mut Model) -> Result<PtqPrepared> {
-        let mut rollback = Rollback::begin(model)?;
-        let result = self.prepare_steps(model, &mut rollback);
-        if result.is_err() {
-            rollback.undo(model);
-        }
-        result
+        Rollback::transaction(model, |model, rollback| self.prepare_steps(model, rollback))
     }
 
     fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<PtqPrepared> {
