@@ -163,6 +163,22 @@ fn a_run_killed_mid_write_reads_with_a_warning() {
     assert!(warnings[0].contains("cut short"));
 }
 
+#[test]
+fn log_reading_survives_link_loops_and_dangling_links() {
+    let dir = distill::io::TempDir::new().unwrap();
+    {
+        let mut w = distill::logging::EventWriter::create(dir.path()).unwrap();
+        for s in 0..5 {
+            w.add_scalar("x", s as f64, s).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), dir.path().join("dangling")).unwrap();
+    let (df, warnings) = distill::logging::read_runs(&[dir.path()]).unwrap();
+    assert_eq!(df.height(), 5, "each event file read once");
+    assert!(warnings.iter().any(|w| w.contains("dangling") && w.contains("link to nothing")), "{warnings:?}");
+}
+
 fn is_svg(s: &str) -> bool {
     s.trim_start().starts_with("<svg") && s.trim_end().ends_with("</svg>")
 }
