@@ -15,6 +15,13 @@ fn partial_name(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` atomically (write, flush to disk, rename). On any error the target is untouched
 /// and no partial file is left behind.
+///
+/// ```
+/// let dir = distill::io::TempDir::new()?;
+/// distill::io::write_atomic(dir.path().join("notes.txt"), b"pruned to 90%")?;
+/// assert_eq!(std::fs::read(dir.path().join("notes.txt")).unwrap(), b"pruned to 90%");
+/// # Ok::<(), distill::Error>(())
+/// ```
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |file| file.write_all(bytes))
 }
