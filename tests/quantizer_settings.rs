@@ -307,3 +307,41 @@ fn a_checkpoint_tensor_of_another_kind_of_number_is_refused() {
     state[0].1 = state[0].1.to_kind(Kind::Double);
     assert!(model.load_state_dict(&state, true).is_ok());
 }
+
+#[test]
+fn range_linear_qat_resumes_bit_for_bit_with_its_tracked_ranges() {
+    use distill::data::{DataSplits, Dataset};
+    use distill::train::{Progress, TrainConfig, Trainer};
+    let data = DataSplits {
+        train: Dataset::synthetic(96, [1, 28, 28], 10, 1).unwrap(),
+        valid: Dataset::synthetic(16, [1, 28, 28], 10, 2).unwrap(),
+        test: Dataset::synthetic(16, [1, 28, 28], 10, 3).unwrap(),
+    };
+    let yaml = "quantizers:\n  q:\n    class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: 8\n    bits_weights: 8\n    mode: ASYMMETRIC_UNSIGNED\n    ema_decay: 0.9\npolicies:\n  - quantizer: {instance_name: q}\n    starting_epoch: 0\n    ending_epoch: 3\n    frequency: 1\n";
+    let dir = distill::io::TempDir::new().unwrap();
+    let config = |out: &str, epochs| TrainConfig { epochs, batch_size: 32, lr: 0.01, progress: Progress::Quiet, out_dir: Some(dir.path().join(out)), ..TrainConfig::default() };
+    // One set of starting weights for both runs (tests share libtorch's generator).
+    let weights: Vec<(String, Tensor)> = lenet().state_dict().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let fresh = || {
+        let mut m = create_model("lenet", "mnist", Device::Cpu).unwrap();
+        m.load_state_dict(&weights, true).unwrap();
+        m
+    };
+    let mut full = fresh();
+    let mut s = Schedule::from_yaml_str(yaml, "q.yaml").unwrap().build(&full).unwrap();
+    Trainer::new(&mut full, config("full", 3)).unwrap().with_scheduler(&mut s).run(&data).unwrap();
+    let mut part = fresh();
+    let mut s = Schedule::from_yaml_str(yaml, "q.yaml").unwrap().build(&part).unwrap();
+    Trainer::new(&mut part, config("part", 2)).unwrap().with_scheduler(&mut s).run(&data).unwrap();
+    let mut resumed = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let mut s = Schedule::from_yaml_str(yaml, "q.yaml").unwrap().build(&resumed).unwrap();
+    let mut trainer = Trainer::new(&mut resumed, config("part", 3)).unwrap().with_scheduler(&mut s);
+    trainer.resume(dir.path().join("part/checkpoint.safetensors")).unwrap();
+    trainer.run(&data).unwrap();
+    let (a, b) = (full.state_dict(), resumed.state_dict());
+    assert!(a.iter().any(|(n, _)| n == "relu1.fake_q.tracked_max"));
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (m, y)) in a.iter().zip(&b) {
+        assert!(n == m && x.equal(y), "{n} differs after resume");
+    }
+}
