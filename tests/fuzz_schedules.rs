@@ -1,6 +1,8 @@
-//! A seeded mutation fuzz of the schedule reader over Distiller's corpus: thousands of damaged schedules, each
-//! read, checked against a model, previewed and built. None may panic, take more than a few seconds, or grow the
-//! process without bound; every error from the reader names its file, line and column.
+//! Seeded mutation fuzzing of the readers of user files. Schedules (Distiller's corpus): thousands of damaged
+//! schedules, each read, checked against a model, previewed and built; none may panic, take more than a few
+//! seconds, or grow the process without bound, and every error from the reader names its file, line and column.
+//! Calibration statistics (Distiller's ResNet-18 file) and TensorBoard event files: damaged copies are read
+//! without a panic, and a statistics file that reads holds only finite, ordered ranges.
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -164,4 +166,65 @@ fn five_thousand_mutated_schedules_never_panic_hang_or_lose_their_position() {
     assert!(unlocated.is_empty(), "errors without FILE:LINE:COL: {:?}", &unlocated[..unlocated.len().min(5)]);
     assert!(slowest.0 < Duration::from_secs(5), "case {} took {:?}", slowest.1, slowest.0);
     assert!(rss < 4 << 20, "peak memory {rss} KiB");
+}
+
+#[test]
+fn damaged_statistics_and_event_files_never_panic() {
+    let stats = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/distiller-schedules/examples/quantization/post_train_quant/stats/resnet18_quant_stats.yaml")).unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut rng = Rng(0xCA1B);
+    let (mut panics, mut read, mut refused) = (Vec::new(), 0, 0);
+    for case in 0..400 {
+        let text = mutate(&stats, &mut rng);
+        let path = dir.path().join("stats.yaml");
+        std::fs::write(&path, &text).unwrap();
+        match std::panic::catch_unwind(|| distill::quantization::stats::ActivationStats::from_yaml_file(&path)) {
+            Err(_) => panics.push(case),
+            Ok(Ok(s)) => {
+                read += 1;
+                for (name, m) in &s.modules {
+                    for t in m.inputs.values().chain(std::iter::once(&m.output)) {
+                        let r = &t.range;
+                        assert!([r.min, r.max, r.avg_min, r.avg_max, r.mean, r.std, r.b].iter().all(|v| v.is_finite()) && r.min <= r.max, "case {case}: {name} {r:?}");
+                    }
+                }
+            }
+            Ok(Err(_)) => refused += 1,
+        }
+    }
+    // Event files: bytes flipped, cut or repeated anywhere.
+    let events = {
+        let mut w = distill::logging::EventWriter::create(dir.path().join("run")).unwrap();
+        for s in 0..50 {
+            w.add_scalar("Performance/Validation/Top1", s as f64, s).unwrap();
+        }
+        w.path().to_path_buf()
+    };
+    let bytes = std::fs::read(&events).unwrap();
+    for case in 0..400 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + rng.below(4) {
+            let i = rng.below(b.len());
+            match rng.below(3) {
+                0 => b[i] = rng.next() as u8,
+                1 => b.truncate(i),
+                _ => {
+                    let chunk: Vec<u8> = b[i..(i + 16).min(b.len())].to_vec();
+                    b.splice(i..i, chunk);
+                }
+            }
+            if b.is_empty() {
+                break;
+            }
+        }
+        std::fs::write(&events, &b).unwrap();
+        if std::panic::catch_unwind(|| distill::logging::read_scalars(&events)).is_err() {
+            panics.push(1000 + case);
+        }
+    }
+    std::panic::set_hook(previous_hook);
+    println!("fuzz: 400 statistics files ({read} read, {refused} refused) and 400 event files, {} panics", panics.len());
+    assert!(panics.is_empty(), "cases that panicked: {panics:?}");
 }
