@@ -403,6 +403,25 @@ pub struct PostTrainParams {
     pub also_clip_weights: Option<bool>,
 }
 
+impl PostTrainParams {
+    /// The rules between top-level keys, with the key that breaks one: `fpq_module` is 16, 32 or 64; `fp16: true`
+    /// agrees with it; `clip_n_stds` comes with `clip_acts: N_STD`.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, Error)> {
+        if let Some(f) = self.fpq_module {
+            if ![16, 32, 64].contains(&f) {
+                return Err(("fpq_module", Error::invalid("fpq_module", format!("{f}: the floating-point width must be 16, 32 or 64"))));
+            }
+        }
+        if self.fp16 == Some(true) && self.fpq_module.is_some_and(|f| f != 16) {
+            return Err(("fp16", Error::invalid("fp16", "fp16: true conflicts with fpq_module other than 16 (as in Distiller)")));
+        }
+        if self.clip_n_stds.is_some() && self.clip_acts.as_deref().map(str::to_ascii_uppercase).as_deref() != Some("N_STD") {
+            return Err(("clip_n_stds", Error::invalid("clip_n_stds", "applies to N_STD clipping; add clip_acts: N_STD")));
+        }
+        Ok(())
+    }
+}
+
 /// Parameters of `QuantAwareTrainRangeLinearQuantizer`.
 #[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -504,17 +523,7 @@ impl QuantizerConfig {
                         return Err((vec!["clip_acts".into()], Error::unknown("clip mode", c, CLIP_MODES.iter().copied())));
                     }
                 }
-                if let Some(f) = p.fpq_module {
-                    if ![16, 32, 64].contains(&f) {
-                        return Err((vec!["fpq_module".into()], Error::invalid("fpq_module", format!("{f}: the floating-point width must be 16, 32 or 64"))));
-                    }
-                }
-                if p.fp16 == Some(true) && p.fpq_module.is_some_and(|f| f != 16) {
-                    return Err((vec!["fp16".into()], Error::invalid("fp16", "fp16: true conflicts with fpq_module other than 16 (as in Distiller)")));
-                }
-                if p.clip_n_stds.is_some() && p.clip_acts.as_deref().map(str::to_ascii_uppercase).as_deref() != Some("N_STD") {
-                    return Err((vec!["clip_n_stds".into()], Error::invalid("clip_n_stds", "applies to N_STD clipping; add clip_acts: N_STD")));
-                }
+                p.check().map_err(|(key, e)| (vec![key.to_string()], e))?;
                 (
                     &p.overrides,
                     vec![

@@ -132,10 +132,15 @@ fn symmetric_span(bits: u32, sat: &Tensor, restrict: bool) -> Result<(f64, Tenso
     if sat.f_lt(0.0)?.f_any()?.f_int64_value(&[])? != 0 {
         return Err(Error::invalid("saturation", "must be >= 0 for symmetric quantization"));
     }
-    let n = if restrict { 2f64.powi(bits as i32 - 1) - 1.0 } else { (2f64.powi(bits as i32) - 1.0) / 2.0 };
-    let span = sat.f_masked_fill(&sat.f_eq(0.0)?, n)?;
+    let (n, span) = symmetric_span_unchecked(bits, &sat, restrict)?;
     let zp = span.f_zeros_like()?;
     Ok((n, span, zp))
+}
+
+/// `n` and the span of a saturation `sat` (a zero saturation spans `n`, i.e. scale 1), without validation.
+fn symmetric_span_unchecked(bits: u32, sat: &Tensor, restrict: bool) -> Result<(f64, Tensor)> {
+    let n = if restrict { 2f64.powi(bits as i32 - 1) - 1.0 } else { (2f64.powi(bits as i32) - 1.0) / 2.0 };
+    Ok((n, sat.f_masked_fill(&sat.f_eq(0.0)?, n)?))
 }
 
 /// Asymmetric parameters for the range `[min, max]` (widened to include 0): `scale = (2^b − 1)/(max − min)`
@@ -152,6 +157,11 @@ fn asymmetric_span(bits: u32, min: &Tensor, max: &Tensor, integral_zero_point: b
     if min.f_gt_tensor(&max)?.f_any()?.f_int64_value(&[])? != 0 {
         return Err(Error::invalid("range", "min must not exceed max"));
     }
+    asymmetric_span_unchecked(bits, &min, &max, integral_zero_point, signed)
+}
+
+/// [`asymmetric_span`] without validation.
+fn asymmetric_span_unchecked(bits: u32, min: &Tensor, max: &Tensor, integral_zero_point: bool, signed: bool) -> Result<(f64, Tensor, Tensor)> {
     let n = 2f64.powi(bits as i32) - 1.0;
     let min = min.f_clamp_max(0.0)?;
     let max = max.f_clamp_min(0.0)?;
@@ -172,21 +182,11 @@ fn asymmetric_span(bits: u32, min: &Tensor, max: &Tensor, integral_zero_point: b
 /// (Distiller's formulas; a zero range gives scale 1).
 pub fn range_scale_fast(bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor) -> Result<(Tensor, Tensor)> {
     if mode.symmetric() {
-        let n = if mode.restricted() { 2f64.powi(bits as i32 - 1) - 1.0 } else { (2f64.powi(bits as i32) - 1.0) / 2.0 };
-        let sat = min.f_abs()?.f_maximum(&max.f_abs()?)?;
-        let sat = sat.f_masked_fill(&sat.f_eq(0.0)?, n)?;
-        Ok((sat.f_reciprocal()?.f_mul_scalar(n)?, sat.f_zeros_like()?))
+        let (n, span) = symmetric_span_unchecked(bits, &min.f_abs()?.f_maximum(&max.f_abs()?)?, mode.restricted())?;
+        Ok((span.f_reciprocal()?.f_mul_scalar(n)?, span.f_zeros_like()?))
     } else {
-        let n = 2f64.powi(bits as i32) - 1.0;
-        let (lo, hi) = (min.f_clamp_max(0.0)?, max.f_clamp_min(0.0)?);
-        let diff = hi.f_sub(&lo)?;
-        let diff = diff.f_masked_fill(&diff.f_eq(0.0)?, n)?;
-        let scale = diff.f_reciprocal()?.f_mul_scalar(n)?;
-        let mut zp = lo.f_mul_scalar(n)?.f_div(&diff)?.f_round()?;
-        if mode == LinearQuantMode::AsymmetricSigned {
-            zp = zp.f_add_scalar(2f64.powi(bits as i32 - 1))?;
-        }
-        Ok((scale, zp))
+        let (n, span, zp) = asymmetric_span_unchecked(bits, min, max, true, mode == LinearQuantMode::AsymmetricSigned)?;
+        Ok((span.f_reciprocal()?.f_mul_scalar(n)?, zp))
     }
 }
 
@@ -209,7 +209,6 @@ pub fn fake_quantize_range(x: &Tensor, bits: u32, mode: LinearQuantMode, min: &T
 /// [`fake_quantize_range`] with the scale and zero point already known (0-d, or `[C]` along `axis`).
 pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tensor, zp: &Tensor, axis: Option<usize>, clip: bool) -> Result<Tensor> {
     let kind = x.kind();
-    let symmetric = mode.symmetric();
     let shaped = |t: &Tensor| -> Result<Tensor> {
         let t = match axis {
             Some(a) => along(t, a, x.dim())?,
@@ -219,40 +218,37 @@ pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tenso
     };
     let scale = shaped(scale)?;
     // A symmetric zero point is 0: its passes are skipped.
-    let zp = if symmetric { scale.shallow_clone() } else { shaped(zp)? };
+    let zp = if mode.symmetric() { None } else { Some(shaped(zp)?) };
     let xd = x.f_detach()?;
     let mut q = tch::no_grad(|| -> Result<Tensor> {
         let mut q = xd.f_mul(&scale)?;
-        if !symmetric {
-            let _ = q.f_sub_(&zp)?;
+        if let Some(zp) = &zp {
+            let _ = q.f_sub_(zp)?;
         }
         let _ = q.f_round_()?;
         Ok(q)
     })?;
     if !clip {
         let dq = tch::no_grad(|| -> Result<Tensor> {
-            if !symmetric {
-                let _ = q.f_add_(&zp)?;
+            if let Some(zp) = &zp {
+                let _ = q.f_add_(zp)?;
             }
             let _ = q.f_div_(&scale)?;
             Ok(q)
         })?;
         return straight_through(x, &dq);
     }
-    let half = 2f64.powi(bits as i32 - 1);
-    let (qmin, qmax) = match mode {
-        // The symmetric range's ends map to ±(2^b − 1)/2, which round (to even) to ±2^(b−1).
-        LinearQuantMode::Symmetric => (-half, half),
-        LinearQuantMode::SymmetricRestricted => (-(half - 1.0), half - 1.0),
-        LinearQuantMode::AsymmetricUnsigned => (0.0, 2.0 * half - 1.0),
-        LinearQuantMode::AsymmetricSigned => (-half, half - 1.0),
-    };
+    let (qmin, mut qmax) = quantized_range(bits, mode.signed(), mode.restricted());
+    if mode == LinearQuantMode::Symmetric {
+        // The full symmetric range's ends map to ±(2^b − 1)/2, which round (to even) to ±2^(b−1).
+        qmax = -qmin;
+    }
     // q becomes the mask (1 where nothing saturated), dq the saturated, dequantized value.
     let mut dq = tch::no_grad(|| -> Result<Tensor> {
         let mut dq = q.f_clamp(qmin, qmax)?;
         let _ = q.f_eq_tensor_(&dq)?;
-        if !mode.symmetric() {
-            let _ = dq.f_add_(&zp)?;
+        if let Some(zp) = &zp {
+            let _ = dq.f_add_(zp)?;
         }
         let _ = dq.f_div_(&scale)?;
         Ok(dq)
@@ -364,6 +360,13 @@ impl RangeStats {
         })
     }
 
+    /// The first of the seven values that is NaN or infinite, with its name.
+    pub fn non_finite(&self) -> Option<(&'static str, f64)> {
+        [("min", self.min), ("max", self.max), ("avg_min", self.avg_min), ("avg_max", self.avg_max), ("mean", self.mean), ("std", self.std), ("b", self.b)]
+            .into_iter()
+            .find(|(_, v)| !v.is_finite())
+    }
+
     /// The clipped range `(lo, hi)` for `clip` at `bits` (Distiller's saturation functions).
     pub fn range(&self, clip: ClipMode, bits: u32, half_range: bool) -> Result<(f64, f64)> {
         Ok(match clip {
@@ -445,8 +448,7 @@ impl QParams {
     /// Parameters of `mode` at `bits` for statistics `stats` clipped by `clip`.
     pub fn from_stats(stats: &RangeStats, bits: u32, mode: LinearQuantMode, clip: ClipMode, half_range: bool) -> Result<Self> {
         let range = quantized_range(bits, mode.signed(), mode.restricted());
-        let values = [stats.min, stats.max, stats.avg_min, stats.avg_max, stats.mean, stats.std, stats.b];
-        if values.iter().any(|v| !v.is_finite()) {
+        if stats.non_finite().is_some() {
             return Err(Error::invalid("statistics", format!("ranges must be finite numbers, got {stats:?}")));
         }
         let (levels, span, zero_point) = if mode.symmetric() {

@@ -203,6 +203,11 @@ pub fn fpq_setting(v: &Value, key: &str) -> Result<Option<u32>> {
     }
 }
 
+/// The `clip_n_stds` of a settings mapping, if given.
+fn n_stds_setting(settings: &Mapping) -> Result<Option<f64>> {
+    settings.get("clip_n_stds").map(|v| v.as_f64().ok_or_else(|| Error::invalid("clip_n_stds", format!("expected a number, got {v:?}")))).transpose()
+}
+
 /// `clip_acts` with the `clip_n_stds` that `N_STD` needs.
 fn clip_setting(v: &Value, n_stds: Option<f64>) -> Result<ClipMode> {
     let name = v.as_str().ok_or_else(|| Error::invalid("clip_acts", format!("expected a clip mode name, got {v:?}")))?;
@@ -233,7 +238,7 @@ pub fn parse_input_overrides(v: &Value) -> Result<BTreeMap<usize, InputOverride>
                 continue;
             }
         }
-        let n_stds = s.get("clip_n_stds").map(|v| v.as_f64().ok_or_else(|| Error::invalid("clip_n_stds", format!("expected a number, got {v:?}")))).transpose()?;
+        let n_stds = n_stds_setting(s)?;
         let (mut bits, mut mode, mut clip) = (None, None, None);
         for (key, val) in s {
             match key.as_str().unwrap_or("") {
@@ -268,7 +273,7 @@ pub const CLIPPED_OVERRIDE_KEYS: &[&str] = &["bits_activations", "bits_weights",
 
 /// Applies one override's settings to `s`, checking every key is in `allowed` and every value is valid.
 pub fn apply_override(s: &mut ModuleQuantSettings, settings: &Mapping, allowed: &[&str]) -> Result<()> {
-    let n_stds = settings.get("clip_n_stds").map(|v| v.as_f64().ok_or_else(|| Error::invalid("clip_n_stds", format!("expected a number, got {v:?}")))).transpose()?;
+    let n_stds = n_stds_setting(settings)?;
     for (k, v) in settings {
         let key = k.as_str().unwrap_or("");
         if !allowed.contains(&key) {
@@ -331,6 +336,7 @@ impl ModuleQuantSettings {
 /// Resolves every module's settings (Distiller's `_prepare_model` override matching). Every override must match
 /// at least one module, and use only the keys in `allowed` (what this quantizer honours).
 pub fn resolve_settings(model: &Model, defaults: &QuantDefaults, overrides: &Overrides, allowed: &[&str]) -> Result<Vec<(String, String, ModuleQuantSettings)>> {
+    // Every override's keys, also those of an override that a broader one listed before it shadows.
     for o in &overrides.entries {
         for k in o.settings.keys() {
             let key = k.as_str().unwrap_or("");

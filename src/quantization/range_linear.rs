@@ -80,11 +80,8 @@ impl ActQuant {
         ActQuant { output, stats, input_overrides: BTreeMap::new(), inputs_auto_fallback: true, accum_bits: 32, scale_approx_mult_bits: None }
     }
 
-    fn params(&self, s: &ActSettings, stats: Option<&RangeStats>, x: &Tensor) -> Result<QParams> {
-        let p = match stats {
-            Some(st) => QParams::from_stats(st, s.bits, s.mode, s.clip, s.half_range)?,
-            None => QParams::from_stats(&RangeStats::of(x)?, s.bits, s.mode, s.clip, s.half_range)?,
-        };
+    fn params(&self, s: &ActSettings, stats: &RangeStats) -> Result<QParams> {
+        let p = QParams::from_stats(stats, s.bits, s.mode, s.clip, s.half_range)?;
         match self.scale_approx_mult_bits {
             Some(m) => p.approximated(m),
             None => Ok(p),
@@ -114,19 +111,24 @@ impl ActQuant {
             }
         };
         let stats = match &self.stats {
-            Some(m) => Some(
-                &m.inputs
+            Some(m) => {
+                m.inputs
                     .get(&idx)
                     .ok_or_else(|| Error::invalid("model_activation_stats", format!("no statistics for input {idx} (the file has inputs {:?})", m.inputs.keys().collect::<Vec<_>>())))?
-                    .range,
-            ),
-            None => None,
+                    .range
+            }
+            None => RangeStats::of(x)?,
         };
-        self.params(&settings, stats, x)
+        self.params(&settings, &stats)
     }
 
-    fn output_params(&self, y: &Tensor) -> Result<QParams> {
-        self.params(&self.output, self.stats.as_ref().map(|m| &m.output.range), y)
+    /// The output's parameters: from the statistics, or (dynamic) from the output `y()` computes, which static
+    /// ranges never need.
+    fn output_params(&self, y: impl FnOnce() -> Result<Tensor>) -> Result<QParams> {
+        match &self.stats {
+            Some(m) => self.params(&self.output, &m.output.range),
+            None => self.params(&self.output, &RangeStats::of(&y()?)?),
+        }
     }
 
     fn approx(&self, scale: Tensor) -> Result<Tensor> {
@@ -326,7 +328,7 @@ impl Module for RangeLinearQuantParamLayer {
         let accum = layer_forward(self.wrapped.as_ref(), &x_q.f_to_kind(compute)?, &w_eff, b_q.as_ref())?.f_to_kind(Kind::Double)?.f_clamp(acc_lo, acc_hi)?;
         let accum = if acts.output.half_range { accum.f_relu()? } else { accum };
         // Requantize to the output's scale.
-        let out_p = acts.output_params(&accum.f_div(&accum_scale)?)?;
+        let out_p = acts.output_params(|| Ok(accum.f_div(&accum_scale)?))?;
         let requant = acts.approx(out_p.scale.f_to_kind(Kind::Double)?.f_div(&accum_scale)?)?;
         let out_q = accum.f_mul(&requant)?.f_sub(&out_p.zero_point)?.f_round()?.f_clamp(out_p.range.0, out_p.range.1)?;
         let y = out_p.dequantize(&out_q, 0)?.f_to_kind(out_kind)?;
@@ -371,7 +373,7 @@ impl Module for RangeLinearQuantEltwiseAdd {
     }
     fn forward_many(&self, inputs: &[&Tensor], ctx: &mut Forward) -> Result<Tensor> {
         let kind = inputs.first().map_or(Kind::Float, |x| x.kind());
-        let out_p = self.acts.output_params(inputs.first().copied().unwrap_or(&Tensor::from(0.0f32)))?;
+        let out_p = self.acts.output_params(|| Err(Error::invalid("model_activation_stats", "a quantized add needs calibration statistics")))?;
         let (acc_lo, acc_hi) = quantized_range(self.acts.accum_bits, true, false);
         let s_y = out_p.scale.f_to_kind(Kind::Double)?;
         let mut acc: Option<Tensor> = None;
@@ -479,7 +481,7 @@ impl Module for RangeLinearFakeQuant {
         let refs: Vec<&Tensor> = prepared.iter().collect();
         let y = run_in(self.dtype, self.wrapped.as_ref(), &refs, ctx)?.f_to_kind(kind)?;
         let y = if self.acts.output.half_range { y.f_relu()? } else { y };
-        let p = self.acts.output_params(&y)?;
+        let p = self.acts.output_params(|| Ok(y.shallow_clone()))?;
         let out = quant_dequant(&y, &p)?;
         ctx.annotate(&out, p);
         Ok(out)
@@ -745,9 +747,9 @@ impl PostTrainConfig {
     pub fn from_params(p: &crate::config::components::PostTrainParams, base_dir: &std::path::Path) -> Result<Self> {
         let defaults = PostTrainConfig::default();
         // Absent: Distiller's default (8); `null` (or 0, as Distiller's command line): floating point.
-        let bits = |b: Option<Option<u32>>, name: &str| -> Result<Option<u32>> {
+        let bits = |b: Option<Option<u32>>, default: Option<u32>, name: &str| -> Result<Option<u32>> {
             match b {
-                None => Ok(Some(8)),
+                None => Ok(default),
                 Some(None) | Some(Some(0)) => Ok(None),
                 Some(Some(b)) => super::q_utils::check_bits(name, b).map(|_| Some(b)),
             }
@@ -757,9 +759,7 @@ impl PostTrainConfig {
             Some(serde_yaml::Value::String(path)) => Some(ActivationStats::from_yaml_file(base_dir.join(path))?),
             Some(other) => Some(ActivationStats::from_value(other)?),
         };
-        if p.fp16 == Some(true) && p.fpq_module.is_some_and(|b| b != 16) {
-            return Err(Error::invalid("fp16", "fp16: true conflicts with fpq_module other than 16 (as in Distiller)"));
-        }
+        p.check().map_err(|(_, e)| e)?;
         let bits_accum = match p.bits_accum {
             Some(b) => super::q_utils::check_bits("bits_accum", b).map(|_| b)?,
             None => defaults.bits_accum,
@@ -768,8 +768,8 @@ impl PostTrainConfig {
             super::q_utils::check_bits("scale_approx_mult_bits", m)?;
         }
         Ok(PostTrainConfig {
-            bits_activations: bits(p.bits_activations, "bits_activations")?,
-            bits_parameters: bits(p.bits_parameters, "bits_parameters")?,
+            bits_activations: bits(p.bits_activations, defaults.bits_activations, "bits_activations")?,
+            bits_parameters: bits(p.bits_parameters, defaults.bits_parameters, "bits_parameters")?,
             bits_accum,
             mode: match &p.mode {
                 Some(m) => ModeSpec::from_yaml(m)?,
@@ -777,7 +777,6 @@ impl PostTrainConfig {
             },
             clip_acts: match &p.clip_acts {
                 Some(c) => ClipMode::parse(c, p.clip_n_stds)?,
-                None if p.clip_n_stds.is_some() => return Err(Error::invalid("clip_n_stds", "applies to N_STD clipping; add clip_acts: N_STD")),
                 None => defaults.clip_acts,
             },
             per_channel_wts: p.per_channel_wts.unwrap_or(false),
@@ -785,7 +784,7 @@ impl PostTrainConfig {
             scale_approx_mult_bits: p.scale_approx_mult_bits,
             inputs_quant_auto_fallback: p.inputs_quant_auto_fallback.unwrap_or(true),
             fpq_module: match (p.fpq_module, p.fp16) {
-                (Some(b), _) => Some(fp_kind(b).map(|_| b)?),
+                (Some(b), _) => Some(b),
                 (None, Some(true)) => Some(16),
                 _ => None,
             },

@@ -77,8 +77,7 @@ impl ActivationStats {
             let stats: ModuleStats = serde_path_to_error::deserialize(v).map_err(|e| bad(format!("statistics of '{name}' at '{}': {}", e.path(), e.inner())))?;
             for (slot, t) in stats.inputs.iter().map(|(i, t)| (format!("inputs[{i}]"), t)).chain(std::iter::once(("output".to_string(), &stats.output))) {
                 let r = &t.range;
-                let values = [("min", r.min), ("max", r.max), ("avg_min", r.avg_min), ("avg_max", r.avg_max), ("mean", r.mean), ("std", r.std), ("b", r.b)];
-                if let Some((field, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
+                if let Some((field, v)) = r.non_finite() {
                     return Err(bad(format!("statistics of '{name}' {slot}.{field} is {v}: every value must be a finite number (recalibrate)")));
                 }
                 if r.min > r.max || r.avg_min > r.avg_max || r.std < 0.0 || r.b < 0.0 {
