@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-/// The temporary name a file is written under before it is renamed to `path`.
-fn partial_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".partial-{}", std::process::id()));
-    path.with_file_name(name)
+/// The hidden name next to `path` that a file is written under before it is renamed to `path`. The file name
+/// keeps its extension at the end, for writers that choose the format by it (plotters' PNG encoder).
+pub fn partial_path(path: impl AsRef<Path>) -> PathBuf {
+    let path = path.as_ref();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".partial-{}-{name}", std::process::id()))
 }
 
 /// Writes `bytes` to `path` atomically (write, flush to disk, rename). On any error the target is untouched
@@ -29,19 +30,16 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 /// Like [`write_atomic`], with `fill` writing the content to the file.
 pub fn write_atomic_with(path: impl AsRef<Path>, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let path = path.as_ref();
-    let tmp = partial_name(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
+    let tmp = partial_path(path);
+    let written = std::fs::File::create(&tmp).and_then(|mut file| {
         fill(&mut file)?;
-        file.flush()?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
+        file.flush()
+    });
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
-    Ok(())
+    commit_atomic(&tmp, path)
 }
 
 /// Makes `path` atomically from a file another writer produced at `tmp` (e.g. libtorch's safetensors writer):
@@ -54,11 +52,6 @@ pub fn commit_atomic(tmp: impl AsRef<Path>, path: impl AsRef<Path>) -> Result<()
         return Err(Error::io(path, e));
     }
     Ok(())
-}
-
-/// A path next to `path` to write a complete file to before [`commit_atomic`].
-pub fn partial_path(path: impl AsRef<Path>) -> PathBuf {
-    partial_name(path.as_ref())
 }
 
 /// A fresh folder under the system's temporary folder, removed with everything in it when dropped; for tests

@@ -60,6 +60,21 @@ fn visit<'m>(module: &'m dyn Module, prefix: &str, f: &mut dyn FnMut(&str, &'m d
     }
 }
 
+/// Replaces the module in `slot` by `f(old)`; when `f` fails it hands the old module back, which goes back.
+fn try_map_slot(slot: &mut BoxModule, f: impl FnOnce(BoxModule) -> std::result::Result<BoxModule, (BoxModule, Error)>) -> Result<()> {
+    let old = std::mem::replace(slot, Box::new(super::Identity));
+    match f(old) {
+        Ok(new) => {
+            *slot = new;
+            Ok(())
+        }
+        Err((old, e)) => {
+            *slot = old;
+            Err(e)
+        }
+    }
+}
+
 fn find_slot<'m>(children: Vec<(&str, &'m mut BoxModule)>, parts: &[&str]) -> Option<&'m mut BoxModule> {
     let (first, rest) = parts.split_first()?;
     let slot = children.into_iter().find(|(n, _)| n == first).map(|(_, m)| m)?;
@@ -296,17 +311,7 @@ impl Model {
     /// back in place. A new root that wraps the old one and lists its children keeps every name (Distiller's
     /// QAT adds `inputs_quant` to the root this way).
     pub fn try_map_root(&mut self, f: impl FnOnce(BoxModule) -> std::result::Result<BoxModule, (BoxModule, Error)>) -> Result<()> {
-        let old = std::mem::replace(&mut self.root, Box::new(super::Identity));
-        match f(old) {
-            Ok(new) => {
-                self.root = new;
-                Ok(())
-            }
-            Err((old, e)) => {
-                self.root = old;
-                Err(e)
-            }
-        }
+        try_map_slot(&mut self.root, f)
     }
 
     /// Puts back the module a transformation replaced at `name` (`""`: the root), as far as the module there
@@ -325,18 +330,7 @@ impl Model {
     /// Replaces the module called `name` by `f(old)` where `f` may fail; on failure `f` hands the old module
     /// back and it is put back in place, so the model is unchanged.
     pub fn try_map_module(&mut self, name: &str, f: impl FnOnce(BoxModule) -> std::result::Result<BoxModule, (BoxModule, Error)>) -> Result<()> {
-        let slot = self.slot_mut(name)?;
-        let old = std::mem::replace(slot, Box::new(super::Identity));
-        match f(old) {
-            Ok(new) => {
-                *slot = new;
-                Ok(())
-            }
-            Err((old, e)) => {
-                *slot = old;
-                Err(e)
-            }
-        }
+        try_map_slot(self.slot_mut(name)?, f)
     }
 
     /// Starts notifying `observer` of every module call; returns a handle for [`Model::detach_observer`].

@@ -245,8 +245,7 @@ impl Figure {
     /// Renders and writes a PNG to `path`.
     pub fn save_png(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        // plotters encodes by the file's extension, so the partial file keeps it.
-        let partial = path.with_file_name(format!(".partial-{}-{}", std::process::id(), path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+        let partial = crate::io::partial_path(path);
         let drawn = self.draw(BitMapBackend::new(&partial, self.size).into_drawing_area());
         if let Err(e) = drawn {
             let _ = std::fs::remove_file(&partial);
