@@ -6,6 +6,8 @@
 //!
 //! The pieces, each in its own module:
 //! * [`nn`]: the named module tree (`layer1.0.conv1.weight`), replace-by-name and observers;
+//! * [`graph`]: the data-flow graph of a forward pass and the channel groups it couples;
+//! * [`thinning`]: physical removal of pruned filters and channels, residual-aware;
 //! * [`models`]: the model zoo with Distiller's layer names, and [`models::create_model`];
 //! * [`data`]: the bundled 5,000-digit MNIST subset, MNIST IDX and CIFAR-10 loaders, seeded batching;
 //! * [`optim`]: SGD and Adam with inspectable, checkpointable state;
@@ -28,6 +30,7 @@
 pub mod config;
 pub mod data;
 pub mod display;
+pub mod graph;
 pub mod logging;
 pub mod metrics;
 pub mod summary;
@@ -42,6 +45,7 @@ pub mod quantization;
 pub mod regularization;
 pub mod scheduler;
 pub mod sensitivity;
+pub mod thinning;
 pub mod train;
 
 pub use error::{did_you_mean, Error, Result};

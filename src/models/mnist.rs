@@ -1,8 +1,7 @@
 //! MNIST models: Distiller's two Simplenets, LeNet-5 and LeNet-300-100.
 use tch::nn::Path;
 
-use super::flatten;
-use crate::nn::{AvgPool2d, Conv2d, Conv2dConfig, Flatten, Linear, MaxPool2d, ReLU, Sequential};
+use crate::nn::{AvgPool2d, Conv2d, Conv2dConfig, Flatten, Linear, MaxPool2d, ReLU, Sequential, TensorOp};
 use crate::Result;
 
 /// The two conv-ReLU-pool stages both Simplenets start with.
@@ -20,7 +19,7 @@ fn simplenet_features(p: &Path, type_name: &'static str) -> Result<Sequential> {
 /// Distiller's `simplenet_mnist` (the PyTorch MNIST example): 431,080 parameters.
 pub(super) fn simplenet_mnist(p: &Path) -> Result<Sequential> {
     Ok(simplenet_features(p, "Simplenet")?
-        .add_fn("view(N, -1)", flatten)
+        .add_op(TensorOp::Flatten)
         .add("fc1", Linear::new(p / "fc1", 4 * 4 * 50, 500, true)?)
         .add("relu3", ReLU)
         .add("fc2", Linear::new(p / "fc2", 500, 10, true)?))
@@ -30,7 +29,7 @@ pub(super) fn simplenet_mnist(p: &Path) -> Result<Sequential> {
 pub(super) fn simplenet_v2_mnist(p: &Path) -> Result<Sequential> {
     Ok(simplenet_features(p, "Simplenet_v2")?
         .add("avgpool", AvgPool2d::new(4, 1))
-        .add_fn("view(N, -1)", flatten)
+        .add_op(TensorOp::Flatten)
         .add("fc", Linear::new(p / "fc", 50, 10, true)?))
 }
 

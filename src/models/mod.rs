@@ -26,11 +26,6 @@ use crate::{Error, Result};
 pub use preact_resnet_cifar::PreactBasicBlock;
 pub use resnet_cifar::BasicBlock;
 
-/// `x.view(x.size(0), -1)`, the inline reshape of Distiller's models before their classifier.
-fn flatten(xs: &tch::Tensor) -> Result<tch::Tensor> {
-    Ok(xs.f_flatten(1, -1)?)
-}
-
 /// Hyper-parameters that train a zoo model from scratch: what `distill train` uses for flags left out.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainingDefaults {

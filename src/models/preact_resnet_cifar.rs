@@ -4,7 +4,7 @@ use tch::nn::Path;
 use tch::Tensor;
 
 use super::resnet_cifar::{add_head, add_stages, conv3x3, stem};
-use crate::nn::{AvgPool2d, BatchNorm2d, BoxModule, ConstantPad3d, Forward, Module, ReLU, Sequential};
+use crate::nn::{AvgPool2d, BatchNorm2d, BoxModule, ConstantPad3d, Forward, Module, ReLU, Sequential, TensorOp};
 use crate::Result;
 
 /// BN-ReLU-conv twice, added to the (possibly downsampled) input.
@@ -58,7 +58,7 @@ impl Module for PreactBasicBlock {
             Some(d) => ctx.call("downsample", d.as_ref(), x)?,
             None => x.shallow_clone(),
         };
-        Ok(out.f_add(&residual)?)
+        ctx.op(TensorOp::Add, &[&out, &residual])
     }
     fn children(&self) -> Vec<(&str, &dyn Module)> {
         let mut c: Vec<(&str, &dyn Module)> = vec![

@@ -2,8 +2,7 @@
 use tch::nn::Path;
 use tch::Tensor;
 
-use super::flatten;
-use crate::nn::{AvgPool2d, BatchNorm2d, BoxModule, Conv2d, Conv2dConfig, EltwiseAdd, Forward, Linear, Module, ReLU, Sequential};
+use crate::nn::{AvgPool2d, BatchNorm2d, BoxModule, Conv2d, Conv2dConfig, EltwiseAdd, Forward, Linear, Module, ReLU, Sequential, TensorOp};
 use crate::Result;
 
 /// A 3×3 convolution with padding 1 and no bias, initialized as Distiller's CIFAR models.
@@ -130,7 +129,7 @@ pub(super) fn stem(p: &Path) -> Result<Conv2d> {
 pub(super) fn add_head(net: Sequential, p: &Path) -> Result<Sequential> {
     Ok(net
         .add("avgpool", AvgPool2d::new(8, 1))
-        .add_fn("view(N, -1)", flatten)
+        .add_op(TensorOp::Flatten)
         .add("fc", Linear::new(p / "fc", 64, 10, true)?))
 }
 

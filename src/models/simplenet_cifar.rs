@@ -1,7 +1,6 @@
 use tch::nn::Path;
 
-use super::flatten;
-use crate::nn::{Conv2d, Conv2dConfig, Linear, MaxPool2d, ReLU, Sequential};
+use crate::nn::{Conv2d, Conv2dConfig, Linear, MaxPool2d, ReLU, Sequential, TensorOp};
 use crate::Result;
 
 /// Distiller's `simplenet_cifar` (the PyTorch CIFAR-10 tutorial network): 62,006 parameters.
@@ -14,7 +13,7 @@ pub(super) fn simplenet_cifar(p: &Path) -> Result<Sequential> {
         .add("conv2", Conv2d::new(p / "conv2", Conv2dConfig::new(6, 16, 5))?)
         .add("relu_conv2", ReLU)
         .add("pool2", MaxPool2d::new(2, 2))
-        .add_fn("view(-1, 400)", flatten)
+        .add_op(TensorOp::Flatten)
         .add("fc1", Linear::new(p / "fc1", 16 * 5 * 5, 120, true)?)
         .add("relu_fc1", ReLU)
         .add("fc2", Linear::new(p / "fc2", 120, 84, true)?)

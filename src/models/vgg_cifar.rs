@@ -1,8 +1,7 @@
 //! Distiller's CIFAR VGGs: the ImageNet feature extractors with one 512→10 Linear classifier.
 use tch::nn::Path;
 
-use super::flatten;
-use crate::nn::{BatchNorm2d, Conv2d, Conv2dConfig, Linear, MaxPool2d, ReLU, Sequential};
+use crate::nn::{BatchNorm2d, Conv2d, Conv2dConfig, Linear, MaxPool2d, ReLU, Sequential, TensorOp};
 use crate::Result;
 
 /// 0 stands for a 2×2 max-pool ('M' in torchvision's tables); other entries are 3×3 conv widths.
@@ -33,6 +32,6 @@ pub(super) fn vgg_cifar(p: &Path, cfg: &[i64], batch_norm: bool) -> Result<Seque
     Ok(Sequential::new()
         .with_type_name("VGGCifar")
         .add("features", features)
-        .add_fn("view(N, -1)", flatten)
+        .add_op(TensorOp::Flatten)
         .add("classifier", Linear::new(p / "classifier", 512, 10, true)?.init_normal(0.01)))
 }

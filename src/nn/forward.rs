@@ -2,7 +2,7 @@ use std::any::Any;
 
 use tch::Tensor;
 
-use super::{Module, ModuleCall, SharedObserver};
+use super::{Module, ModuleCall, OpCall, SharedObserver, TensorOp};
 use crate::{Error, Result};
 
 /// The state of one forward pass: train or eval mode, the dotted name of the module being run, and the observers
@@ -66,6 +66,45 @@ impl<'a> Forward<'a> {
         let result = self.run(module, inputs);
         self.path.truncate(parent_len);
         result
+    }
+
+    /// Runs a tensor operation that is not a module (a flatten, an inline residual add, a concatenation) so that
+    /// observers, and the data-flow graph built from them, see it.
+    ///
+    /// ```
+    /// # use distill::nn::{Forward, TensorOp};
+    /// # use tch::Tensor;
+    /// let mut ctx = Forward::new(false, &[]);
+    /// let x = Tensor::ones([2, 3, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
+    /// let y = ctx.op(TensorOp::Add, &[&x, &x])?;
+    /// assert_eq!(ctx.op(TensorOp::Flatten, &[&y])?.size(), [2, 48]);
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn op(&mut self, op: TensorOp, inputs: &[&Tensor]) -> Result<Tensor> {
+        let output = op.apply(inputs).map_err(|e| Error::Forward { module: self.display_path(), source: Box::new(e) })?;
+        self.notify_op(&op, inputs, &output);
+        Ok(output)
+    }
+
+    /// Runs `f`, a tensor function the library cannot interpret (any reshape or arithmetic of your own), and
+    /// reports it to observers as [`TensorOp::Opaque`] with `label`. The data-flow graph then knows where the
+    /// function is and keeps thinning from changing the channels that pass through it.
+    pub fn opaque(&mut self, label: &str, inputs: &[&Tensor], f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let output = f().map_err(|e| Error::Forward { module: self.display_path(), source: Box::new(e) })?;
+        self.notify_op(&TensorOp::Opaque(label.to_string()), inputs, &output);
+        Ok(output)
+    }
+
+    fn notify_op(&self, op: &TensorOp, inputs: &[&Tensor], output: &Tensor) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let call = OpCall { scope: &self.path, op, inputs, output, training: self.train };
+        for observer in self.observers {
+            if let Ok(mut o) = observer.1.lock() {
+                o.observe_op(&call);
+            }
+        }
     }
 
     /// Runs the root module (name "").

@@ -378,7 +378,7 @@ impl Module for Flatten {
         "Flatten"
     }
     fn forward(&self, xs: &Tensor, _: &mut Forward) -> Result<Tensor> {
-        Ok(xs.f_flatten(1, -1)?)
+        super::TensorOp::Flatten.apply(&[xs])
     }
     fn extra_repr(&self) -> String {
         "start_dim=1, end_dim=-1".into()
@@ -463,14 +463,6 @@ impl Module for EltwiseAdd {
         "EltwiseAdd"
     }
     fn forward_many(&self, inputs: &[&Tensor], _: &mut Forward) -> Result<Tensor> {
-        let (first, rest) = inputs
-            .split_first()
-            .ok_or_else(|| Error::invalid("inputs", "EltwiseAdd needs at least one input"))?;
-        rest.iter().try_fold(first.shallow_clone(), |acc, x| {
-            if acc.size() != x.size() {
-                return Err(Error::Shape(format!("EltwiseAdd inputs differ: {:?} vs {:?}", acc.size(), x.size())));
-            }
-            Ok(acc.f_add(x)?)
-        })
+        super::TensorOp::Add.apply(inputs)
     }
 }

@@ -32,6 +32,7 @@ mod model;
 mod module;
 mod names;
 mod observer;
+mod ops;
 mod rollback;
 mod sequential;
 
@@ -43,6 +44,7 @@ pub use layers::{
 pub use model::{Model, ModelInfo, ModuleInfo};
 pub use module::{BoxModule, Module};
 pub use names::{canonical_param_name, normalize_name};
-pub use observer::{ModuleCall, Observer, ObserverId, SharedObserver};
+pub use observer::{ModuleCall, Observer, ObserverId, OpCall, SharedObserver};
+pub use ops::TensorOp;
 pub use rollback::Rollback;
 pub use sequential::Sequential;

@@ -6,6 +6,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use super::{normalize_name, BoxModule, Forward, Module, Observer, ObserverId, SharedObserver};
+use crate::thinning::ThinningRecipe;
 use crate::{Error, Result};
 
 /// What a model is for: its architecture name, dataset, input shape and classes.
@@ -47,6 +48,7 @@ pub struct Model {
     training: bool,
     observers: Vec<SharedObserver>,
     next_observer_id: u64,
+    thinning: Vec<ThinningRecipe>,
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -91,7 +93,7 @@ impl Model {
     /// Checks that child names are non-empty, dot-free and unique among siblings, and that the tree's parameter
     /// and buffer names are exactly the `VarStore`'s, so checkpoints, optimizers and schedules all agree.
     pub fn new(vs: VarStore, root: impl Module, info: ModelInfo) -> Result<Model> {
-        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0 };
+        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new() };
         model.check_tree()?;
         Ok(model)
     }
@@ -280,6 +282,24 @@ impl Model {
             }
         });
         found.ok_or_else(|| Error::unknown("module", name, self.module_names()))
+    }
+
+    /// The module called `name`, mutably (`""` is the root).
+    pub fn module_mut(&mut self, name: &str) -> Result<&mut dyn Module> {
+        if normalize_name(name).is_empty() {
+            return Ok(self.root.as_mut());
+        }
+        Ok(self.slot_mut(name)?.as_mut())
+    }
+
+    /// The thinning recipes applied to this model since it was built, oldest first (Distiller's
+    /// `model.thinning_recipes`); replaying them on a fresh model of the same architecture gives these shapes.
+    pub fn thinning_recipes(&self) -> &[ThinningRecipe] {
+        &self.thinning
+    }
+
+    pub(crate) fn push_thinning_recipe(&mut self, recipe: ThinningRecipe) {
+        self.thinning.push(recipe);
     }
 
     fn slot_mut(&mut self, name: &str) -> Result<&mut BoxModule> {

@@ -2,7 +2,7 @@ use std::sync::{Arc, Mutex};
 
 use tch::Tensor;
 
-use super::Module;
+use super::{Module, TensorOp};
 
 /// What an observer sees after a module ran: its dotted name, the module, its inputs and its output.
 pub struct ModuleCall<'a> {
@@ -18,12 +18,33 @@ pub struct ModuleCall<'a> {
     pub training: bool,
 }
 
+/// What an observer sees after a tensor operation ran through [`Forward::op`](super::Forward::op) or
+/// [`Forward::opaque`](super::Forward::opaque).
+pub struct OpCall<'a> {
+    /// Dotted name of the module whose forward pass ran the operation (empty for the root).
+    pub scope: &'a str,
+    /// The operation.
+    pub op: &'a TensorOp,
+    /// Its inputs.
+    pub inputs: &'a [&'a Tensor],
+    /// Its output.
+    pub output: &'a Tensor,
+    /// Whether the pass runs in training mode.
+    pub training: bool,
+}
+
 /// Watches module calls during forward passes: activation statistics, MAC counting, calibration.
 ///
 /// Observers run after each module, innermost first (a container is reported after its children).
 pub trait Observer: Send {
     /// Called once per module per forward pass.
     fn observe(&mut self, call: &ModuleCall);
+
+    /// Called after each tensor operation that is not a module (flatten, inline add, concatenation, opaque
+    /// functions); most observers only care about modules and keep this default.
+    fn observe_op(&mut self, call: &OpCall) {
+        let _ = call;
+    }
 }
 
 /// An observer shared between the model (which notifies it) and the caller (who reads its results).

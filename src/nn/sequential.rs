@@ -2,21 +2,24 @@ use std::fmt;
 
 use tch::Tensor;
 
-use super::{BoxModule, Forward, Module};
+use super::{BoxModule, Forward, Module, TensorOp};
 use crate::Result;
 
 type StepFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send>;
 
 enum Step {
     Module(String, BoxModule),
-    /// A functional step that is not a module (Distiller's `x.view(x.size(0), -1)` inside `forward`).
+    /// A tensor operation that is not a module (Distiller's `x.view(x.size(0), -1)` inside `forward`).
+    Op(TensorOp),
+    /// A tensor function of the user's own, opaque to the data-flow graph.
     Function(&'static str, StepFn),
 }
 
 /// Runs its steps in order. Children are named explicitly with [`Sequential::add`] (a model's top level,
 /// `conv1`, `relu1`, ...) or by position with [`Sequential::push`] (`0`, `1`, ... as `nn.Sequential`).
-/// [`Sequential::add_fn`] inserts an unnamed tensor function, which keeps the module list identical to a PyTorch
-/// model that does the same step inline in its `forward`.
+/// [`Sequential::add_op`] inserts an unnamed tensor operation (a flatten), which keeps the module list identical to
+/// a PyTorch model that does the same step inline in its `forward`; [`Sequential::add_fn`] inserts a function of
+/// your own.
 #[derive(Default)]
 pub struct Sequential {
     steps: Vec<Step>,
@@ -54,7 +57,14 @@ impl Sequential {
         self.add(name, module)
     }
 
-    /// Appends a tensor function that is not a module; `label` only shows when the tree is printed.
+    /// Appends a tensor operation that is not a module, e.g. [`TensorOp::Flatten`] before a classifier.
+    pub fn add_op(mut self, op: TensorOp) -> Self {
+        self.steps.push(Step::Op(op));
+        self
+    }
+
+    /// Appends a tensor function that is not a module. The data-flow graph cannot see inside it, so thinning
+    /// leaves the channels that pass through it alone; prefer [`Sequential::add_op`] where an op fits.
     pub fn add_fn(mut self, label: &'static str, f: impl Fn(&Tensor) -> Result<Tensor> + Send + 'static) -> Self {
         self.steps.push(Step::Function(label, Box::new(f)));
         self
@@ -77,6 +87,7 @@ impl fmt::Debug for Sequential {
         for step in &self.steps {
             match step {
                 Step::Module(name, m) => list.entry(&(name, m.type_name())),
+                Step::Op(op) => list.entry(&op.label()),
                 Step::Function(label, _) => list.entry(label),
             };
         }
@@ -93,7 +104,8 @@ impl Module for Sequential {
         for step in &self.steps {
             xs = match step {
                 Step::Module(name, m) => ctx.call(name, m.as_ref(), &xs)?,
-                Step::Function(_, f) => f(&xs)?,
+                Step::Op(op) => ctx.op(op.clone(), &[&xs])?,
+                Step::Function(label, f) => ctx.opaque(label, &[&xs], || f(&xs))?,
             };
         }
         Ok(xs)
@@ -103,7 +115,7 @@ impl Module for Sequential {
             .iter()
             .filter_map(|s| match s {
                 Step::Module(n, m) => Some((n.as_str(), m.as_ref())),
-                Step::Function(..) => None,
+                Step::Op(_) | Step::Function(..) => None,
             })
             .collect()
     }
@@ -112,7 +124,7 @@ impl Module for Sequential {
             .iter_mut()
             .filter_map(|s| match s {
                 Step::Module(n, m) => Some((n.as_str(), m)),
-                Step::Function(..) => None,
+                Step::Op(_) | Step::Function(..) => None,
             })
             .collect()
     }

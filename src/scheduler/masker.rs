@@ -140,7 +140,15 @@ impl Masks {
         Ok(())
     }
 
-    /// The masks that are set, by parameter name.
+    /// Forgets the unmasked copies kept for double-copy masks (thinning changes the shapes they were taken in;
+    /// the next mini-batch takes them again).
+    pub fn drop_unmasked_copies(&mut self) {
+        for m in &mut self.maskers {
+            m.unmasked_copy = None;
+        }
+    }
+
+    /// Every set mask by parameter name, sharing storage with the maskers.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.maskers.iter().filter_map(|m| m.mask.as_ref().map(|t| (m.param_name.clone(), t.shallow_clone()))).collect()
     }

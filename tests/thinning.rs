@@ -1,0 +1,455 @@
+//! Thinning on every zoo model: the thinned network computes what the masked one did, its parameter and MAC counts
+//! match the ones computed from the surviving channel counts, training continues with the optimizer's state
+//! shrunk, residual couplings hold, `round_to` rounds, and what thinning cannot follow is an error that changes
+//! nothing.
+use std::collections::HashMap;
+
+use distill::graph::{Axis, Channels, Graph};
+use distill::models::create_model;
+use distill::nn::{BatchNorm2d, Conv2d, Conv2dConfig, Linear, Model, ModelInfo, Sequential, TensorOp};
+use distill::optim::{Optimizer, OptimizerConfig};
+use distill::scheduler::Masks;
+use distill::thinning::{ModuleCut, Structure, Thinner, ThinningRecipe};
+use tch::{Device, Kind, Tensor};
+
+const ZOO: &[(&str, &str)] = &[
+    ("lenet", "mnist"),
+    ("simplenet_mnist", "mnist"),
+    ("mlp", "mnist"),
+    ("simplenet_cifar", "cifar10"),
+    ("resnet20_cifar", "cifar10"),
+    ("resnet32_cifar", "cifar10"),
+    ("resnet44_cifar", "cifar10"),
+    ("resnet56_cifar", "cifar10"),
+    ("plain20_cifar", "cifar10"),
+    ("preact_resnet20_cifar", "cifar10"),
+    ("vgg16_cifar", "cifar10"),
+    ("vgg16_bn_cifar", "cifar10"),
+];
+
+/// A small deterministic generator, so the tests never depend on libtorch's shared random state.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    /// `k` distinct indices below `n`, with `k` between 30% and 60% of `n` (at least 1, at most n-1).
+    fn subset(&mut self, n: i64) -> Vec<i64> {
+        let lo = (n * 3 / 10).max(1);
+        let hi = (n * 6 / 10).max(lo).min(n - 1);
+        let k = lo + (self.next() % (hi - lo + 1) as u64) as i64;
+        let mut all: Vec<i64> = (0..n).collect();
+        for i in 0..all.len() {
+            let j = i + (self.next() % (all.len() - i) as u64) as usize;
+            all.swap(i, j);
+        }
+        let mut pick = all[..k as usize].to_vec();
+        pick.sort();
+        pick
+    }
+}
+
+fn input(model: &Model, seed: u64) -> Tensor {
+    let s = &model.info().input_shape;
+    let mut rng = Lcg(seed);
+    let n = 4 * s.iter().product::<i64>();
+    let v: Vec<f32> = (0..n).map(|_| (rng.next() % 2000) as f32 / 1000.0 - 1.0).collect();
+    Tensor::from_slice(&v).reshape([4, s[0], s[1], s[2]])
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+/// Gives every batch norm non-trivial affine parameters and running statistics, so a thinned batch norm that
+/// kept the wrong channel would show.
+fn perturb_batch_norms(model: &Model, rng: &mut Lcg) {
+    model.for_each_module(|_, m| {
+        if let Some(bn) = (m as &dyn std::any::Any).downcast_ref::<BatchNorm2d>() {
+            tch::no_grad(|| {
+                for t in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
+                    let v: Vec<f32> = (0..t.numel()).map(|_| 0.5 + (rng.next() % 1000) as f32 / 1000.0).collect();
+                    t.shallow_clone().copy_(&Tensor::from_slice(&v));
+                }
+            });
+        }
+    });
+}
+
+fn shape(model: &Model, name: &str) -> Vec<i64> {
+    model.state_dict().into_iter().find(|(n, _)| n == name).map(|(_, t)| t.size()).unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// Zeroes a random 30-60% of the filters of every convolution (or the input channels, for `Channels`) whose
+/// channels thinning may change, then zeroes each removable channel's batch-norm scale and shift so the masked
+/// network carries exactly zero there. Returns the zeroed indices per layer.
+fn prune(model: &Model, channels: &Channels, graph: &Graph, structure: Structure, rng: &mut Lcg) -> HashMap<String, Vec<i64>> {
+    let mut pruned = HashMap::new();
+    for node in graph.nodes() {
+        let Ok(module) = model.module(&node.name) else { continue };
+        let Some(conv) = (module as &dyn std::any::Any).downcast_ref::<Conv2d>() else { continue };
+        let axis = if structure == Structure::Filters { Axis::Filters } else { Axis::Channels };
+        let group = channels.group_of(&node.name, axis).unwrap();
+        if !group.fixed.is_empty() {
+            continue;
+        }
+        let dim = if structure == Structure::Filters { 0 } else { 1 };
+        let picks = rng.subset(conv.weight.size()[dim]);
+        tch::no_grad(|| {
+            for &c in &picks {
+                let _ = conv.weight.narrow(dim as i64, c, 1).fill_(0.0);
+                if let (Structure::Filters, Some(b)) = (structure, &conv.bias) {
+                    let _ = b.narrow(0, c, 1).fill_(0.0);
+                }
+            }
+        });
+        pruned.insert(node.name.clone(), picks);
+    }
+    // A class goes when every writer (filters) or reader (channels) is zero; make its batch norms output zero too.
+    for class in channels.classes() {
+        if class.is_fixed() || !removable(class, graph, &pruned, structure) {
+            continue;
+        }
+        for &(n, c) in &class.features {
+            let name = &graph.nodes()[n].name;
+            tch::no_grad(|| {
+                for leaf in ["weight", "bias"] {
+                    let _ = model.parameter(&format!("{name}.{leaf}")).unwrap().narrow(0, c, 1).fill_(0.0);
+                }
+            });
+        }
+    }
+    pruned
+}
+
+fn removable(class: &distill::graph::ChannelClass, graph: &Graph, pruned: &HashMap<String, Vec<i64>>, structure: Structure) -> bool {
+    let zeroed = |n: usize, cols: &[i64]| pruned.get(&graph.nodes()[n].name).is_some_and(|p| cols.iter().all(|c| p.contains(c)));
+    match structure {
+        Structure::Filters => !class.producers.is_empty() && class.producers.iter().all(|&(n, c)| zeroed(n, &[c])),
+        Structure::Channels => !class.consumers.is_empty() && class.consumers.iter().all(|(n, cols)| zeroed(*n, cols)),
+    }
+}
+
+/// Parameters and MACs of the thinned network, computed from the channels of each layer's input and output
+/// that survive.
+fn expected_counts(model: &Model, graph: &Graph, channels: &Channels, pruned: &HashMap<String, Vec<i64>>, structure: Structure) -> (i64, i64) {
+    let survivors = |t: usize| -> i64 {
+        (0..graph.tensors()[t].channels())
+            .filter(|&c| {
+                let class = &channels.classes()[channels.class_of(t, c)];
+                class.is_fixed() || !removable(class, graph, pruned, structure)
+            })
+            .count() as i64
+    };
+    let (mut params, mut macs) = (0i64, 0i64);
+    for node in graph.nodes() {
+        let Ok(module) = model.module(&node.name) else { continue };
+        let any = module as &dyn std::any::Any;
+        let out_shape = &graph.tensors()[node.output].shape;
+        let (out, inp) = (survivors(node.output), node.inputs.first().map_or(0, |&t| survivors(t)));
+        if let Some(conv) = any.downcast_ref::<Conv2d>() {
+            let c = &conv.config;
+            let k = c.kernel_size[0] * c.kernel_size[1];
+            params += out * inp * k + if c.bias { out } else { 0 };
+            macs += out * inp * k * out_shape[2] * out_shape[3];
+        } else if let Some(l) = any.downcast_ref::<Linear>() {
+            params += out * inp + if l.bias.is_some() { out } else { 0 };
+            macs += out * inp;
+        } else if module.type_name() == "BatchNorm2d" {
+            params += 2 * out;
+        }
+    }
+    (params, macs)
+}
+
+fn total_macs(model: &mut Model) -> i64 {
+    let df = distill::summary::tables::model_performance_summary(model, 1).unwrap();
+    distill::summary::tables::column(&df, "MACs").unwrap().i64().unwrap().iter().flatten().sum()
+}
+
+/// One SGD-momentum or Adam step before thinning (so the optimizer has state), thinning with the optimizer and
+/// masks, and one step after: every state tensor has its parameter's new shape.
+fn step(model: &mut Model, opt: &mut Optimizer, x: &Tensor) {
+    opt.zero_grad();
+    let y = model.forward_t(x, true).unwrap();
+    y.square().mean(Kind::Float).backward();
+    opt.step().unwrap();
+}
+
+fn check_zoo(structure: Structure) {
+    let mut rng = Lcg(if structure == Structure::Filters { 7 } else { 11 });
+    for &(arch, dataset) in ZOO {
+        let mut model = create_model(arch, dataset, Device::Cpu).unwrap();
+        perturb_batch_norms(&model, &mut rng);
+        let graph = Graph::trace(&mut model).unwrap();
+        let channels = graph.channels();
+        let pruned = prune(&model, &channels, &graph, structure, &mut rng);
+        let (want_params, want_macs) = expected_counts(&model, &graph, &channels, &pruned, structure);
+        let x = input(&model, 3);
+        let masked = model.forward_t(&x, false).unwrap();
+        let before_params = model.num_parameters();
+        let thinner = if structure == Structure::Filters { Thinner::filters() } else { Thinner::channels() };
+        let report = thinner.apply(&mut model).unwrap();
+        let thinned = model.forward_t(&x, false).unwrap();
+        let diff = max_abs(&(&thinned - &masked)) / max_abs(&masked).max(1e-12);
+        assert!(diff <= 1e-5, "{arch} {structure:?}: thinned output differs by {diff:e} of its scale");
+        assert_eq!(model.num_parameters(), want_params, "{arch} {structure:?}: parameters");
+        assert_eq!(total_macs(&mut model), want_macs, "{arch} {structure:?}: MACs");
+        if arch != "mlp" {
+            assert!(model.num_parameters() < before_params, "{arch} {structure:?}: nothing was removed");
+            assert!(!report.changes.is_empty());
+        }
+        assert_eq!(model.thinning_recipes().len(), usize::from(!report.recipe.is_empty()));
+        eprintln!("{arch} {structure:?}: {before_params} -> {} parameters, {} coupled zero channels kept", model.num_parameters(), report.coupled_keeps.len());
+    }
+}
+
+#[test]
+fn thinned_filters_compute_what_the_masked_zoo_computed() {
+    check_zoo(Structure::Filters);
+}
+
+#[test]
+fn thinned_channels_compute_what_the_masked_zoo_computed() {
+    check_zoo(Structure::Channels);
+}
+
+#[test]
+fn optimizer_state_and_masks_shrink_with_the_parameters() {
+    for (config, label) in [(OptimizerConfig::sgd(0.9, 1e-4), "SGD"), (OptimizerConfig::adam(0.0), "Adam")] {
+        for arch in ["resnet20_cifar", "vgg16_bn_cifar", "simplenet_cifar"] {
+            let mut model = create_model(arch, "cifar10", Device::Cpu).unwrap();
+            let mut rng = Lcg(5);
+            let graph = Graph::trace(&mut model).unwrap();
+            let channels = graph.channels();
+            let pruned = prune(&model, &channels, &graph, Structure::Filters, &mut rng);
+            let mut masks = Masks::new(model.named_parameters().into_iter().map(|(n, _)| n));
+            for name in pruned.keys() {
+                let w = model.parameter(&format!("{name}.weight")).unwrap();
+                masks.set_mask(&format!("{name}.weight"), w.ne(0.0).to_kind(Kind::Float), &w.size()).unwrap();
+            }
+            let mut opt = Optimizer::for_model(&model, config, 0.01).unwrap();
+            let x = input(&model, 9);
+            step(&mut model, &mut opt, &x);
+            // As the scheduler does after every optimizer step: the pruned filters stay zero.
+            tch::no_grad(|| {
+                for (name, mask) in masks.tensors() {
+                    let _ = model.parameter(&name).unwrap().f_mul_(&mask).unwrap();
+                }
+            });
+            let before = model.num_parameters();
+            Thinner::filters().apply_with(&mut model, Some(&mut opt), Some(&mut masks)).unwrap();
+            assert!(model.num_parameters() < before, "{arch} {label}: nothing removed");
+            let params: HashMap<String, Vec<i64>> = model.named_parameters().into_iter().map(|(n, t)| (n, t.size())).collect();
+            for (key, t) in opt.state_tensors() {
+                let (param, field) = key.rsplit_once('/').unwrap();
+                if field != "step" {
+                    assert_eq!(t.size(), params[param], "{arch} {label}: {key}");
+                }
+            }
+            for (name, m) in masks.tensors() {
+                assert_eq!(m.size(), params[&name], "{arch} {label}: mask of {name}");
+                // The mask still marks the zero filters that stayed (coupled ones), and only those.
+                let w = model.parameter(&name).unwrap();
+                assert!(m.eq_tensor(&w.ne(0.0).to_kind(Kind::Float)).all().int64_value(&[]) == 1, "{arch} {label}: mask of {name}");
+            }
+            for (name, p) in model.named_parameters() {
+                let g = p.grad();
+                assert!(!g.defined() || g.size() == p.size(), "{arch} {label}: gradient of {name}");
+            }
+            step(&mut model, &mut opt, &x);
+            let y = model.forward_t(&x, false).unwrap();
+            assert!(y.isfinite().all().int64_value(&[]) == 1, "{arch} {label}: non-finite output after a step");
+        }
+    }
+}
+
+#[test]
+fn a_residual_channel_zero_in_one_branch_only_stays() {
+    let mut model = create_model("resnet20_cifar", "cifar10", Device::Cpu).unwrap();
+    let x = input(&model, 1);
+    let before = model.forward_t(&x, false).unwrap();
+    let params = model.num_parameters();
+    tch::no_grad(|| { let _ = model.parameter("bn1.bias").unwrap().fill_(0.25); });
+    // Channel 3 of the first stage's residual stream is written by conv1 and every layer1 block's conv2.
+    let w = model.parameter("layer1.1.conv2.weight").unwrap();
+    tch::no_grad(|| { let _ = w.narrow(0, 3, 1).fill_(0.0); });
+    let zeroed = model.forward_t(&x, false).unwrap();
+    let report = Thinner::filters().apply(&mut model).unwrap();
+    assert!(report.recipe.is_empty(), "{:?}", report.recipe);
+    assert_eq!(model.num_parameters(), params);
+    assert_eq!(report.coupled_keeps.len(), 1);
+    let keep = &report.coupled_keeps[0];
+    assert_eq!((keep.channel, keep.zero_in.as_slice()), (3, ["layer1.1.conv2".to_string()].as_slice()));
+    assert_eq!(keep.nonzero_in, ["conv1", "layer1.0.conv2", "layer1.2.conv2"]);
+    assert!(max_abs(&(&model.forward_t(&x, false).unwrap() - &zeroed)) == 0.0);
+    assert!(max_abs(&(&zeroed - &before)) > 0.0);
+
+    // Zero in every writer: the channel leaves the whole stream (stem, three blocks, the next stage's readers).
+    for name in ["conv1", "layer1.0.conv2", "layer1.2.conv2"] {
+        let w = model.parameter(&format!("{name}.weight")).unwrap();
+        tch::no_grad(|| { let _ = w.narrow(0, 3, 1).fill_(0.0); });
+    }
+    let report = Thinner::filters().apply(&mut model).unwrap();
+    assert_eq!(report.changes.len(), 1);
+    assert_eq!((report.changes[0].before, report.changes[0].after, report.changes[0].removed.as_slice()), (16, 15, [3i64].as_slice()));
+    for (name, want) in [
+        ("conv1.weight", vec![15, 3, 3, 3]),
+        ("bn1.running_var", vec![15]),
+        ("layer1.0.conv1.weight", vec![16, 15, 3, 3]),
+        ("layer1.2.conv2.weight", vec![15, 16, 3, 3]),
+        ("layer1.2.bn2.bias", vec![15]),
+        ("layer2.0.conv1.weight", vec![32, 15, 3, 3]),
+        ("layer2.0.downsample.0.weight", vec![32, 15, 1, 1]),
+    ] {
+        assert_eq!(shape(&model, name), want, "{name}");
+    }
+    // The stem's batch norm shift is still there in the masked model, and reported as dropped.
+    assert!(report.dropped_shifts.iter().any(|d| d.module == "bn1" && d.channel == 3), "{:?}", report.dropped_shifts);
+}
+
+#[test]
+fn leader_coupling_lets_the_first_writer_decide() {
+    let mut model = create_model("resnet20_cifar", "cifar10", Device::Cpu).unwrap();
+    let w = model.parameter("conv1.weight").unwrap();
+    tch::no_grad(|| { let _ = w.narrow(0, 5, 2).fill_(0.0); });
+    let report = Thinner::filters().leader().apply(&mut model).unwrap();
+    assert_eq!(report.changes[0].removed, [5, 6]);
+    assert_eq!(model.parameter("layer1.1.conv2.weight").unwrap().size(), [14, 16, 3, 3]);
+    let y = model.forward_t(&input(&model, 2), false).unwrap();
+    assert_eq!(y.size(), [4, 10]);
+}
+
+#[test]
+fn round_to_keeps_counts_multiples_of_eight() {
+    let mut model = create_model("vgg16_cifar", "cifar10", Device::Cpu).unwrap();
+    let graph = Graph::trace(&mut model).unwrap();
+    let channels = graph.channels();
+    let mut rng = Lcg(21);
+    prune(&model, &channels, &graph, Structure::Filters, &mut rng);
+    let x = input(&model, 4);
+    let report = Thinner::filters().round_to(8).apply(&mut model).unwrap();
+    assert!(report.rounded_keeps > 0);
+    for change in &report.changes {
+        assert!(change.after % 8 == 0 || change.after == change.before, "{change:?}");
+    }
+    for (name, t) in model.named_parameters() {
+        if name.ends_with("weight") && t.dim() == 4 && name != "features.0.weight" {
+            assert_eq!(t.size()[0] % 8, 0, "{name} {:?}", t.size());
+        }
+    }
+    // The channels kept back are zero filters: the output is the masked network's.
+    assert!(model.forward_t(&x, false).is_ok());
+}
+
+fn conv(vs: &tch::nn::VarStore, name: &str, i: i64, o: i64) -> Conv2d {
+    Conv2d::new(vs.root() / name, Conv2dConfig::new(i, o, 3).padding(1)).unwrap()
+}
+
+#[test]
+fn an_opaque_function_on_the_way_is_an_error_and_nothing_changes() {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let net = Sequential::new()
+        .add("conv1", conv(&vs, "conv1", 1, 8))
+        .add_fn("times_two", |x| Ok(x * 2.0))
+        .add("conv2", conv(&vs, "conv2", 8, 4))
+        .add_op(TensorOp::Flatten)
+        .add("fc", Linear::new(vs.root() / "fc", 4 * 8 * 8, 10, true).unwrap());
+    let mut model = Model::new(vs, net, ModelInfo::new("custom", "toy", [1, 8, 8], 10)).unwrap();
+    let w = model.parameter("conv1.weight").unwrap();
+    tch::no_grad(|| { let _ = w.narrow(0, 2, 1).fill_(0.0); });
+    let err = Thinner::filters().apply(&mut model).unwrap_err().to_string();
+    assert!(err.contains("'times_two'") && err.contains("conv1") && err.contains("Forward::op"), "{err}");
+    assert_eq!(model.parameter("conv1.weight").unwrap().size(), [8, 1, 3, 3]);
+    assert!(model.thinning_recipes().is_empty());
+    // conv2's filters do not pass through the function: they thin, and the classifier loses 64 columns each.
+    let w = model.parameter("conv2.weight").unwrap();
+    tch::no_grad(|| {
+        let _ = w.narrow(0, 1, 1).fill_(0.0);
+        let _ = model.parameter("conv2.bias").unwrap().narrow(0, 1, 1).fill_(0.0);
+        let _ = model.parameter("conv1.weight").unwrap().narrow(0, 2, 1).fill_(1.0);
+    });
+    let x = Tensor::ones([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+    let masked = model.forward_t(&x, false).unwrap();
+    Thinner::filters().apply(&mut model).unwrap();
+    assert_eq!(model.parameter("fc.weight").unwrap().size(), [10, 3 * 64]);
+    assert!(max_abs(&(&model.forward_t(&x, false).unwrap() - &masked)) < 1e-5);
+}
+
+/// A block that adds its input to its output with a plain tensor `+`, invisible to the graph.
+#[derive(Debug)]
+struct HiddenAdd {
+    conv: distill::nn::BoxModule,
+}
+
+impl distill::nn::Module for HiddenAdd {
+    fn type_name(&self) -> &str {
+        "HiddenAdd"
+    }
+    fn forward(&self, x: &Tensor, ctx: &mut distill::nn::Forward) -> distill::Result<Tensor> {
+        Ok(ctx.call("conv", self.conv.as_ref(), x)? + x)
+    }
+    fn children(&self) -> Vec<(&str, &dyn distill::nn::Module)> {
+        vec![("conv", self.conv.as_ref())]
+    }
+    fn children_mut(&mut self) -> Vec<(&str, &mut distill::nn::BoxModule)> {
+        vec![("conv", &mut self.conv)]
+    }
+}
+
+#[test]
+fn a_tensor_operation_outside_the_forward_context_is_named() {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let block = HiddenAdd { conv: Box::new(Conv2d::new(vs.root() / "block" / "conv", Conv2dConfig::new(4, 4, 3).padding(1)).unwrap()) };
+    let net = Sequential::new()
+        .add("conv1", conv(&vs, "conv1", 1, 4))
+        .add("block", block)
+        .add("conv2", conv(&vs, "conv2", 4, 2))
+        .add_op(TensorOp::Flatten);
+    let mut model = Model::new(vs, net, ModelInfo::new("custom", "toy", [1, 4, 4], 32)).unwrap();
+    let graph = Graph::trace(&mut model).unwrap();
+    let conv2 = graph.node("conv2").unwrap();
+    assert_eq!(graph.producers(conv2), ["conv2/unrecorded"]);
+    let w = model.parameter("block.conv.weight").unwrap();
+    tch::no_grad(|| { let _ = w.narrow(0, 0, 1).fill_(0.0); });
+    let w = model.parameter("conv1.weight").unwrap();
+    tch::no_grad(|| { let _ = w.narrow(0, 0, 1).fill_(0.0); });
+    for b in ["conv1.bias", "block.conv.bias"] {
+        tch::no_grad(|| { let _ = model.parameter(b).unwrap().narrow(0, 0, 1).fill_(0.0); });
+    }
+    let before: Vec<Vec<i64>> = model.named_parameters().iter().map(|(_, t)| t.size()).collect();
+    let err = Thinner::filters().apply(&mut model).unwrap_err().to_string();
+    assert!(err.contains("the output of 'block'"), "{err}");
+    let after: Vec<Vec<i64>> = model.named_parameters().iter().map(|(_, t)| t.size()).collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn a_bad_recipe_changes_nothing() {
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let before: Vec<(String, Vec<i64>)> = model.state_dict().into_iter().map(|(n, t)| (n, t.size())).collect();
+    let recipe = ThinningRecipe {
+        cuts: vec![
+            ModuleCut { module: "conv1".into(), inputs: None, outputs: Some(vec![0, 1, 2]) },
+            ModuleCut { module: "conv2".into(), inputs: Some(vec![0, 1, 2]), outputs: Some(vec![0, 99]) },
+        ],
+    };
+    let err = recipe.apply(&mut model, None, None).unwrap_err().to_string();
+    assert!(err.contains("conv2") && err.contains("below 16"), "{err}");
+    let unknown = ThinningRecipe { cuts: vec![ModuleCut { module: "conv3".into(), inputs: None, outputs: Some(vec![0]) }] };
+    assert!(unknown.apply(&mut model, None, None).unwrap_err().to_string().contains("conv2"));
+    let after: Vec<(String, Vec<i64>)> = model.state_dict().into_iter().map(|(n, t)| (n, t.size())).collect();
+    assert_eq!(before, after);
+    assert!(model.thinning_recipes().is_empty());
+}
+
+#[test]
+fn removing_every_filter_of_a_layer_is_refused() {
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    tch::no_grad(|| { let _ = model.parameter("conv2.weight").unwrap().fill_(0.0); });
+    let err = Thinner::filters().apply(&mut model).unwrap_err().to_string();
+    assert!(err.contains("every one of the 16 channels") && err.contains("conv2 filters"), "{err}");
+    assert_eq!(model.parameter("conv2.weight").unwrap().size(), [16, 6, 5, 5]);
+}
