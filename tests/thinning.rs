@@ -453,3 +453,94 @@ fn removing_every_filter_of_a_layer_is_refused() {
     assert!(err.contains("every one of the 16 channels") && err.contains("conv2 filters"), "{err}");
     assert_eq!(model.parameter("conv2.weight").unwrap().size(), [16, 6, 5, 5]);
 }
+
+const THIN_AT_2: &str = "pruners:
+  filters:
+    class: L1RankedStructureParameterPruner
+    group_type: Filters
+    desired_sparsity: 0.5
+    weights: [conv1.weight, conv2.weight]
+extensions:
+  thinner:
+    class: FilterRemover
+    thinning_func_str: remove_filters
+    arch: lenet
+    dataset: mnist
+policies:
+  - pruner:
+      instance_name: filters
+    starting_epoch: 0
+    ending_epoch: 2
+    frequency: 1
+  - extension:
+      instance_name: thinner
+    epochs: [2]
+";
+
+#[test]
+fn a_run_that_thins_resumes_bit_identically() {
+    use distill::data::{DataSplits, Dataset};
+    use distill::train::{Checkpoint, Progress, TrainConfig, Trainer};
+    let data = DataSplits {
+        train: Dataset::synthetic(96, [1, 28, 28], 10, 1).unwrap(),
+        valid: Dataset::synthetic(16, [1, 28, 28], 10, 2).unwrap(),
+        test: Dataset::synthetic(16, [1, 28, 28], 10, 3).unwrap(),
+    };
+    let schedule = distill::config::Schedule::from_yaml_str(THIN_AT_2, "thin.yaml").unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
+    let initial = create_model("lenet", "mnist", Device::Cpu).unwrap().state_dict();
+    let train = |out: &str, epochs: usize, resume: bool| {
+        let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+        model.load_state_dict(&initial, true).unwrap();
+        let mut s = schedule.build(&model).unwrap();
+        let config = TrainConfig { epochs, batch_size: 16, lr: 0.05, progress: Progress::Quiet, out_dir: Some(dir.path().join(out)), ..TrainConfig::default() };
+        let mut t = Trainer::new(&mut model, config).unwrap().with_scheduler(&mut s);
+        if resume {
+            t.resume(dir.path().join(out).join("checkpoint.safetensors")).unwrap();
+        }
+        t.run(&data).unwrap();
+        model
+    };
+    let full = train("full", 5, false);
+    assert_eq!(full.parameter("conv1.weight").unwrap().size(), [3, 1, 5, 5]);
+    assert_eq!(full.parameter("conv2.weight").unwrap().size(), [8, 3, 5, 5]);
+    assert_eq!(full.parameter("fc1.weight").unwrap().size(), [120, 8 * 25]);
+    train("part", 4, false);
+    let resumed = train("part", 5, true);
+    for ((n, a), (_, b)) in full.state_dict().iter().zip(resumed.state_dict().iter()) {
+        assert!(a.equal(b), "{n} differs after resume");
+    }
+    // The checkpoint records the recipe; any fresh LeNet loads it.
+    let path = dir.path().join("full/checkpoint.safetensors");
+    let ckpt = Checkpoint::load(&path).unwrap();
+    assert_eq!(ckpt.meta.thinning.len(), 1);
+    let mut fresh = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    ckpt.restore_model(&mut fresh, &path).unwrap();
+    let x = input(&fresh, 5);
+    assert!(fresh.forward_t(&x, false).unwrap().equal(&full.forward_t(&x, false).unwrap()));
+    // A model thinned another way is refused, naming the checkpoint.
+    let mut other = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    tch::no_grad(|| { let _ = other.parameter("conv2.weight").unwrap().narrow(0, 0, 1).fill_(0.0); });
+    Thinner::filters().apply(&mut other).unwrap();
+    let err = ckpt.restore_model(&mut other, &path).unwrap_err().to_string();
+    assert!(err.contains("thinned") && err.contains("checkpoint.safetensors"), "{err}");
+}
+
+#[test]
+fn bad_remover_entries_fail_with_located_messages() {
+    let cases = [
+        ("thinning_func_str: remove_filters", "thinning_func_str: remove_filter", "thin.yaml:10:24: FilterRemover: unknown variant `remove_filter`"),
+        ("    dataset: mnist\n", "    dataset: mnist\n    round_to: 0\n", "thin.yaml:13:5: invalid round_to: must be at least 1, got 0"),
+        ("    dataset: mnist\n", "    dataset: mnist\n    group_dependency: Follower\n", "thin.yaml:13:5: invalid group_dependency: 'Follower' is not a coupling; the one value is Leader"),
+        ("    dataset: mnist\n", "    dataset: mnist\n    rounding: 8\n", "thin.yaml:13:5: FilterRemover: unknown field `rounding`"),
+        ("instance_name: thinner", "instance_name: thiner", "thin.yaml:20:22: unknown extension 'thiner'; did you mean 'thinner'?"),
+        ("class: FilterRemover", "class: FilterRemoval", "thin.yaml:9:12: unknown extension class 'FilterRemoval'; did you mean 'FilterRemover'?"),
+    ];
+    for (from, to, want) in cases {
+        let text = THIN_AT_2.replace(from, to);
+        let err = distill::config::Schedule::from_yaml_str(&text, "thin.yaml").unwrap_err().to_string();
+        assert!(err.contains(want), "{to}: {err}");
+    }
+    let s = distill::config::Schedule::from_yaml_str(&THIN_AT_2.replace("    dataset: mnist\n", "    dataset: mnist\n    round_to: 8\n"), "thin.yaml").unwrap();
+    assert_eq!(distill::config::Schedule::from_yaml_str(&s.to_yaml().unwrap(), "again.yaml").unwrap(), s);
+}

@@ -231,6 +231,25 @@ impl PrunerConfig {
         class_name_of(self)
     }
 
+    /// The weight dimension whose structures this pruner removes whole: 0 for filters, 1 for channels; `None`
+    /// for element-wise pruners and other structures (what thinning can take out afterwards).
+    pub fn removed_dim(&self) -> Option<i64> {
+        use PrunerConfig::*;
+        let group = match self {
+            L1RankedStructureParameterPruner(p) | L2RankedStructureParameterPruner(p) => p.group_type.as_str(),
+            L1RankedStructureParameterPruner_AGP(p) | L2RankedStructureParameterPruner_AGP(p) => p.group_type.as_str(),
+            RandomLevelStructureParameterPruner { group_type, .. } => group_type.as_str(),
+            RandomRankedFilterPruner(p) | BernoulliFilterPruner(p) | GradientRankedFilterPruner(p) | ActivationAPoZRankedFilterPruner(p) | ActivationMeanRankedFilterPruner(p) => p.group_type.as_str(),
+            RandomRankedFilterPruner_AGP(p) | BernoulliFilterPruner_AGP(p) | GradientRankedFilterPruner_AGP(p) | ActivationAPoZRankedFilterPruner_AGP(p) | ActivationMeanRankedFilterPruner_AGP(p) => p.group_type.as_str(),
+            _ => return None,
+        };
+        match group {
+            "Filters" | "3D" => Some(0),
+            "Channels" => Some(1),
+            _ => None,
+        }
+    }
+
     /// Every parameter name the entry lists (map keys other than `*` included), as written.
     pub fn parameter_names(&self) -> Vec<String> {
         use PrunerConfig::*;
@@ -657,5 +676,84 @@ impl QuantizerConfig {
                 overrides: overrides(&p.overrides)?,
             },
         })
+    }
+}
+
+/// `thinning_func_str` of a remover: which of Distiller's thinning functions it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThinningFunc {
+    /// Remove zero filters.
+    RemoveFilters,
+    /// Remove zero input channels.
+    RemoveChannels,
+    /// Filters, then channels.
+    ContractModel,
+}
+
+/// Parameters of `FilterRemover`, `ChannelRemover` and `StructureRemover` (one class under three names in
+/// Distiller: `thinning_func_str` decides what is removed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoverParams {
+    /// `remove_filters`, `remove_channels` or `contract_model`.
+    pub thinning_func_str: ThinningFunc,
+    /// Distiller's architecture name; accepted and not needed (the data-flow graph comes from the model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Distiller's dataset name, which it used for a dummy input; accepted and not needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// Beyond Distiller: keep every thinned channel count a multiple of this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_to: Option<i64>,
+    /// Beyond Distiller: `Leader` lets the first member of a coupled channel decide for all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_dependency: Option<String>,
+}
+
+/// An `extensions:` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ExtensionConfig {
+    /// Distiller's alias of `StructureRemover`.
+    FilterRemover(RemoverParams),
+    /// Distiller's alias of `StructureRemover`.
+    ChannelRemover(RemoverParams),
+    /// Physical removal of zero structures.
+    StructureRemover(RemoverParams),
+}
+
+/// Every extension class.
+pub const EXTENSION_CLASSES: &[&str] = &["FilterRemover", "ChannelRemover", "StructureRemover"];
+
+impl ExtensionConfig {
+    fn params(&self) -> &RemoverParams {
+        match self {
+            ExtensionConfig::FilterRemover(p) | ExtensionConfig::ChannelRemover(p) | ExtensionConfig::StructureRemover(p) => p,
+        }
+    }
+
+    /// The thinning policy this entry describes; checks every value.
+    pub fn build(&self, name: &str) -> Result<crate::thinning::ThinningPolicy> {
+        use crate::thinning::{Structure, Thinner};
+        let p = self.params();
+        let mut thinner = Thinner::filters();
+        if let Some(n) = p.round_to {
+            if n < 1 {
+                return Err(Error::invalid("round_to", format!("must be at least 1, got {n}")));
+            }
+            thinner = thinner.round_to(n);
+        }
+        match p.group_dependency.as_deref() {
+            None => {}
+            Some("Leader") => thinner = thinner.leader(),
+            Some(other) => return Err(Error::invalid("group_dependency", format!("'{other}' is not a coupling; the one value is Leader"))),
+        }
+        let steps = match p.thinning_func_str {
+            ThinningFunc::RemoveFilters => vec![Structure::Filters],
+            ThinningFunc::RemoveChannels => vec![Structure::Channels],
+            ThinningFunc::ContractModel => vec![Structure::Filters, Structure::Channels],
+        };
+        Ok(crate::thinning::ThinningPolicy::new(name, thinner, steps))
     }
 }

@@ -36,11 +36,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
-pub use components::{PrunerConfig, QuantizerConfig, RegularizerConfig};
+pub use components::{ExtensionConfig, PrunerConfig, QuantizerConfig, RegularizerConfig, RemoverParams, ThinningFunc};
 pub use positions::{Location, Positions, YamlPath};
 pub use preview::{Preview, PreviewEpoch};
 
-use components::{yaml_text, PRUNER_CLASSES, QUANTIZER_CLASSES, REGULARIZER_CLASSES};
+use components::{yaml_text, EXTENSION_CLASSES, PRUNER_CLASSES, QUANTIZER_CLASSES, REGULARIZER_CLASSES};
 use crate::nn::{normalize_name, Model};
 use crate::pruning::{PruningArgs, PruningPolicy};
 use crate::regularization::RegularizationPolicy;
@@ -58,7 +58,6 @@ const LR_CLASSES: &[&str] = &[
     "MultiStepMultiGammaLR",
     "ReduceLROnPlateau",
 ];
-const THINNING_CLASSES: &[&str] = &["FilterRemover", "ChannelRemover", "StructureRemover"];
 const TOP_LEVEL: &[&str] = &["version", "pruners", "regularizers", "quantizers", "lr_schedulers", "extensions", "policies", "network"];
 const POLICY_KINDS: &[&str] = &["pruner", "regularizer", "quantizer", "lr_scheduler", "extension"];
 
@@ -74,6 +73,8 @@ pub enum PolicyKind {
     Quantizer,
     /// An `lr_schedulers:` entry.
     LrScheduler,
+    /// An `extensions:` entry (thinning).
+    Extension,
 }
 
 impl PolicyKind {
@@ -83,6 +84,17 @@ impl PolicyKind {
             PolicyKind::Regularizer => "regularizer",
             PolicyKind::Quantizer => "quantizer",
             PolicyKind::LrScheduler => "lr_scheduler",
+            PolicyKind::Extension => "extension",
+        }
+    }
+
+    fn section(&self) -> &'static str {
+        match self {
+            PolicyKind::Pruner => "pruners",
+            PolicyKind::Regularizer => "regularizers",
+            PolicyKind::Quantizer => "quantizers",
+            PolicyKind::LrScheduler => "lr_schedulers",
+            PolicyKind::Extension => "extensions",
         }
     }
 }
@@ -148,6 +160,10 @@ impl PolicyConfig {
     pub fn quantizer(name: &str) -> Self {
         Self::of(PolicyKind::Quantizer, name)
     }
+    /// A policy for extension `name` (a thinning step).
+    pub fn extension(name: &str) -> Self {
+        Self::of(PolicyKind::Extension, name)
+    }
     /// Active at `start, start + frequency, ...` below `end`; an invalid range is reported by
     /// [`Schedule::build`].
     pub fn epochs_range(mut self, start: usize, end: usize, frequency: usize) -> Self {
@@ -184,6 +200,8 @@ pub struct Schedule {
     pub quantizers: Vec<(String, QuantizerConfig)>,
     /// Named LR schedules.
     pub lr_schedulers: Vec<(String, LrSchedule)>,
+    /// Named extensions (thinning steps).
+    pub extensions: Vec<(String, ExtensionConfig)>,
     /// Policies, in file order.
     pub policies: Vec<PolicyConfig>,
     /// Things that load but deserve attention (a key written twice, ...), as `file:line:column: message`.
@@ -193,8 +211,8 @@ pub struct Schedule {
 
 impl PartialEq for Schedule {
     fn eq(&self, other: &Self) -> bool {
-        (&self.version, &self.pruners, &self.regularizers, &self.quantizers, &self.lr_schedulers, &self.policies)
-            == (&other.version, &other.pruners, &other.regularizers, &other.quantizers, &other.lr_schedulers, &other.policies)
+        (&self.version, &self.pruners, &self.regularizers, &self.quantizers, &self.lr_schedulers, &self.extensions, &self.policies)
+            == (&other.version, &other.pruners, &other.regularizers, &other.quantizers, &other.lr_schedulers, &other.extensions, &other.policies)
     }
 }
 
@@ -322,10 +340,8 @@ fn check_class(r: &mut Reader, here: &[String], class: &str, valid: &[&str], wha
     }
     let mut p = here.to_vec();
     p.push("class".into());
-    let known_elsewhere = [PRUNER_CLASSES, REGULARIZER_CLASSES, QUANTIZER_CLASSES, LR_CLASSES].iter().any(|l| l.contains(&class));
-    if THINNING_CLASSES.contains(&class) {
-        r.value_problem(&p, format!("{class}: thinning (physical removal of pruned structures) is not supported yet"));
-    } else if known_elsewhere {
+    let known_elsewhere = [PRUNER_CLASSES, REGULARIZER_CLASSES, QUANTIZER_CLASSES, LR_CLASSES, EXTENSION_CLASSES].iter().any(|l| l.contains(&class));
+    if known_elsewhere {
         r.value_problem(&p, format!("{class} is not a {what}; it belongs in another section"));
     } else {
         r.value_problem(&p, Error::unknown(what, class, valid.iter().copied()));
@@ -357,6 +373,12 @@ impl Schedule {
     /// Adds a quantizer.
     pub fn quantizer(mut self, name: &str, config: QuantizerConfig) -> Self {
         self.quantizers.push((name.into(), config));
+        self
+    }
+
+    /// Adds an extension (a thinning step).
+    pub fn extension(mut self, name: &str, config: ExtensionConfig) -> Self {
+        self.extensions.push((name.into(), config));
         self
     }
     /// Adds a policy.
@@ -437,9 +459,7 @@ impl Schedule {
                     s.lr_schedulers = read_section(r, "lr_schedulers", v, LR_CLASSES, "LR scheduler class", |_, c: &LrSchedule| at_key(c.validate()))
                 }
                 "extensions" => {
-                    for (name, class, _) in r.entries("extensions", v) {
-                        check_class(r, &path(&["extensions", &name]), &class, &[], "extension class");
-                    }
+                    s.extensions = read_section(r, "extensions", v, EXTENSION_CLASSES, "extension class", |n, c: &ExtensionConfig| at_key(c.build(n)))
                 }
                 "policies" => s.policies = Self::read_policies(r, v),
                 // AMC's model description: not read by the scheduler, as in Distiller.
@@ -513,10 +533,7 @@ impl Schedule {
                 "regularizer" => PolicyConfig::regularizer(""),
                 "quantizer" => PolicyConfig::quantizer(""),
                 "lr_scheduler" => PolicyConfig::lr_scheduler(""),
-                _ => {
-                    // Extensions are only thinning recipes, reported in `extensions:`.
-                    continue;
-                }
+                _ => PolicyConfig::extension(""),
             };
             for (k, val) in &body {
                 let key = yaml_text(k);
@@ -593,22 +610,10 @@ impl Schedule {
 
     fn check_references(&self, r: &mut Reader) {
         for (i, p) in self.policies.iter().enumerate() {
-            let section = match p.kind {
-                PolicyKind::Pruner => "pruners",
-                PolicyKind::Regularizer => "regularizers",
-                PolicyKind::Quantizer => "quantizers",
-                PolicyKind::LrScheduler => "lr_schedulers",
-            };
-            let names = r.declared.get(section).cloned().unwrap_or_default();
+            let names = r.declared.get(p.kind.section()).cloned().unwrap_or_default();
             if !p.instance_name.is_empty() && !names.contains(&p.instance_name) {
                 let at = path(&["policies", &format!("[{i}]"), p.kind.key(), "instance_name"]);
-                let what = match p.kind {
-                    PolicyKind::Pruner => "pruner",
-                    PolicyKind::Regularizer => "regularizer",
-                    PolicyKind::Quantizer => "quantizer",
-                    PolicyKind::LrScheduler => "lr_scheduler",
-                };
-                r.value_problem(&at, Error::unknown(what, &p.instance_name, names));
+                r.value_problem(&at, Error::unknown(p.kind.key(), &p.instance_name, names));
             }
         }
     }
@@ -714,6 +719,10 @@ impl Schedule {
                     let quantizer = cfg.qat().map_err(|e| Error::Schedule(vec![self.located(&at, false, e)]))?;
                     scheduler.add_policy(Box::new(crate::quantization::QuantizationPolicy::new(&p.instance_name, quantizer)), schedule);
                 }
+                PolicyKind::Extension => {
+                    let (_, cfg) = self.extensions.iter().find(|(n, _)| *n == p.instance_name).ok_or_else(missing)?;
+                    scheduler.add_policy(Box::new(cfg.build(&p.instance_name)?), schedule);
+                }
             }
         }
         for (policy, schedule) in deferred_lr {
@@ -757,6 +766,9 @@ impl Schedule {
         }
         if !self.lr_schedulers.is_empty() {
             top.insert("lr_schedulers".into(), section(&self.lr_schedulers)?);
+        }
+        if !self.extensions.is_empty() {
+            top.insert("extensions".into(), section(&self.extensions)?);
         }
         let mut policies = Vec::new();
         for p in &self.policies {

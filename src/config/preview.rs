@@ -20,6 +20,10 @@ pub struct PreviewEpoch {
     pub lr: Option<f64>,
     /// (tensor, target sparsity, pruner) for every pruner that prunes to a known target in this epoch.
     pub targets: Vec<(String, f64, String)>,
+    /// In an epoch that thins (with a model): (tensor, filters or channels before, expected after) for each
+    /// tensor a filter or channel pruner has a target for by then. Expected: `n − ⌊target·n⌋`, before residual
+    /// couplings, which can keep more.
+    pub thinning: Vec<(String, i64, i64)>,
 }
 
 /// A schedule's timeline.
@@ -42,8 +46,10 @@ impl Schedule {
         let mut warnings = Vec::new();
         let mut pruning: Vec<(String, PolicySchedule, Box<dyn crate::pruning::Pruner>, Vec<String>, bool)> = Vec::new();
         let mut lrs: Vec<(PolicySchedule, LrSchedule)> = Vec::new();
+        let mut thinning_epochs: Vec<usize> = Vec::new();
+        let mut removed_dims: Vec<(String, i64)> = Vec::new();
         let mut rows: Vec<PreviewEpoch> =
-            (0..epochs).map(|epoch| PreviewEpoch { epoch, policies: Vec::new(), lr: Some(lr), targets: Vec::new() }).collect();
+            (0..epochs).map(|epoch| PreviewEpoch { epoch, policies: Vec::new(), lr: Some(lr), targets: Vec::new(), thinning: Vec::new() }).collect();
         for p in &self.policies {
             let Some(schedule) = p.epochs.as_ref().map(Epochs::schedule).transpose()? else { continue };
             if schedule.ending_epoch > epochs {
@@ -65,7 +71,10 @@ impl Schedule {
                             None => cfg.parameter_names().iter().map(|n| normalize_name(n)).collect(),
                         };
                         let pruner = cfg.build(&p.instance_name)?;
-                        let names = names.into_iter().filter(|n| pruner.prunes(n)).collect();
+                        let names: Vec<String> = names.into_iter().filter(|n| pruner.prunes(n)).collect();
+                        if let Some(dim) = cfg.removed_dim() {
+                            removed_dims.extend(names.iter().map(|n| (n.clone(), dim)));
+                        }
                         pruning.push((p.instance_name.clone(), schedule, pruner, names, p.pruning_args.keep_mask));
                     }
                 }
@@ -84,6 +93,7 @@ impl Schedule {
                         }
                     }
                 }
+                PolicyKind::Extension => thinning_epochs.extend(schedule.epochs().iter().filter(|&&e| e < epochs)),
                 PolicyKind::Regularizer => {}
             }
         }
@@ -99,6 +109,18 @@ impl Schedule {
                 for n in na {
                     if let Some(t) = pa.target_sparsity(n, row.epoch, sa) {
                         row.targets.push((n.clone(), t, a.clone()));
+                    }
+                }
+            }
+        }
+        if let Some(model) = model {
+            let shapes: std::collections::HashMap<String, Vec<i64>> = model.named_parameters().into_iter().map(|(n, t)| (n, t.size())).collect();
+            for &e in &thinning_epochs {
+                for (name, dim) in &removed_dims {
+                    let target = rows[..=e].iter().rev().find_map(|r| r.targets.iter().find(|(n, _, _)| n == name).map(|(_, t, _)| *t));
+                    if let (Some(t), Some(shape)) = (target, shapes.get(name)) {
+                        let n = shape[*dim as usize];
+                        rows[e].thinning.push((name.clone(), n, n - (t * n as f64).floor() as i64));
                     }
                 }
             }
@@ -124,6 +146,10 @@ impl fmt::Display for Preview {
             let lr = r.lr.map_or("plateau".to_string(), |l| format!("{l:.6}"));
             let targets: Vec<String> = r.targets.iter().map(|(n, t, _)| format!("{n}={:.1}%", 100.0 * t)).collect();
             writeln!(f, "{:>5}  {:>10}  {:<40}  {}", r.epoch, lr, r.policies.join(", "), targets.join(" "))?;
+            if !r.thinning.is_empty() {
+                let counts: Vec<String> = r.thinning.iter().map(|(n, before, after)| format!("{n} {before}->{after}")).collect();
+                writeln!(f, "{:>5}  {:>10}  thinning (expected structures left): {}", "", "", counts.join(" "))?;
+            }
         }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;

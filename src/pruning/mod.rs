@@ -11,7 +11,7 @@ pub mod criteria;
 pub mod element;
 pub mod structure;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -140,18 +140,16 @@ pub struct PruningArgs {
     pub discard_masks_at_minibatch_end: bool,
     /// Compute the first masks at the second mini-batch instead of at epoch begin.
     pub skip_first_minibatch: bool,
-    /// Fold batch-norm into convolutions before ranking (not supported yet).
+    /// Rank each convolution's weights as if the batch norm right after it were folded in (filters scaled by
+    /// `γ/√(σ²_running + ε)`); the masks still apply to the unfolded weights.
     pub fold_batchnorm: bool,
 }
 
 impl PruningArgs {
-    /// Checks combinations Distiller rejects, and what distill does not support.
+    /// Checks combinations Distiller rejects.
     pub fn validate(&self) -> Result<()> {
         if self.mask_gradients && !self.mask_on_forward_only {
             return Err(Error::invalid("mask_gradients", "requires mask_on_forward_only: True (as in Distiller)"));
-        }
-        if self.fold_batchnorm {
-            return Err(Error::invalid("fold_batchnorm", "batch-norm folding for pruning is not supported yet"));
         }
         Ok(())
     }
@@ -167,6 +165,9 @@ pub struct PruningPolicy {
     /// The maskers' flags and the observer are set up in this process (not saved: a resumed run redoes it).
     attached: bool,
     observer: Option<ObserverId>,
+    /// With `fold_batchnorm`: the batch norm after each convolution, by the convolution's weight name (found
+    /// again at every epoch begin, as Distiller rebuilds its graph then).
+    batch_norms: HashMap<String, String>,
 }
 
 impl PruningPolicy {
@@ -174,7 +175,7 @@ impl PruningPolicy {
     pub fn new(pruner: Box<dyn Pruner>, args: PruningArgs) -> Result<Self> {
         args.validate()?;
         let levels = args.levels.as_ref().map(PerParam::from_map);
-        Ok(PruningPolicy { pruner, args, levels, initialized: false, attached: false, observer: None })
+        Ok(PruningPolicy { pruner, args, levels, initialized: false, attached: false, observer: None, batch_norms: HashMap::new() })
     }
 
     /// The pruner.
@@ -187,7 +188,11 @@ impl PruningPolicy {
         for (name, param) in ctx.model.named_parameters() {
             let name = canonical_param_name(&name);
             if self.pruner.prunes(&name) {
-                self.pruner.set_param_mask(&param, &name, ctx.masks, &pctx)?;
+                let ranked = match self.batch_norms.get(&name) {
+                    Some(bn) => folded(ctx.model, name.trim_end_matches(".weight"), bn)?,
+                    None => param,
+                };
+                self.pruner.set_param_mask(&ranked, &name, ctx.masks, &pctx)?;
             }
         }
         self.pruner.masks_computed();
@@ -221,6 +226,10 @@ impl Policy for PruningPolicy {
                 }
             }
             self.attached = true;
+        }
+        if self.args.fold_batchnorm {
+            let pairs = crate::quantization::bn_fold::conv_bn_pairs(ctx.model)?;
+            self.batch_norms = pairs.into_iter().map(|(conv, bn)| (format!("{conv}.weight"), bn)).collect();
         }
         if !self.initialized {
             self.initialized = true;
@@ -301,6 +310,17 @@ impl Policy for PruningPolicy {
         }
         self.initialized = state["initialized"].as_bool().ok_or_else(|| Error::invalid("pruning policy state", "no 'initialized' flag"))?;
         self.pruner.load_state(&state["pruner"])
+    }
+}
+
+/// The weight of convolution `conv` with the batch norm `bn` folded in, for ranking.
+fn folded(model: &Model, conv: &str, bn: &str) -> Result<Tensor> {
+    use std::any::Any;
+    let conv_module = model.module(conv)?;
+    let bn_module = model.module(bn)?;
+    match ((conv_module as &dyn Any).downcast_ref::<crate::nn::Conv2d>(), (bn_module as &dyn Any).downcast_ref::<crate::nn::BatchNorm2d>()) {
+        (Some(c), Some(b)) => crate::quantization::bn_fold::folded_weight(c, b),
+        _ => Err(Error::invalid("fold_batchnorm", format!("'{conv}' followed by '{bn}' is not a Conv2d and a BatchNorm2d"))),
     }
 }
 

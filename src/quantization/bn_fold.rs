@@ -3,54 +3,24 @@
 //! Which BN follows which conv is read from the data flow of one forward pass (the BN's input is the conv's
 //! output tensor), not from names.
 use std::any::Any;
-use std::sync::{Arc, Mutex};
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::nn::{BatchNorm2d, Conv2d, Identity, Model, ModuleCall, Observer, Rollback};
+use crate::graph::{Graph, NodeKind};
+use crate::nn::{BatchNorm2d, Conv2d, Identity, Model, Rollback};
 use crate::{Error, Result};
 
-#[derive(Default)]
-struct Flow {
-    calls: Vec<(String, String, Vec<usize>, usize)>,
-    /// Every output is kept alive for the whole pass so that no later tensor reuses its address.
-    keep: Vec<Tensor>,
-}
-
-impl Observer for Flow {
-    fn observe(&mut self, call: &ModuleCall) {
-        if call.module.children().is_empty() && !call.name.is_empty() {
-            let inputs = call.inputs.iter().map(|t| t.data_ptr() as usize).collect();
-            self.calls.push((call.name.to_string(), call.module.type_name().to_string(), inputs, call.output.data_ptr() as usize));
-            self.keep.push(call.output.shallow_clone());
-        }
-    }
-}
-
-/// The (conv, bn) pairs where the BN's only input is the conv's output and nothing else reads that output.
+/// The (conv, bn) pairs where the BN's only input is the conv's output and nothing else reads that output, from
+/// the model's data-flow graph.
 pub fn conv_bn_pairs(model: &mut Model) -> Result<Vec<(String, String)>> {
-    let flow = Arc::new(Mutex::new(Flow::default()));
-    let id = model.attach_observer(flow.clone());
-    let was_training = model.is_training();
-    model.eval();
-    let s = &model.info().input_shape;
-    let x = Tensor::f_randn([1, s[0], s[1], s[2]], (Kind::Float, model.device()))?;
-    let result = tch::no_grad(|| model.forward(&x));
-    model.detach_observer(id);
-    if was_training {
-        model.train();
-    }
-    let _ = result?;
-    let flow = flow.lock().map_err(|_| Error::invalid("batch-norm folding", "observer poisoned"))?;
+    let graph = Graph::trace(model)?;
+    let is = |kind: &NodeKind, t: &str| matches!(kind, NodeKind::Module(k) if k == t);
     let mut pairs = Vec::new();
-    for (conv, ty, _, out) in &flow.calls {
-        if ty != "Conv2d" {
-            continue;
-        }
-        let readers: Vec<&(String, String, Vec<usize>, usize)> = flow.calls.iter().filter(|(_, _, ins, _)| ins.contains(out)).collect();
-        if let [(bn, bn_ty, _, _)] = readers.as_slice() {
-            if bn_ty == "BatchNorm2d" {
-                pairs.push((conv.clone(), bn.clone()));
+    for conv in graph.nodes().iter().filter(|n| is(&n.kind, "Conv2d")) {
+        let readers: Vec<&crate::graph::Node> = graph.nodes().iter().filter(|n| n.inputs.contains(&conv.output)).collect();
+        if let [bn] = readers.as_slice() {
+            if is(&bn.kind, "BatchNorm2d") && bn.inputs.len() == 1 {
+                pairs.push((conv.name.clone(), bn.name.clone()));
             }
         }
     }
@@ -89,13 +59,19 @@ pub(crate) fn fold_batch_norms_recorded(model: &mut Model, rollback: &mut Rollba
     Ok(pairs)
 }
 
+/// `conv`'s weight scaled per filter by the batch norm's `γ/√(σ²_running + ε)`: the weight of the folded
+/// convolution (what Distiller's pruning `fold_batchnorm` ranks).
+pub(crate) fn folded_weight(conv: &Conv2d, bn: &BatchNorm2d) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let g = bn.weight.f_detach()?.f_div(&bn.running_var.f_add_scalar(bn.eps)?.f_sqrt()?)?;
+    Ok(conv.weight.f_detach()?.f_mul(&g.f_reshape([-1, 1, 1, 1])?)?)
+}
+
 /// The convolution that computes `bn(conv(x))`.
 fn fold(conv: &Conv2d, bn: &BatchNorm2d) -> Result<Conv2d> {
     let _guard = tch::no_grad_guard();
-    let sigma = bn.running_var.f_add_scalar(bn.eps)?.f_sqrt()?;
-    let g = bn.weight.f_detach()?.f_div(&sigma)?;
-    let c = conv.weight.size()[0];
-    let weight = conv.weight.f_mul(&g.f_reshape([c, 1, 1, 1])?)?.f_detach()?;
+    let g = bn.weight.f_detach()?.f_div(&bn.running_var.f_add_scalar(bn.eps)?.f_sqrt()?)?;
+    let weight = folded_weight(conv, bn)?;
     let b = match &conv.bias {
         Some(b) => b.f_detach()?,
         None => bn.bias.f_detach()?.f_zeros_like()?,

@@ -159,6 +159,42 @@ pub fn model_performance_summary(model: &mut Model, batch_size: i64) -> Result<D
     )?)
 }
 
+/// What thinning saved, per Conv2d and Linear and in total: `Name`, `Weights (dense)`, `Weights`, `MACs
+/// (dense)`, `MACs`, `MACs (%)` (what is left, in percent of the dense layer), for a `thinned` model and the
+/// `dense` model it came from (a fresh model of the same architecture will do: only shapes matter). The last row,
+/// `Total`, also counts the batch norms' and biases' parameters in its weight columns.
+///
+/// ```
+/// use distill::summary::tables::{column, thinning_summary};
+/// let mut dense = distill::models::create_model("simplenet_cifar", "cifar10", tch::Device::Cpu)?;
+/// let mut thinned = distill::models::create_model("simplenet_cifar", "cifar10", tch::Device::Cpu)?;
+/// tch::no_grad(|| thinned.parameter("conv1.weight").map(|w| w.narrow(0, 0, 3).fill_(0.0)))?;
+/// distill::thinning::thin_filters(&mut thinned)?;
+/// let df = thinning_summary(&mut dense, &mut thinned)?;
+/// let left = column(&df, "MACs (%)")?.f64()?.get(0).unwrap();
+/// assert_eq!(left, 50.0); // conv1 kept 3 of its 6 filters
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn thinning_summary(dense: &mut Model, thinned: &mut Model) -> Result<DataFrame> {
+    let before = model_performance_summary(dense, 1)?;
+    let after = model_performance_summary(thinned, 1)?;
+    let ints = |df: &DataFrame, name: &str| -> Result<Vec<i64>> { Ok(column(df, name)?.i64()?.iter().map(|v| v.unwrap_or(0)).collect()) };
+    let names = |df: &DataFrame| -> Result<Vec<String>> { Ok(column(df, "Name")?.str()?.iter().map(|v| v.unwrap_or("").to_string()).collect()) };
+    let (dense_names, thin_names) = (names(&before)?, names(&after)?);
+    if dense_names != thin_names {
+        return Err(Error::invalid("thinning summary", "the two models do not have the same layers; pass the dense model the thinned one came from"));
+    }
+    let (mut w0, mut w1, mut m0, mut m1) = (ints(&before, "Weights volume")?, ints(&after, "Weights volume")?, ints(&before, "MACs")?, ints(&after, "MACs")?);
+    let mut names = dense_names;
+    names.push("Total".into());
+    w0.push(dense.num_parameters());
+    w1.push(thinned.num_parameters());
+    m0.push(m0.iter().sum());
+    m1.push(m1.iter().sum());
+    let left: Vec<f64> = m0.iter().zip(&m1).map(|(&d, &t)| if d > 0 { 100.0 * t as f64 / d as f64 } else { 100.0 }).collect();
+    Ok(df!("Name" => names, "Weights (dense)" => w0, "Weights" => w1, "MACs (dense)" => m0, "MACs" => m1, "MACs (%)" => left)?)
+}
+
 /// Leaf modules with their types (`distill summary --what modules`).
 pub fn modules_summary(model: &Model) -> Result<DataFrame> {
     let leaves: Vec<_> = model.named_modules().into_iter().filter(|m| m.is_leaf && !m.name.is_empty()).collect();

@@ -23,6 +23,7 @@
 //! assert_eq!(report.changes[0].after, 14);
 //! # Ok(()) }
 //! ```
+mod policy;
 mod recipe;
 
 use std::any::Any;
@@ -37,6 +38,7 @@ use crate::optim::Optimizer;
 use crate::scheduler::Masks;
 use crate::{Error, Result};
 
+pub use policy::ThinningPolicy;
 pub use recipe::{ModuleCut, ThinningRecipe};
 
 /// Which structures a thinning removes.

@@ -13,6 +13,7 @@ use super::EpochRecord;
 use crate::nn::Model;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::scheduler::CompressionScheduler;
+use crate::thinning::ThinningRecipe;
 use crate::{Error, Result};
 
 const META_KEY: &str = "distill.checkpoint";
@@ -50,6 +51,10 @@ pub struct CheckpointMeta {
     pub policy_states: Vec<serde_json::Value>,
     /// Every completed epoch's record, so best-model tracking and logs continue after a resume.
     pub history: Vec<EpochRecord>,
+    /// The thinning recipes applied to the model, oldest first: loading replays them on the dense architecture
+    /// before reading the weights (Distiller's `thinning_recipes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thinning: Vec<ThinningRecipe>,
 }
 
 /// A checkpoint in memory.
@@ -122,6 +127,7 @@ impl Checkpoint {
             }),
             policy_states: scheduler.map(|s| s.policy_states()).unwrap_or_default(),
             history,
+            thinning: model.thinning_recipes().to_vec(),
         };
         Checkpoint {
             meta,
@@ -181,9 +187,36 @@ impl Checkpoint {
         Ok(Checkpoint { meta, model, masks, optimizer })
     }
 
-    /// Copies the saved weights into `model`, which must have every saved tensor with the same shape. For a
-    /// checkpoint of another architecture the error names both and lists each differing tensor with shapes.
+    /// Brings `model` to the thinned shapes the checkpoint was saved in, by replaying the recipes it has not
+    /// applied yet (a fresh model of the architecture has applied none), shrinking `optimizer`'s parameters with
+    /// it. A model thinned differently from the checkpoint is an error.
+    pub fn thin_like_saved(&self, model: &mut Model, optimizer: Option<&mut Optimizer>, path: &Path) -> Result<()> {
+        let done = model.thinning_recipes();
+        if done.len() > self.meta.thinning.len() || self.meta.thinning[..done.len()] != *done {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "the model was thinned {} time(s) in another way than this checkpoint ({} recipe(s)); load it into a fresh '{}'",
+                    done.len(),
+                    self.meta.thinning.len(),
+                    self.meta.arch
+                ),
+            ));
+        }
+        let mut optimizer = optimizer;
+        for recipe in self.meta.thinning[done.len()..].to_vec() {
+            recipe.apply(model, optimizer.as_deref_mut(), None).map_err(|e| Error::checkpoint(path, format!("replaying its thinning: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the saved weights into `model`, first thinning it as the checkpoint's model was thinned; every
+    /// saved tensor must then have the model's shape. For a checkpoint of another architecture the error names
+    /// both and lists each differing tensor with shapes.
     pub fn restore_model(&self, model: &mut Model, path: &Path) -> Result<()> {
+        if self.meta.arch == model.info().arch {
+            self.thin_like_saved(model, None, path)?;
+        }
         let result = model.load_state_dict(&self.model, true);
         let info = model.info();
         match result {

@@ -391,6 +391,10 @@ impl<'a> Trainer<'a> {
     pub fn resume(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let ckpt = Checkpoint::load(path)?;
+        // Thinning first: a quantizer's preparation below must see the thinned layers.
+        if ckpt.meta.arch == self.model.info().arch {
+            ckpt.thin_like_saved(self.model, Some(&mut self.optimizer), path)?;
+        }
         if let Some(s) = self.scheduler.as_deref_mut() {
             s.before_restore(self.model, ckpt.meta.epoch, Some(&mut self.optimizer))?;
         }

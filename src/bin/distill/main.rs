@@ -28,6 +28,8 @@ enum Command {
     Quantize(QuantizeArgs),
     /// Print a model summary: weight sparsity, compute (MACs), modules, or masks.
     Summary(SummaryArgs),
+    /// Remove a checkpoint's zero filters and channels for good (Distiller's --thinnify), writing a smaller one.
+    Thin(ThinArgs),
     /// Sensitivity analysis: prune each tensor alone at each level and evaluate.
     Sensitivity(SensitivityArgs),
     /// Read the TensorBoard and CSV logs of runs into one table.
@@ -116,6 +118,41 @@ struct SummaryArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = TableFormat::Table)]
     format: TableFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ThinKind {
+    /// Zero filters (output channels).
+    Filters,
+    /// Zero input channels.
+    Channels,
+    /// Filters, then channels (Distiller's contract_model).
+    Contract,
+}
+
+#[derive(clap::Args)]
+struct ThinArgs {
+    /// Architecture of the checkpoint.
+    #[arg(long)]
+    arch: String,
+    /// Dataset of the checkpoint.
+    #[arg(long)]
+    dataset: String,
+    /// Checkpoint to thin.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Where to write the thinned checkpoint.
+    #[arg(long)]
+    out: PathBuf,
+    /// What to remove.
+    #[arg(long, value_enum, default_value_t = ThinKind::Contract)]
+    remove: ThinKind,
+    /// Keep every thinned channel count a multiple of this.
+    #[arg(long, default_value_t = 1)]
+    round_to: i64,
+    /// Let the first member of a coupled channel (a residual stream) decide for all, as Distiller's Leader.
+    #[arg(long)]
+    leader: bool,
 }
 
 #[derive(clap::Args)]
@@ -460,7 +497,82 @@ fn summary(args: SummaryArgs) -> Result<()> {
     if matches!(args.what, SummaryKind::Compute) && matches!(args.format, TableFormat::Table) {
         let macs: i64 = df.column("MACs")?.i64()?.iter().flatten().sum();
         println!("Total MACs: {macs}");
+        if !model.thinning_recipes().is_empty() {
+            let mut dense = args.model.model()?;
+            print_thinning_totals(&mut dense, &mut model)?;
+        }
     }
+    Ok(())
+}
+
+/// One line comparing a thinned model's size with the dense model's.
+fn print_thinning_totals(dense: &mut distill::nn::Model, thinned: &mut distill::nn::Model) -> Result<()> {
+    let df = distill::summary::tables::thinning_summary(dense, thinned)?;
+    let last = df.height() - 1;
+    let get = |c: &str| -> Result<i64> { Ok(distill::summary::tables::column(&df, c)?.i64()?.get(last).unwrap_or(0)) };
+    let (w0, w1, m0, m1) = (get("Weights (dense)")?, get("Weights")?, get("MACs (dense)")?, get("MACs")?);
+    println!(
+        "thinned ({} recipe(s)): parameters {w0} -> {w1} ({:.1}% left), MACs {m0} -> {m1} ({:.1}% left, {:.2}x fewer)",
+        thinned.thinning_recipes().len(),
+        100.0 * w1 as f64 / w0.max(1) as f64,
+        100.0 * m1 as f64 / m0.max(1) as f64,
+        m0 as f64 / m1.max(1) as f64
+    );
+    Ok(())
+}
+
+fn thin(args: ThinArgs) -> Result<()> {
+    use distill::thinning::{Structure, Thinner};
+    let device = tch::Device::Cpu;
+    let mut model = models::create_model(&args.arch, &args.dataset, device)?;
+    let ckpt = distill::train::Checkpoint::load(&args.checkpoint)?;
+    ckpt.restore_model(&mut model, &args.checkpoint)?;
+    let mut scheduler = distill::scheduler::CompressionScheduler::new(&model);
+    scheduler.load_state(&ckpt.masks, &[], &model)?;
+    // The optimizer's state shrinks with the weights, so training can go on from the thinned checkpoint.
+    let mut optimizer = match &ckpt.meta.optimizer {
+        Some(meta) => {
+            let mut opt = distill::optim::Optimizer::for_model(&model, meta.config, meta.lrs.first().copied().unwrap_or(0.0))?;
+            for (g, (&lr, &initial)) in opt.groups_mut().iter_mut().zip(meta.lrs.iter().zip(&meta.initial_lrs)) {
+                g.lr = lr;
+                g.initial_lr = initial;
+            }
+            opt.load_state_tensors(&ckpt.optimizer)?;
+            Some(opt)
+        }
+        None => None,
+    };
+    let steps = match args.remove {
+        ThinKind::Filters => vec![Structure::Filters],
+        ThinKind::Channels => vec![Structure::Channels],
+        ThinKind::Contract => vec![Structure::Filters, Structure::Channels],
+    };
+    let mut thinner = Thinner::filters().round_to(args.round_to);
+    if args.leader {
+        thinner = thinner.leader();
+    }
+    for structure in steps {
+        let report = Thinner { structure, ..thinner }.apply_with(&mut model, optimizer.as_mut(), Some(scheduler.masks_mut()))?;
+        let what = if structure == Structure::Filters { "filters" } else { "channels" };
+        if report.changes.is_empty() {
+            println!("{what}: nothing to remove");
+        } else {
+            println!("{what}:");
+            print!("{}", distill::summary::tables::to_text_table(&report.frame()?)?);
+        }
+        if !report.coupled_keeps.is_empty() {
+            println!("{what}: {} zero channel(s) kept because a coupled layer is not zero there", report.coupled_keeps.len());
+        }
+        if let Some(max) = report.dropped_shifts.iter().map(|d| d.value.abs()).reduce(f64::max) {
+            println!("{what}: {} removed channel(s) carried a constant (batch-norm shift or bias) up to {max:.3e}, now dropped", report.dropped_shifts.len());
+        }
+    }
+    let mut dense = models::create_model(&args.arch, &args.dataset, device)?;
+    print_thinning_totals(&mut dense, &mut model)?;
+    // Policy progress stays with the original run; the thinned checkpoint has weights, masks, optimizer and history.
+    let thinned = distill::train::Checkpoint::capture(&model, optimizer.as_ref(), Some(&scheduler), ckpt.meta.epoch, ckpt.meta.seed, ckpt.meta.history.clone());
+    thinned.save(&args.out)?;
+    println!("wrote {}", args.out.display());
     Ok(())
 }
 
@@ -591,6 +703,7 @@ fn run() -> ExitCode {
         })(),
         Command::Quantize(args) => quantize(args),
         Command::Summary(args) => summary(args),
+        Command::Thin(args) => thin(args),
         Command::Sensitivity(args) => sensitivity(args),
         Command::Logs(args) => logs(args),
         Command::Models => {
