@@ -206,3 +206,42 @@ fn every_mnist_model_trains_with_default_flags() {
         assert!(summary.get("warnings").is_none(), "{arch}: {summary}");
     }
 }
+
+#[test]
+fn a_thinned_checkpoint_loads_everywhere_and_thin_shrinks_a_masked_one() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let run = dir.path().join("thin");
+    let schedule = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_filters_thin.yaml");
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "5", "--progress", "quiet", "--compress", schedule, "--out", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = run.join("checkpoint.safetensors");
+    let c = ckpt.to_str().unwrap();
+    let o = distill(&["summary", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--what", "compute"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // conv1 6 -> 3 filters, conv2 16 -> 8 filters on 3 channels, fc1 with 8 x 25 columns.
+    assert!(text.contains("thinned (1 recipe(s)): parameters 61706 -> 35820 (58.0% left), MACs 416520 -> 153720"), "{text}");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_ptq8.yaml");
+    let q = dir.path().join("q");
+    let o = distill(&["quantize", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--config", config, "--calibrate", "1", "--out", q.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--load-weights", c, "--out", dir.path().join("ft").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A masked (not thinned) checkpoint: `distill thin` removes its zero filters and writes a smaller checkpoint.
+    let masked = dir.path().join("masked");
+    let yaml = dir.path().join("filters.yaml");
+    std::fs::write(&yaml, "pruners:\n  f:\n    class: L1RankedStructureParameterPruner\n    group_type: Filters\n    desired_sparsity: 0.5\n    weights: [conv2.weight]\npolicies:\n  - pruner:\n      instance_name: f\n    starting_epoch: 0\n    ending_epoch: 1\n    frequency: 1\n").unwrap();
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--compress", yaml.to_str().unwrap(), "--out", masked.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let thinned = dir.path().join("thinned.safetensors");
+    let o = distill(&["thin", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", masked.join("checkpoint.safetensors").to_str().unwrap(), "--out", thinned.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("parameters 61706 -> 36498 (59.1% left), MACs 416520 -> 272520"), "{text}");
+    assert!(std::fs::metadata(&thinned).unwrap().len() < std::fs::metadata(masked.join("checkpoint.safetensors")).unwrap().len());
+    let o = distill(&["summary", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", thinned.to_str().unwrap(), "--what", "masks"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = distill(&["thin", "--arch", "mlp", "--dataset", "mnist", "--checkpoint", thinned.to_str().unwrap(), "--out", thinned.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("saved from 'lenet'"), "{}", stderr(&o));
+}

@@ -212,3 +212,25 @@ fn regularization_policy_adds_its_loss_and_thresholds_with_keep_mask() {
     let mask = scheduler.masks().get("fc1.weight").unwrap();
     assert!(mask.mask.is_some() && !mask.is_regularization_mask, "keep_mask made the last threshold mask permanent");
 }
+
+/// `fold_batchnorm: True` ranks conv1's filters by their L1 norm times the following batch norm's γ/σ, and the
+/// mask still applies to the unfolded weights.
+#[test]
+fn fold_batchnorm_ranks_filters_with_the_batch_norm_folded_in() {
+    let yaml = "pruners:\n  f:\n    class: L1RankedStructureParameterPruner\n    group_type: Filters\n    desired_sparsity: 0.5\n    weights: [conv1.weight]\npolicies:\n  - pruner:\n      instance_name: f\n      args:\n        fold_batchnorm: True\n    starting_epoch: 0\n    ending_epoch: 1\n    frequency: 1\n";
+    let mut model = create_model("resnet20_cifar", "cifar10", Device::Cpu).unwrap();
+    let w = model.parameter("conv1.weight").unwrap();
+    let l1 = Vec::<f32>::try_from(w.abs().sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float)).unwrap();
+    // γ_i = (16 - i) / L1_i: folded, filter i ranks as 16 - i, so the weakest half is filters 8..16, whatever
+    // the unfolded norms say.
+    let gamma: Vec<f32> = l1.iter().enumerate().map(|(i, n)| (16 - i) as f32 / n).collect();
+    tch::no_grad(|| model.parameter("bn1.weight").unwrap().copy_(&Tensor::from_slice(&gamma)));
+    let before = w.copy();
+    let schedule = Schedule::from_yaml_str(yaml, "fold.yaml").unwrap();
+    let mut scheduler = schedule.build(&model).unwrap();
+    scheduler.on_epoch_begin(&mut model, 0, None).unwrap();
+    scheduler.on_minibatch_begin(&mut model, 0, Minibatch { index: 0, per_epoch: 1 }, None).unwrap();
+    let zero: Vec<bool> = Vec::<f32>::try_from(w.abs().sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float)).unwrap().iter().map(|&n| n == 0.0).collect();
+    assert_eq!(zero, (0..16).map(|i| i >= 8).collect::<Vec<_>>());
+    assert!(w.narrow(0, 0, 8).equal(&before.narrow(0, 0, 8)), "kept filters are the unfolded weights");
+}

@@ -544,3 +544,26 @@ fn bad_remover_entries_fail_with_located_messages() {
     let s = distill::config::Schedule::from_yaml_str(&THIN_AT_2.replace("    dataset: mnist\n", "    dataset: mnist\n    round_to: 8\n"), "thin.yaml").unwrap();
     assert_eq!(distill::config::Schedule::from_yaml_str(&s.to_yaml().unwrap(), "again.yaml").unwrap(), s);
 }
+
+#[test]
+fn a_thinned_model_quantizes_and_a_quantized_one_is_not_thinned() {
+    use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
+    let mut model = create_model("simplenet_cifar", "cifar10", Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        let _ = model.parameter("conv1.weight").unwrap().narrow(0, 1, 2).fill_(0.0);
+        let _ = model.parameter("conv1.bias").unwrap().narrow(0, 1, 2).fill_(0.0);
+    });
+    let x = input(&model, 8);
+    let masked = model.forward_t(&x, false).unwrap();
+    Thinner::filters().apply(&mut model).unwrap();
+    PostTrainLinearQuantizer::new(PostTrainConfig::default()).prepare_model(&mut model).unwrap();
+    let quantized = model.forward_t(&x, false).unwrap();
+    assert_eq!(quantized.size(), [4, 10]);
+    assert!(max_abs(&(&quantized - &masked)) < 0.05 * max_abs(&masked), "8-bit dynamic PTQ of the thinned network stays close");
+    // Thinning goes through the quantizer's wrappers no further than the graph can follow: an error, nothing cut.
+    tch::no_grad(|| { let _ = model.parameter("conv2.wrapped_module.weight").unwrap().narrow(0, 0, 1).fill_(0.0); });
+    let shapes: Vec<Vec<i64>> = model.state_dict().iter().map(|(_, t)| t.size()).collect();
+    let err = Thinner::filters().apply(&mut model).unwrap_err().to_string();
+    assert!(err.contains("'conv2.wrapped_module' has zero filters") && err.contains("thin the model before quantizing"), "{err}");
+    assert_eq!(shapes, model.state_dict().iter().map(|(_, t)| t.size()).collect::<Vec<_>>());
+}

@@ -189,8 +189,41 @@ impl Thinner {
             return Err(Error::invalid("round_to", format!("must be at least 1, got {}", self.round_to)));
         }
         let graph = Graph::trace(model)?;
+        self.check_unseen_layers(model, &graph)?;
         let channels = graph.channels();
         Planner::new(self, model, &graph, &channels)?.plan()
+    }
+
+    /// A convolution or fully connected layer that never ran as a module (a quantizer's wrapper computes with its
+    /// weights directly) cannot be followed; if it has zero structures the user expects gone, say so.
+    fn check_unseen_layers(&self, model: &Model, graph: &Graph) -> Result<()> {
+        let seen: BTreeSet<&str> = graph.nodes().iter().map(|n| n.name.as_str()).collect();
+        let mut problem = None;
+        model.for_each_module(|name, m| {
+            if problem.is_some() || seen.contains(name) {
+                return;
+            }
+            let any = m as &dyn Any;
+            let weight = any.downcast_ref::<Conv2d>().map(|c| &c.weight).or_else(|| any.downcast_ref::<Linear>().map(|l| &l.weight));
+            let Some(w) = weight else { return };
+            let zero = profile(w).map(|p| match self.structure {
+                Structure::Filters => p.row_l1.contains(&0.0),
+                Structure::Channels => p.col_l1.contains(&0.0),
+            });
+            if zero.unwrap_or(false) {
+                let parent = name.rsplit_once('.').map_or("<root>", |(p, _)| p);
+                let parent_type = model.module(parent).map(|m| m.type_name().to_string()).unwrap_or_default();
+                problem = Some(Error::invalid(
+                    "thinning",
+                    format!(
+                        "'{name}' has zero {} but never runs as a module: '{parent}' ({parent_type}) computes with its weights \
+                         directly, so the data-flow graph cannot follow it; thin the model before quantizing it",
+                        if self.structure == Structure::Filters { "filters" } else { "channels" }
+                    ),
+                ));
+            }
+        });
+        problem.map_or(Ok(()), Err)
     }
 
     /// Thins `model` alone (no optimizer state or masks to keep in step).

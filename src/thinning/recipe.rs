@@ -69,6 +69,29 @@ fn kept(module: &str, what: &str, indices: &[i64], len: i64) -> Result<Tensor> {
     Ok(Tensor::from_slice(indices).to_device(Device::Cpu))
 }
 
+/// The selections of a layer that mixes channels (a dense convolution, a fully connected layer): kept outputs
+/// along dimension 0 of the weight and the bias, kept inputs along dimension 1 of the weight.
+fn mix_selections(
+    name: &str,
+    ins: Option<&[i64]>,
+    outs: Option<&[i64]>,
+    in_len: i64,
+    out_len: i64,
+    (in_word, out_word): (&str, &str),
+) -> Result<Vec<(&'static str, Selections)>> {
+    let mut weight = Vec::new();
+    let mut bias = Vec::new();
+    if let Some(o) = outs {
+        let o = kept(name, out_word, o, out_len)?;
+        bias.push((0, o.shallow_clone()));
+        weight.push((0, o));
+    }
+    if let Some(i) = ins {
+        weight.push((1, kept(name, in_word, i, in_len)?));
+    }
+    Ok(vec![("weight", weight), ("bias", bias)])
+}
+
 /// What applying a cut to one module changes: its tensors' selections (by leaf name) and its new config.
 fn plan_module(model: &Model, cut: &ModuleCut) -> Result<(Vec<(&'static str, Selections)>, NewConfig)> {
     let name = cut.module.as_str();
@@ -78,22 +101,12 @@ fn plan_module(model: &Model, cut: &ModuleCut) -> Result<(Vec<(&'static str, Sel
     if let Some(conv) = any.downcast_ref::<Conv2d>() {
         let c = &conv.config;
         if c.groups == 1 {
-            let mut w = Vec::new();
-            let mut b = Vec::new();
-            if let Some(o) = outs {
-                let o = kept(name, "filters", o, c.out_channels)?;
-                b.push((0, o.shallow_clone()));
-                w.push((0, o));
-            }
-            if let Some(i) = ins {
-                w.push((1, kept(name, "channels", i, c.in_channels)?));
-            }
             let config = NewConfig::Conv {
                 in_channels: ins.map_or(c.in_channels, |i| i.len() as i64),
                 out_channels: outs.map_or(c.out_channels, |o| o.len() as i64),
                 groups: 1,
             };
-            return Ok((vec![("weight", w), ("bias", b)], config));
+            return Ok((mix_selections(name, ins, outs, c.in_channels, c.out_channels, ("channels", "filters"))?, config));
         }
         if c.groups == c.in_channels && c.groups == c.out_channels {
             let sel = match (ins, outs) {
@@ -114,21 +127,11 @@ fn plan_module(model: &Model, cut: &ModuleCut) -> Result<(Vec<(&'static str, Sel
         ));
     }
     if let Some(l) = any.downcast_ref::<Linear>() {
-        let mut w = Vec::new();
-        let mut b = Vec::new();
-        if let Some(o) = outs {
-            let o = kept(name, "rows", o, l.out_features)?;
-            b.push((0, o.shallow_clone()));
-            w.push((0, o));
-        }
-        if let Some(i) = ins {
-            w.push((1, kept(name, "columns", i, l.in_features)?));
-        }
         let config = NewConfig::Linear {
             in_features: ins.map_or(l.in_features, |i| i.len() as i64),
             out_features: outs.map_or(l.out_features, |o| o.len() as i64),
         };
-        return Ok((vec![("weight", w), ("bias", b)], config));
+        return Ok((mix_selections(name, ins, outs, l.in_features, l.out_features, ("columns", "rows"))?, config));
     }
     if let Some(bn) = any.downcast_ref::<BatchNorm2d>() {
         let sel = outs.or(ins).ok_or_else(|| Error::invalid("thinning recipe", format!("'{name}': nothing to cut")))?;
