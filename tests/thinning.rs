@@ -89,18 +89,25 @@ fn prune(model: &Model, channels: &Channels, graph: &Graph, structure: Structure
     let mut pruned = HashMap::new();
     for node in graph.nodes() {
         let Ok(module) = model.module(&node.name) else { continue };
-        let Some(conv) = (module as &dyn std::any::Any).downcast_ref::<Conv2d>() else { continue };
+        let any = module as &dyn std::any::Any;
+        let (weight, bias) = match (any.downcast_ref::<Conv2d>(), any.downcast_ref::<Linear>()) {
+            (Some(c), _) => (&c.weight, c.bias.as_ref()),
+            (_, Some(l)) => (&l.weight, l.bias.as_ref()),
+            _ => continue,
+        };
         let axis = if structure == Structure::Filters { Axis::Filters } else { Axis::Channels };
         let group = channels.group_of(&node.name, axis).unwrap();
-        if !group.fixed.is_empty() {
+        // Fixed groups (the input, the classifier's outputs) and the columns a flatten ties in blocks stay.
+        let blocked = group.members.iter().any(|m| m.block > 1);
+        if !group.fixed.is_empty() || (blocked && structure == Structure::Channels) {
             continue;
         }
         let dim = if structure == Structure::Filters { 0 } else { 1 };
-        let picks = rng.subset(conv.weight.size()[dim]);
+        let picks = rng.subset(weight.size()[dim]);
         tch::no_grad(|| {
             for &c in &picks {
-                let _ = conv.weight.narrow(dim as i64, c, 1).fill_(0.0);
-                if let (Structure::Filters, Some(b)) = (structure, &conv.bias) {
+                let _ = weight.narrow(dim as i64, c, 1).fill_(0.0);
+                if let (Structure::Filters, Some(b)) = (structure, bias) {
                     let _ = b.narrow(0, c, 1).fill_(0.0);
                 }
             }
@@ -178,31 +185,51 @@ fn step(model: &mut Model, opt: &mut Optimizer, x: &Tensor) {
     opt.step().unwrap();
 }
 
+/// Every zoo model, with SGD momentum and with Adam: prune, take an optimizer step at learning rate 0 (state
+/// without moving a weight), thin with the optimizer, compare with the masked network, check the counts and the
+/// optimizer state's shapes, then train one real step.
 fn check_zoo(structure: Structure) {
     let mut rng = Lcg(if structure == Structure::Filters { 7 } else { 11 });
     for &(arch, dataset) in ZOO {
-        let mut model = create_model(arch, dataset, Device::Cpu).unwrap();
-        perturb_batch_norms(&model, &mut rng);
-        let graph = Graph::trace(&mut model).unwrap();
-        let channels = graph.channels();
-        let pruned = prune(&model, &channels, &graph, structure, &mut rng);
-        let (want_params, want_macs) = expected_counts(&model, &graph, &channels, &pruned, structure);
-        let x = input(&model, 3);
-        let masked = model.forward_t(&x, false).unwrap();
-        let before_params = model.num_parameters();
-        let thinner = if structure == Structure::Filters { Thinner::filters() } else { Thinner::channels() };
-        let report = thinner.apply(&mut model).unwrap();
-        let thinned = model.forward_t(&x, false).unwrap();
-        let diff = max_abs(&(&thinned - &masked)) / max_abs(&masked).max(1e-12);
-        assert!(diff <= 1e-5, "{arch} {structure:?}: thinned output differs by {diff:e} of its scale");
-        assert_eq!(model.num_parameters(), want_params, "{arch} {structure:?}: parameters");
-        assert_eq!(total_macs(&mut model), want_macs, "{arch} {structure:?}: MACs");
-        if arch != "mlp" {
-            assert!(model.num_parameters() < before_params, "{arch} {structure:?}: nothing was removed");
+        for (config, label) in [(OptimizerConfig::sgd(0.9, 1e-4), "SGD"), (OptimizerConfig::adam(1e-4), "Adam")] {
+            let mut model = create_model(arch, dataset, Device::Cpu).unwrap();
+            perturb_batch_norms(&model, &mut rng);
+            let graph = Graph::trace(&mut model).unwrap();
+            let channels = graph.channels();
+            let pruned = prune(&model, &channels, &graph, structure, &mut rng);
+            let (want_params, want_macs) = expected_counts(&model, &graph, &channels, &pruned, structure);
+            let x = input(&model, 3);
+            let mut opt = Optimizer::for_model(&model, config, 0.0).unwrap();
+            step(&mut model, &mut opt, &x);
+            let masked = model.forward_t(&x, false).unwrap();
+            let before_params = model.num_parameters();
+            let thinner = if structure == Structure::Filters { Thinner::filters() } else { Thinner::channels() };
+            let report = thinner.apply_with(&mut model, Some(&mut opt), None).unwrap();
+            let thinned = model.forward_t(&x, false).unwrap();
+            let diff = max_abs(&(&thinned - &masked)) / max_abs(&masked).max(1e-12);
+            let what = format!("{arch} {structure:?} {label}");
+            assert!(diff <= 1e-5, "{what}: thinned output differs by {diff:e} of its scale");
+            assert_eq!(model.num_parameters(), want_params, "{what}: parameters");
+            assert_eq!(total_macs(&mut model), want_macs, "{what}: MACs");
+            assert!(model.num_parameters() < before_params, "{what}: nothing was removed");
             assert!(!report.changes.is_empty());
+            assert_eq!(model.thinning_recipes().len(), 1);
+            let params: HashMap<String, Vec<i64>> = model.named_parameters().into_iter().map(|(n, t)| (n, t.size())).collect();
+            let state = opt.state_tensors();
+            assert!(state.len() >= params.len(), "{what}: optimizer state for every parameter");
+            for (key, t) in state {
+                let (param, field) = key.rsplit_once('/').unwrap();
+                if field != "step" {
+                    assert_eq!(t.size(), params[param], "{what}: {key}");
+                }
+            }
+            opt.set_lr(0.01);
+            step(&mut model, &mut opt, &x);
+            assert!(model.forward_t(&x, false).unwrap().isfinite().all().int64_value(&[]) == 1, "{what}: a step after thinning");
+            if label == "SGD" {
+                eprintln!("{arch} {structure:?}: {before_params} -> {} parameters, {} coupled zero channels kept", model.num_parameters(), report.coupled_keeps.len());
+            }
         }
-        assert_eq!(model.thinning_recipes().len(), usize::from(!report.recipe.is_empty()));
-        eprintln!("{arch} {structure:?}: {before_params} -> {} parameters, {} coupled zero channels kept", model.num_parameters(), report.coupled_keeps.len());
     }
 }
 
@@ -477,36 +504,38 @@ policies:
     epochs: [2]
 ";
 
-#[test]
-fn a_run_that_thins_resumes_bit_identically() {
+fn thinning_run(schedule: &distill::config::Schedule, dir: &std::path::Path, out: &str, epochs: usize, resume: bool, initial: &[(String, Tensor)]) -> Model {
     use distill::data::{DataSplits, Dataset};
-    use distill::train::{Checkpoint, Progress, TrainConfig, Trainer};
+    use distill::train::{Progress, TrainConfig, Trainer};
     let data = DataSplits {
         train: Dataset::synthetic(96, [1, 28, 28], 10, 1).unwrap(),
         valid: Dataset::synthetic(16, [1, 28, 28], 10, 2).unwrap(),
         test: Dataset::synthetic(16, [1, 28, 28], 10, 3).unwrap(),
     };
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    model.load_state_dict(initial, true).unwrap();
+    let mut s = schedule.build(&model).unwrap();
+    let config = TrainConfig { epochs, batch_size: 16, lr: 0.05, progress: Progress::Quiet, out_dir: Some(dir.join(out)), ..TrainConfig::default() };
+    let mut t = Trainer::new(&mut model, config).unwrap().with_scheduler(&mut s);
+    if resume {
+        t.resume(dir.join(out).join("checkpoint.safetensors")).unwrap();
+    }
+    t.run(&data).unwrap();
+    model
+}
+
+#[test]
+fn a_run_that_thins_resumes_bit_identically() {
+    use distill::train::Checkpoint;
     let schedule = distill::config::Schedule::from_yaml_str(THIN_AT_2, "thin.yaml").unwrap();
     let dir = distill::io::TempDir::new().unwrap();
     let initial = create_model("lenet", "mnist", Device::Cpu).unwrap().state_dict();
-    let train = |out: &str, epochs: usize, resume: bool| {
-        let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
-        model.load_state_dict(&initial, true).unwrap();
-        let mut s = schedule.build(&model).unwrap();
-        let config = TrainConfig { epochs, batch_size: 16, lr: 0.05, progress: Progress::Quiet, out_dir: Some(dir.path().join(out)), ..TrainConfig::default() };
-        let mut t = Trainer::new(&mut model, config).unwrap().with_scheduler(&mut s);
-        if resume {
-            t.resume(dir.path().join(out).join("checkpoint.safetensors")).unwrap();
-        }
-        t.run(&data).unwrap();
-        model
-    };
-    let full = train("full", 5, false);
+    let full = thinning_run(&schedule, dir.path(), "full", 5, false, &initial);
     assert_eq!(full.parameter("conv1.weight").unwrap().size(), [3, 1, 5, 5]);
     assert_eq!(full.parameter("conv2.weight").unwrap().size(), [8, 3, 5, 5]);
     assert_eq!(full.parameter("fc1.weight").unwrap().size(), [120, 8 * 25]);
-    train("part", 4, false);
-    let resumed = train("part", 5, true);
+    thinning_run(&schedule, dir.path(), "part", 4, false, &initial);
+    let resumed = thinning_run(&schedule, dir.path(), "part", 5, true, &initial);
     for ((n, a), (_, b)) in full.state_dict().iter().zip(resumed.state_dict().iter()) {
         assert!(a.equal(b), "{n} differs after resume");
     }
@@ -524,6 +553,28 @@ fn a_run_that_thins_resumes_bit_identically() {
     Thinner::filters().apply(&mut other).unwrap();
     let err = ckpt.restore_model(&mut other, &path).unwrap_err().to_string();
     assert!(err.contains("thinned") && err.contains("checkpoint.safetensors"), "{err}");
+}
+
+/// Thinning at epoch 1, then quantization-aware training from epoch 2: on resume the recipe is replayed before
+/// the quantizer wraps the (thinned) layers, so the run ends as the uninterrupted one.
+#[test]
+fn thinning_then_quantization_aware_training_resumes_bit_identically() {
+    let yaml = THIN_AT_2.replace("ending_epoch: 2", "ending_epoch: 1").replace("epochs: [2]", "epochs: [1]")
+        + "  - quantizer:\n      instance_name: qat\n    starting_epoch: 2\n    ending_epoch: 4\n    frequency: 1\n"
+        + "quantizers:\n  qat:\n    class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: 8\n    bits_weights: 8\n";
+    let schedule = distill::config::Schedule::from_yaml_str(&yaml, "thin_qat.yaml").unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
+    let initial = create_model("lenet", "mnist", Device::Cpu).unwrap().state_dict();
+    let full = thinning_run(&schedule, dir.path(), "full", 4, false, &initial);
+    thinning_run(&schedule, dir.path(), "part", 3, false, &initial);
+    let resumed = thinning_run(&schedule, dir.path(), "part", 4, true, &initial);
+    let (a, b) = (full.state_dict(), resumed.state_dict());
+    assert_eq!(a.len(), b.len());
+    let shape = |name: &str| a.iter().find(|(n, _)| n == name).map(|(_, t)| t.size());
+    assert_eq!((shape("conv2.float_weight"), shape("fc1.float_weight")), (Some(vec![8, 3, 5, 5]), Some(vec![120, 200])));
+    for ((n, x), (_, y)) in a.iter().zip(b.iter()) {
+        assert!(x.equal(y), "{n} differs after resume");
+    }
 }
 
 #[test]
@@ -566,4 +617,20 @@ fn a_thinned_model_quantizes_and_a_quantized_one_is_not_thinned() {
     let err = Thinner::filters().apply(&mut model).unwrap_err().to_string();
     assert!(err.contains("'conv2.wrapped_module' has zero filters") && err.contains("thin the model before quantizing"), "{err}");
     assert_eq!(shapes, model.state_dict().iter().map(|(_, t)| t.size()).collect::<Vec<_>>());
+}
+
+/// An output computed before thinning and still held keeps its autograd graph (and the parameters' gradient
+/// accumulators) alive; training after thinning must not trip over the old shapes.
+#[test]
+fn training_after_thinning_ignores_graphs_built_before() {
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let x = input(&model, 12);
+    let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 0.0), 0.01).unwrap();
+    step(&mut model, &mut opt, &x);
+    let held = model.forward_t(&x, true).unwrap();
+    tch::no_grad(|| { let _ = model.parameter("fc2.weight").unwrap().narrow(0, 0, 40).fill_(0.0); });
+    Thinner::filters().apply_with(&mut model, Some(&mut opt), None).unwrap();
+    assert_eq!(model.parameter("fc3.weight").unwrap().size(), [10, 44]);
+    step(&mut model, &mut opt, &x);
+    assert!(held.requires_grad());
 }

@@ -6,7 +6,7 @@ use std::any::Any;
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::nn::{BatchNorm2d, ConstantPad3d, Conv2d, Linear, Model};
 use crate::optim::Optimizer;
@@ -240,7 +240,22 @@ impl ThinningRecipe {
             }
             Ok(())
         })?;
+        // `set_data` keeps a parameter's gradient accumulator while some graph built before (an output still
+        // held) is alive, and that accumulator remembers the old shape, so the next backward pass would fail.
+        // libtorch drops the accumulator when the new data has another dtype: pass through an empty tensor of
+        // another dtype first.
+        let mut detours = Vec::new();
+        for (old, _) in pending.iter().filter(|(old, _)| old.requires_grad()) {
+            let other = if old.kind() == Kind::Double { Kind::Float } else { Kind::Double };
+            detours.push(Tensor::f_empty([0], (other, old.device()))?);
+        }
+        let mut detours = detours.into_iter();
         for (mut old, new) in pending {
+            if old.requires_grad() {
+                if let Some(detour) = detours.next() {
+                    old.set_data(&detour);
+                }
+            }
             old.set_data(&new);
         }
         for (name, config) in &configs {
