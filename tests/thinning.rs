@@ -634,3 +634,75 @@ fn training_after_thinning_ignores_graphs_built_before() {
     step(&mut model, &mut opt, &x);
     assert!(held.requires_grad());
 }
+
+/// Two convolutions on the same input, concatenated along channels (an Inception-style block, Distiller #424).
+#[derive(Debug)]
+struct TwoBranches {
+    a: distill::nn::BoxModule,
+    b: distill::nn::BoxModule,
+}
+
+impl distill::nn::Module for TwoBranches {
+    fn type_name(&self) -> &str {
+        "TwoBranches"
+    }
+    fn forward(&self, x: &Tensor, ctx: &mut distill::nn::Forward) -> distill::Result<Tensor> {
+        let a = ctx.call("a", self.a.as_ref(), x)?;
+        let b = ctx.call("b", self.b.as_ref(), x)?;
+        ctx.op(TensorOp::Cat(1), &[&a, &b])
+    }
+    fn children(&self) -> Vec<(&str, &dyn distill::nn::Module)> {
+        vec![("a", self.a.as_ref()), ("b", self.b.as_ref())]
+    }
+    fn children_mut(&mut self) -> Vec<(&str, &mut distill::nn::BoxModule)> {
+        vec![("a", &mut self.a), ("b", &mut self.b)]
+    }
+}
+
+#[test]
+fn depthwise_convolutions_and_concatenations_thin_through() {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let branches = TwoBranches {
+        a: Box::new(Conv2d::new(&root / "mix" / "a", Conv2dConfig::new(1, 6, 3).padding(1)).unwrap()),
+        b: Box::new(Conv2d::new(&root / "mix" / "b", Conv2dConfig::new(1, 4, 3).padding(1)).unwrap()),
+    };
+    let net = Sequential::new()
+        .add("mix", branches)
+        .add("dw", Conv2d::new(&root / "dw", Conv2dConfig::new(10, 10, 3).padding(1).groups(10)).unwrap())
+        .add("bn", BatchNorm2d::new(&root / "bn", 10).unwrap())
+        .add("relu", distill::nn::ReLU)
+        .add("pw", conv(&vs, "pw", 10, 5))
+        .add_op(TensorOp::Flatten)
+        .add("fc", Linear::new(&root / "fc", 5 * 6 * 6, 3, true).unwrap());
+    let mut model = Model::new(vs, net, ModelInfo::new("custom", "toy", [1, 6, 6], 3)).unwrap();
+    perturb_batch_norms(&model, &mut Lcg(3));
+    // Filters 1 and 4 of branch a, 2 of branch b: channels 1, 4 and 6 + 2 = 8 of the concatenation.
+    tch::no_grad(|| {
+        for (name, c) in [("mix.a", 1), ("mix.a", 4), ("mix.b", 2)] {
+            for leaf in ["weight", "bias"] {
+                let _ = model.parameter(&format!("{name}.{leaf}")).unwrap().narrow(0, c, 1).fill_(0.0);
+            }
+        }
+        // The depthwise filters and batch norm after them pass a zero channel through only if they add nothing.
+        for c in [1i64, 4, 8] {
+            for p in ["dw.bias", "bn.weight", "bn.bias"] {
+                let _ = model.parameter(p).unwrap().narrow(0, c, 1).fill_(0.0);
+            }
+        }
+    });
+    let x = input(&model, 2);
+    let masked = model.forward_t(&x, false).unwrap();
+    let report = Thinner::filters().apply(&mut model).unwrap();
+    // Each branch's channels are a group of their own, spanning the concatenation, the depthwise filters, the
+    // batch norm and the last convolution's input channels.
+    let removed: Vec<(Vec<String>, Vec<i64>)> = report.changes.iter().map(|c| (c.members.clone(), c.removed.clone())).collect();
+    let members = |b: &str| vec![format!("mix.{b} filters"), "dw features".into(), "bn features".into(), "pw channels".into()];
+    assert_eq!(removed, [(members("a"), vec![1, 4]), (members("b"), vec![2])]);
+    assert_eq!(model.parameter("mix.a.weight").unwrap().size(), [4, 1, 3, 3]);
+    assert_eq!(model.parameter("mix.b.weight").unwrap().size(), [3, 1, 3, 3]);
+    assert_eq!(model.parameter("dw.weight").unwrap().size(), [7, 1, 3, 3]);
+    assert_eq!(model.parameter("pw.weight").unwrap().size(), [5, 7, 3, 3]);
+    assert!(model.to_string().contains("7, 7, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=7"), "{model}");
+    assert!(max_abs(&(&model.forward_t(&x, false).unwrap() - &masked)) < 1e-5 * max_abs(&masked));
+}
