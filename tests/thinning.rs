@@ -706,3 +706,16 @@ fn depthwise_convolutions_and_concatenations_thin_through() {
     assert!(model.to_string().contains("7, 7, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=7"), "{model}");
     assert!(max_abs(&(&model.forward_t(&x, false).unwrap() - &masked)) < 1e-5 * max_abs(&masked));
 }
+
+#[test]
+fn a_model_that_is_one_layer_has_nothing_to_thin() {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let fc = Linear::new(vs.root(), 16, 4, true).unwrap();
+    let mut model = Model::new(vs, fc, ModelInfo::new("one_layer", "toy", [16], 4)).unwrap();
+    tch::no_grad(|| { let _ = model.parameter("weight").unwrap().narrow(0, 1, 1).fill_(0.0); });
+    let graph = Graph::trace(&mut model).unwrap();
+    assert_eq!(graph.nodes()[0].module_name(), "");
+    // Its rows are the model's output: they stay.
+    let report = Thinner::filters().apply(&mut model).unwrap();
+    assert!(report.recipe.is_empty());
+}

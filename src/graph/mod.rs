@@ -65,6 +65,17 @@ pub enum NodeKind {
     Unrecorded,
 }
 
+impl Node {
+    /// The dotted name of the module this node ran (`""` for a root that is itself a leaf, which the graph
+    /// shows as `<root>`); for an operation, its label as in [`Node::name`].
+    pub fn module_name(&self) -> &str {
+        if self.name == ROOT_LEAF { "" } else { &self.name }
+    }
+}
+
+/// How the graph names a root module that has no children.
+pub(crate) const ROOT_LEAF: &str = "<root>";
+
 impl NodeKind {
     /// `Conv2d`, `op:flatten`, `unrecorded`.
     pub fn label(&self) -> String {

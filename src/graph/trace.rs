@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use tch::{Kind, Tensor};
 
 use super::{ChannelRule, Graph, Node, NodeKind, TensorMeta};
-use crate::nn::{ConstantPad3d, Conv2d, Model, Module, ModuleCall, Observer, OpCall, TensorOp};
+use crate::nn::{ConstantPad3d, Conv2d, Linear, Model, Module, ModuleCall, Observer, OpCall, TensorOp};
 use crate::{Error, Result};
 
 /// A tensor's identity: storage address, shape, strides and dtype (a view with another shape is another tensor).
@@ -106,9 +106,10 @@ fn module_rule(module: &dyn Module, inputs: &[&Tensor], output: &Tensor) -> Chan
             _ => ChannelRule::Opaque(format!("channel padding {front}/{back} with value {} on a {dims}-D input", pad.value)),
         };
     }
+    if any.is::<Linear>() {
+        return if dims == 2 { ChannelRule::Mix } else { ChannelRule::Opaque(format!("Linear on a {dims}-D input")) };
+    }
     match module.type_name() {
-        "Linear" if dims == 2 => ChannelRule::Mix,
-        "Linear" => ChannelRule::Opaque(format!("Linear on a {dims}-D input")),
         "Flatten" => flatten_rule(input, output),
         "BatchNorm2d" | "ReLU" | "MaxPool2d" | "AvgPool2d" | "Dropout" | "Identity" if keeps_channels => ChannelRule::Elementwise,
         t => ChannelRule::Opaque(format!("{t} has no channel rule")),
@@ -166,7 +167,7 @@ impl Observer for Tracer {
     fn observe(&mut self, call: &ModuleCall) {
         let leaf = call.module.children().is_empty();
         if leaf {
-            let name = if call.name.is_empty() { "<root>".to_string() } else { call.name.to_string() };
+            let name = if call.name.is_empty() { super::ROOT_LEAF.to_string() } else { call.name.to_string() };
             let rule = module_rule(call.module, call.inputs, call.output);
             self.record(name, NodeKind::Module(call.module.type_name().to_string()), rule, call.inputs, call.output);
         } else {

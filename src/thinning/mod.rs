@@ -197,7 +197,7 @@ impl Thinner {
     /// A convolution or fully connected layer that never ran as a module (a quantizer's wrapper computes with its
     /// weights directly) cannot be followed; if it has zero structures the user expects gone, say so.
     fn check_unseen_layers(&self, model: &Model, graph: &Graph) -> Result<()> {
-        let seen: BTreeSet<&str> = graph.nodes().iter().map(|n| n.name.as_str()).collect();
+        let seen: BTreeSet<&str> = graph.nodes().iter().map(|n| n.module_name()).collect();
         let mut problem = None;
         model.for_each_module(|name, m| {
             if problem.is_some() || seen.contains(name) {
@@ -211,8 +211,9 @@ impl Thinner {
                 Structure::Channels => p.col_l1.contains(&0.0),
             });
             if zero.unwrap_or(false) {
-                let parent = name.rsplit_once('.').map_or("<root>", |(p, _)| p);
+                let parent = name.rsplit_once('.').map_or("", |(p, _)| p);
                 let parent_type = model.module(parent).map(|m| m.type_name().to_string()).unwrap_or_default();
+                let parent = if parent.is_empty() { "<root>" } else { parent };
                 problem = Some(Error::invalid(
                     "thinning",
                     format!(
@@ -265,7 +266,7 @@ impl<'a> Planner<'a> {
         let mut planner = Planner { thinner, graph, channels, profiles: HashMap::new(), biases: HashMap::new(), bn_shifts: HashMap::new() };
         for (n, node) in graph.nodes().iter().enumerate() {
             let NodeKind::Module(_) = node.kind else { continue };
-            let module = model.module(&node.name)?;
+            let module = model.module(node.module_name())?;
             let any = module as &dyn Any;
             if let (ChannelRule::Mix, Some(conv)) = (&node.rule, any.downcast_ref::<Conv2d>()) {
                 planner.profiles.insert(n, profile(&conv.weight)?);
@@ -293,12 +294,10 @@ impl<'a> Planner<'a> {
     /// The L1 norm of each member's slice of `class`, writers then readers, in the order the layers ran.
     fn slices(&self, class: usize) -> (Vec<(usize, f64)>, Vec<(usize, f64)>) {
         let c = &self.channels.classes()[class];
-        let writers = c.producers.iter().map(|&(n, ch)| (n, self.profiles[&n].row_l1[ch as usize])).collect();
-        let readers = c
-            .consumers
-            .iter()
-            .map(|(n, cols)| (*n, cols.iter().map(|&k| self.profiles[n].col_l1[k as usize]).sum()))
-            .collect();
+        // A layer without a profile (not one of distill's Conv2d or Linear) never counts as zero.
+        let l1 = |n: usize, pick: &dyn Fn(&WeightProfile) -> f64| self.profiles.get(&n).map_or(f64::INFINITY, pick);
+        let writers = c.producers.iter().map(|&(n, ch)| (n, l1(n, &|p| p.row_l1[ch as usize]))).collect();
+        let readers = c.consumers.iter().map(|(n, cols)| (*n, l1(*n, &|p| cols.iter().map(|&k| p.col_l1[k as usize]).sum()))).collect();
         (writers, readers)
     }
 
