@@ -719,3 +719,16 @@ fn a_model_that_is_one_layer_has_nothing_to_thin() {
     let report = Thinner::filters().apply(&mut model).unwrap();
     assert!(report.recipe.is_empty());
 }
+
+#[test]
+fn nan_weights_are_never_taken_for_zeros() {
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        let w = model.parameter("conv2.weight").unwrap();
+        let _ = w.narrow(0, 0, 2).fill_(0.0);
+        let _ = w.narrow(0, 0, 1).narrow(1, 0, 1).fill_(f64::NAN);
+    });
+    let report = Thinner::filters().apply(&mut model).unwrap();
+    assert_eq!(report.changes[0].removed, [1], "filter 0 holds a NaN: not zero, kept");
+    assert_eq!(model.parameter("conv2.weight").unwrap().size(), [15, 6, 5, 5]);
+}

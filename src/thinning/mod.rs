@@ -148,7 +148,7 @@ struct WeightProfile {
 }
 
 fn profile(w: &Tensor) -> Result<WeightProfile> {
-    let w = w.f_detach()?.f_abs()?.f_to_kind(Kind::Double)?;
+    let w = w.f_detach()?.f_abs()?.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?;
     let size = w.size();
     let rows = w.f_reshape([size[0], -1])?.f_sum_dim_intlist(1, false, Kind::Double)?;
     let cols = w.f_transpose(0, 1)?.f_reshape([size[1], -1])?.f_sum_dim_intlist(1, false, Kind::Double)?;
