@@ -41,6 +41,13 @@ elif [ "${have_torch%%+*}" != "$TORCH_VERSION" ] || [ ! -d "$site/nvidia/cu13/li
     "cuda-toolkit[cudart,cupti]==13.0.3" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
 fi
 
+# onnx and onnxruntime are the test oracle of the ONNX export (tests/onnx.rs through scripts/onnx_run.py).
+if ! .venv/bin/python -c "import onnx, onnxruntime" 2>/dev/null; then
+  echo "setup: installing onnx and onnxruntime (the ONNX export's test oracle)"
+  .venv/bin/python -m pip install --disable-pip-version-check -q "onnx==1.19.1" "onnxruntime==1.23.2" 2>&1 | grep -v "^torch 2.13.0 requires\|dependency resolver\|dependency conflicts" || true
+  .venv/bin/python -c "import onnx, onnxruntime" || { echo "setup: onnx and onnxruntime did not install" >&2; exit 1; }
+fi
+
 # TensorBoard's own reader checks our event files in the test suite (tests/tensorboard.rs); its resolver
 # complains about torch's uninstalled CUDA dependencies, which the CPU set-up leaves out on purpose.
 if ! .venv/bin/python -c "import tensorboard" 2>/dev/null; then

@@ -8,6 +8,7 @@
 //! * [`nn`]: the named module tree (`layer1.0.conv1.weight`), replace-by-name and observers;
 //! * [`graph`]: the data-flow graph of a forward pass and the channel groups it couples;
 //! * [`thinning`]: physical removal of pruned filters and channels, residual-aware;
+//! * [`export`]: ONNX files of the model for other runtimes;
 //! * [`models`]: the model zoo with Distiller's layer names, and [`models::create_model`];
 //! * [`data`]: the bundled 5,000-digit MNIST subset, MNIST IDX and CIFAR-10 loaders, seeded batching;
 //! * [`optim`]: SGD and Adam with inspectable, checkpointable state;
@@ -30,6 +31,7 @@
 pub mod config;
 pub mod data;
 pub mod display;
+pub mod export;
 pub mod graph;
 pub mod logging;
 pub mod metrics;

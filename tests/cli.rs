@@ -221,6 +221,10 @@ fn a_thinned_checkpoint_loads_everywhere_and_thin_shrinks_a_masked_one() {
     assert!(o.status.success(), "{}", stderr(&o));
     // conv1 6 -> 3 filters, conv2 16 -> 8 filters on 3 channels, fc1 with 8 x 25 columns.
     assert!(text.contains("thinned (1 recipe(s)): parameters 61706 -> 35820 (58.0% left), MACs 416520 -> 153720"), "{text}");
+    let onnx = dir.path().join("thin.onnx");
+    let o = distill(&["export", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--out", onnx.to_str().unwrap()]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("35820 parameters"), "{}", stderr(&o));
+    assert!(std::fs::metadata(&onnx).unwrap().len() < 35820 * 4 + 20_000);
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_ptq8.yaml");
     let q = dir.path().join("q");
     let o = distill(&["quantize", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--config", config, "--calibrate", "1", "--out", q.to_str().unwrap()]);

@@ -30,6 +30,8 @@ enum Command {
     Summary(SummaryArgs),
     /// Remove a checkpoint's zero filters and channels for good (Distiller's --thinnify), writing a smaller one.
     Thin(ThinArgs),
+    /// Export a model (dense, masked or thinned; floating point) to ONNX.
+    Export(ExportArgs),
     /// Sensitivity analysis: prune each tensor alone at each level and evaluate.
     Sensitivity(SensitivityArgs),
     /// Read the TensorBoard and CSV logs of runs into one table.
@@ -153,6 +155,22 @@ struct ThinArgs {
     /// Let the first member of a coupled channel (a residual stream) decide for all, as Distiller's Leader.
     #[arg(long)]
     leader: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Architecture.
+    #[arg(long)]
+    arch: String,
+    /// Dataset.
+    #[arg(long)]
+    dataset: String,
+    /// Checkpoint to export (thinned checkpoints export their smaller shapes); a freshly initialized model otherwise.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// The ONNX file to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -521,6 +539,24 @@ fn print_thinning_totals(dense: &mut distill::nn::Model, thinned: &mut distill::
     Ok(())
 }
 
+fn export(args: ExportArgs) -> Result<()> {
+    let mut model = models::create_model(&args.arch, &args.dataset, tch::Device::Cpu)?;
+    if let Some(path) = &args.checkpoint {
+        distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
+    }
+    let e = distill::export::onnx::export_onnx(&mut model, &args.out)?;
+    println!(
+        "wrote {} (ONNX opset {}): {} nodes, {} initializers, {} parameters, {} bytes",
+        args.out.display(),
+        distill::export::onnx::OPSET,
+        e.nodes,
+        e.initializers,
+        model.num_parameters(),
+        e.file_bytes
+    );
+    Ok(())
+}
+
 fn thin(args: ThinArgs) -> Result<()> {
     use distill::thinning::{Structure, Thinner};
     let device = tch::Device::Cpu;
@@ -704,6 +740,7 @@ fn run() -> ExitCode {
         Command::Quantize(args) => quantize(args),
         Command::Summary(args) => summary(args),
         Command::Thin(args) => thin(args),
+        Command::Export(args) => export(args),
         Command::Sensitivity(args) => sensitivity(args),
         Command::Logs(args) => logs(args),
         Command::Models => {

@@ -1,0 +1,2 @@
+//! Deployable artifacts: ONNX files that runtimes read ([`onnx`]).
+pub mod onnx;
