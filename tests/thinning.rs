@@ -732,3 +732,15 @@ fn nan_weights_are_never_taken_for_zeros() {
     assert_eq!(report.changes[0].removed, [1], "filter 0 holds a NaN: not zero, kept");
     assert_eq!(model.parameter("conv2.weight").unwrap().size(), [15, 6, 5, 5]);
 }
+
+#[test]
+fn schedule_preview_shows_the_thinning_epoch_and_the_structures_left() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_filters_thin.yaml");
+    let schedule = distill::config::Schedule::from_file(path).unwrap();
+    let model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let preview = schedule.preview(10, 0.02, Some(&model)).unwrap();
+    let thinning: Vec<(usize, &Vec<(String, i64, i64)>)> = preview.epochs.iter().filter(|e| !e.thinning.is_empty()).map(|e| (e.epoch, &e.thinning)).collect();
+    assert_eq!(thinning, [(4, &vec![("conv1.weight".to_string(), 6, 3), ("conv2.weight".to_string(), 16, 8)])]);
+    assert!(preview.epochs[4].policies.contains(&"extension:net_thinner".to_string()));
+    assert!(preview.to_string().contains("thinning (expected structures left): conv1.weight 6->3 conv2.weight 16->8"));
+}
