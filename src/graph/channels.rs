@@ -74,8 +74,6 @@ pub struct ChannelClass {
     pub features: Vec<(usize, i64)>,
     /// Why this channel cannot be removed: it reaches the model's input or output, or an opaque node.
     pub fixed: Vec<String>,
-    /// Whether some of its slots are channels a padding node adds (constant zeros).
-    pub padded: bool,
     /// Index of its group.
     pub group: usize,
 }
@@ -149,7 +147,6 @@ impl Channels {
         let count = |t: usize| tensors[t].channels();
         let mut uf = UnionFind((0..total).collect());
         let mut fixed: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
-        let mut padded: BTreeSet<usize> = BTreeSet::new();
         let fix_tensor = |t: usize, why: &str, fixed: &mut BTreeMap<usize, BTreeSet<String>>| {
             for c in 0..count(t) {
                 fixed.entry(slot(t, c)).or_default().insert(why.to_string());
@@ -189,13 +186,9 @@ impl Channels {
                 }
                 ChannelRule::PadChannels { front, .. } => {
                     let i = node.inputs[0];
-                    for c in 0..count(out) {
-                        match c - front {
-                            k if (0..count(i)).contains(&k) => uf.union(slot(i, k), slot(out, c)),
-                            _ => {
-                                padded.insert(slot(out, c));
-                            }
-                        }
+                    // The padded channels (constant zeros) stay classes of their own.
+                    for c in 0..count(i) {
+                        uf.union(slot(i, c), slot(out, c + front));
                     }
                 }
                 ChannelRule::Opaque(reason) => {
@@ -221,7 +214,6 @@ impl Channels {
                 class_of_slot[s] = id;
                 let class = &mut classes[id];
                 class.slots.push((t, c));
-                class.padded |= padded.contains(&s);
                 for why in fixed.get(&s).into_iter().flatten() {
                     if !class.fixed.contains(why) {
                         class.fixed.push(why.clone());

@@ -4,12 +4,8 @@ use std::fmt;
 use polars::prelude::*;
 
 use super::{ChannelRule, Channels, Graph};
+use crate::summary::tables::shape_text;
 use crate::Result;
-
-fn shape_text(shape: &[i64]) -> String {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    format!("({})", dims.join(", "))
-}
 
 fn rule_text(rule: &ChannelRule) -> String {
     match rule {

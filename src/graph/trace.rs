@@ -7,25 +7,18 @@ use std::sync::{Arc, Mutex};
 use tch::{Kind, Tensor};
 
 use super::{ChannelRule, Graph, Node, NodeKind, TensorMeta};
-use crate::nn::{ConstantPad3d, Conv2d, Linear, Model, Module, ModuleCall, Observer, OpCall, TensorOp};
+use crate::nn::{tensor_key, ConstantPad3d, Conv2d, Linear, Model, Module, ModuleCall, Observer, OpCall, TensorKey, TensorOp};
 use crate::{Error, Result};
-
-/// A tensor's identity: storage address, shape, strides and dtype (a view with another shape is another tensor).
-type Key = (usize, Vec<i64>, Vec<i64>, Kind);
-
-fn key(t: &Tensor) -> Key {
-    (t.data_ptr() as usize, t.size(), t.stride(), t.kind())
-}
 
 #[derive(Default)]
 struct Tracer {
     nodes: Vec<Node>,
     tensors: Vec<TensorMeta>,
-    ids: HashMap<Key, usize>,
+    ids: HashMap<TensorKey, usize>,
     /// Every tensor seen is held for the whole pass, so no later tensor can reuse its address.
     keep: Vec<Tensor>,
     /// Outputs of containers, to say in which module an unrecorded tensor was made.
-    container_outputs: HashMap<Key, String>,
+    container_outputs: HashMap<TensorKey, String>,
     /// Inputs of containers, by name.
     container_inputs: HashMap<String, Vec<usize>>,
     /// Each unrecorded node with the module whose forward computed it.
@@ -38,17 +31,17 @@ impl Tracer {
     fn new_tensor(&mut self, t: &Tensor, producer: Option<usize>) -> usize {
         let id = self.tensors.len();
         self.tensors.push(TensorMeta { shape: t.size(), producer });
-        self.ids.insert(key(t), id);
+        self.ids.insert(tensor_key(t), id);
         self.keep.push(t.shallow_clone());
         id
     }
 
     /// The id of a tensor being read; one no node produced gets an [`NodeKind::Unrecorded`] producer.
     fn read(&mut self, t: &Tensor, reader: &str) -> usize {
-        if let Some(&id) = self.ids.get(&key(t)) {
+        if let Some(&id) = self.ids.get(&tensor_key(t)) {
             return id;
         }
-        let (made_in, scope) = match self.container_outputs.get(&key(t)) {
+        let (made_in, scope) = match self.container_outputs.get(&tensor_key(t)) {
             Some(container) => (format!("the output of '{container}'"), container.clone()),
             None => (format!("an input of '{reader}'"), reader.rsplit_once('.').map_or(String::new(), |(parent, _)| parent.to_string())),
         };
@@ -171,8 +164,8 @@ impl Observer for Tracer {
             let rule = module_rule(call.module, call.inputs, call.output);
             self.record(name, NodeKind::Module(call.module.type_name().to_string()), rule, call.inputs, call.output);
         } else {
-            self.container_outputs.insert(key(call.output), call.name.to_string());
-            let inputs = call.inputs.iter().filter_map(|t| self.ids.get(&key(t)).copied()).collect();
+            self.container_outputs.insert(tensor_key(call.output), call.name.to_string());
+            let inputs = call.inputs.iter().filter_map(|t| self.ids.get(&tensor_key(t)).copied()).collect();
             self.container_inputs.insert(call.name.to_string(), inputs);
         }
         if call.name.is_empty() {

@@ -17,9 +17,16 @@ pub struct Forward<'a> {
     annotations: Vec<(Tensor, Box<dyn Any>)>,
 }
 
-/// The same tensor: same storage address, shape, strides and dtype (a reshaped view is another tensor).
+/// A tensor's identity within a forward pass: storage address, shape, strides and dtype (a reshaped view is
+/// another tensor). Whoever keys on it must hold the tensor, so that no later tensor reuses the address.
+pub(crate) type TensorKey = (usize, Vec<i64>, Vec<i64>, tch::Kind);
+
+pub(crate) fn tensor_key(t: &Tensor) -> TensorKey {
+    (t.data_ptr() as usize, t.size(), t.stride(), t.kind())
+}
+
 fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
-    a.data_ptr() == b.data_ptr() && a.kind() == b.kind() && a.size() == b.size() && a.stride() == b.stride()
+    tensor_key(a) == tensor_key(b)
 }
 
 impl<'a> Forward<'a> {

@@ -37,6 +37,7 @@ mod rollback;
 mod sequential;
 
 pub use forward::Forward;
+pub(crate) use forward::{tensor_key, TensorKey};
 pub use layers::{
     AvgPool2d, BatchNorm2d, ConstantPad3d, Conv2d, Conv2dConfig, Dropout, EltwiseAdd, Flatten, Identity, Linear,
     MaxPool2d, ReLU,

@@ -30,7 +30,8 @@ pub fn column<'a>(df: &'a DataFrame, name: &str) -> Result<&'a Column> {
         .ok_or_else(|| Error::unknown("column", name, df.columns().iter().map(|c| c.name().to_string())))
 }
 
-fn shape_text(shape: &[i64]) -> String {
+/// A shape as `(1, 16, 32, 32)`, as Distiller's summaries print it.
+pub(crate) fn shape_text(shape: &[i64]) -> String {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     format!("({})", dims.join(", "))
 }

@@ -426,10 +426,9 @@ impl<'a> Planner<'a> {
             return Ok(ThinningRecipe::default());
         }
         let tensors = self.graph.tensors();
-        let kept = |t: usize| -> Option<Vec<i64>> {
-            let all: Vec<i64> = (0..tensors[t].channels()).filter(|&c| !removed.contains(&self.channels.class_of(t, c))).collect();
-            (all.len() as i64 != tensors[t].channels()).then_some(all)
-        };
+        let all_kept = |t: usize| -> Vec<i64> { (0..tensors[t].channels()).filter(|&c| !removed.contains(&self.channels.class_of(t, c))).collect() };
+        // `None` when the tensor keeps every channel.
+        let kept = |t: usize| Some(all_kept(t)).filter(|k| k.len() as i64 != tensors[t].channels());
         let mut cuts: Vec<ModuleCut> = Vec::new();
         let mut runs: BTreeMap<String, ModuleCut> = BTreeMap::new();
         for node in self.graph.nodes() {
@@ -439,13 +438,10 @@ impl<'a> Planner<'a> {
             let (inputs, outputs) = match (&node.rule, type_name.as_str()) {
                 (ChannelRule::Mix, _) => (input.and_then(kept), kept(node.output)),
                 (ChannelRule::Elementwise, "BatchNorm2d" | "Conv2d") => (None, kept(node.output)),
-                (ChannelRule::PadChannels { .. }, _) => match (input.and_then(kept), kept(node.output)) {
-                    (None, None) => (None, None),
-                    _ => {
-                        let all = |t: usize| (0..tensors[t].channels()).filter(|&c| !removed.contains(&self.channels.class_of(t, c))).collect();
-                        (input.map(all), Some(all(node.output)))
-                    }
-                },
+                // A padding's cut needs both sides in full to work out its new padding.
+                (ChannelRule::PadChannels { .. }, _) if input.and_then(kept).is_some() || kept(node.output).is_some() => {
+                    (input.map(all_kept), Some(all_kept(node.output)))
+                }
                 _ => (None, None),
             };
             let cut = ModuleCut { module: node.name.clone(), inputs, outputs };

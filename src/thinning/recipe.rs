@@ -215,6 +215,7 @@ impl ThinningRecipe {
             configs.push((cut.module.clone(), config));
         }
         // Every tensor to replace, with its new value: parameters, buffers, gradients, optimizer state, masks.
+        // Every tensor to replace, with its new value: parameters, buffers, gradients, optimizer state, masks.
         let mut pending: Vec<(Tensor, Tensor)> = Vec::new();
         tch::no_grad(|| -> Result<()> {
             for (name, t) in model.state_dict() {
@@ -242,19 +243,16 @@ impl ThinningRecipe {
         })?;
         // `set_data` keeps a parameter's gradient accumulator while some graph built before (an output still
         // held) is alive, and that accumulator remembers the old shape, so the next backward pass would fail.
-        // libtorch drops the accumulator when the new data has another dtype: pass through an empty tensor of
-        // another dtype first.
-        let mut detours = Vec::new();
-        for (old, _) in pending.iter().filter(|(old, _)| old.requires_grad()) {
+        // libtorch drops the accumulator when the new data has another dtype: a parameter passes through an empty
+        // tensor of another dtype first (allocated here, so that nothing below can fail).
+        let detour = |old: &Tensor| -> Result<Option<Tensor>> {
             let other = if old.kind() == Kind::Double { Kind::Float } else { Kind::Double };
-            detours.push(Tensor::f_empty([0], (other, old.device()))?);
-        }
-        let mut detours = detours.into_iter();
-        for (mut old, new) in pending {
-            if old.requires_grad() {
-                if let Some(detour) = detours.next() {
-                    old.set_data(&detour);
-                }
+            Ok(if old.requires_grad() { Some(Tensor::f_empty([0], (other, old.device()))?) } else { None })
+        };
+        let pending = pending.into_iter().map(|(old, new)| Ok((detour(&old)?, old, new))).collect::<Result<Vec<_>>>()?;
+        for (detour, mut old, new) in pending {
+            if let Some(detour) = detour {
+                old.set_data(&detour);
             }
             old.set_data(&new);
         }

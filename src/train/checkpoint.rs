@@ -210,6 +210,23 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Restores the saved learning rates and per-parameter state into `optimizer`, which must use the saved update
+    /// rule; does nothing for a checkpoint saved without an optimizer.
+    pub fn restore_optimizer(&self, optimizer: &mut Optimizer, path: &Path) -> Result<()> {
+        let Some(meta) = &self.meta.optimizer else { return Ok(()) };
+        if meta.config != *optimizer.config() {
+            return Err(Error::checkpoint(
+                path,
+                format!("saved with {:?}, this run uses {:?}; use the same optimizer settings", meta.config, optimizer.config()),
+            ));
+        }
+        for (g, (&lr, &initial)) in optimizer.groups_mut().iter_mut().zip(meta.lrs.iter().zip(&meta.initial_lrs)) {
+            g.lr = lr;
+            g.initial_lr = initial;
+        }
+        optimizer.load_state_tensors(&self.optimizer)
+    }
+
     /// Copies the saved weights into `model`, first thinning it as the checkpoint's model was thinned; every
     /// saved tensor must then have the model's shape. For a checkpoint of another architecture the error names
     /// both and lists each differing tensor with shapes.

@@ -399,19 +399,7 @@ impl<'a> Trainer<'a> {
             s.before_restore(self.model, ckpt.meta.epoch, Some(&mut self.optimizer))?;
         }
         ckpt.restore_model(self.model, path)?;
-        if let Some(meta) = &ckpt.meta.optimizer {
-            if meta.config != *self.optimizer.config() {
-                return Err(Error::checkpoint(
-                    path,
-                    format!("saved with {:?}, this run uses {:?}; use the same optimizer settings", meta.config, self.optimizer.config()),
-                ));
-            }
-            for (g, (&lr, &initial)) in self.optimizer.groups_mut().iter_mut().zip(meta.lrs.iter().zip(&meta.initial_lrs)) {
-                g.lr = lr;
-                g.initial_lr = initial;
-            }
-            self.optimizer.load_state_tensors(&ckpt.optimizer)?;
-        }
+        ckpt.restore_optimizer(&mut self.optimizer, path)?;
         match self.scheduler.as_deref_mut() {
             Some(s) => s.load_state(&ckpt.masks, &ckpt.meta.policy_states, self.model)?,
             None if !ckpt.masks.is_empty() => {

@@ -568,12 +568,8 @@ fn thin(args: ThinArgs) -> Result<()> {
     // The optimizer's state shrinks with the weights, so training can go on from the thinned checkpoint.
     let mut optimizer = match &ckpt.meta.optimizer {
         Some(meta) => {
-            let mut opt = distill::optim::Optimizer::for_model(&model, meta.config, meta.lrs.first().copied().unwrap_or(0.0))?;
-            for (g, (&lr, &initial)) in opt.groups_mut().iter_mut().zip(meta.lrs.iter().zip(&meta.initial_lrs)) {
-                g.lr = lr;
-                g.initial_lr = initial;
-            }
-            opt.load_state_tensors(&ckpt.optimizer)?;
+            let mut opt = distill::optim::Optimizer::for_model(&model, meta.config, 0.0)?;
+            ckpt.restore_optimizer(&mut opt, &args.checkpoint)?;
             Some(opt)
         }
         None => None,
