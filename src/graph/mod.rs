@@ -26,6 +26,7 @@ mod trace;
 use crate::nn::TensorOp;
 
 pub use channels::{Axis, ChannelClass, ChannelGroup, Channels, Member};
+pub(crate) use trace::is_wrapper;
 
 /// The data-flow graph of one forward pass.
 #[derive(Debug, Clone)]

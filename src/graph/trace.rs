@@ -156,9 +156,37 @@ impl Tracer {
     }
 }
 
+/// A quantization wrapper (Distiller's convention: one child named `wrapped_module`) is one node of the graph: what
+/// runs inside it is its own arithmetic around the module it wraps, and an exporter writes it as one unit.
+pub(crate) fn is_wrapper(module: &dyn Module) -> bool {
+    matches!(module.children().as_slice(), [("wrapped_module", _)])
+}
+
+impl Tracer {
+    /// Forgets the nodes a wrapper's forward recorded inside it (the last ones, all named under it) and the
+    /// tensors they produced, so the wrapper is recorded as one leaf.
+    fn forget_inside(&mut self, wrapper: &str) {
+        let prefix = format!("{wrapper}.");
+        let inside = |n: &Node| n.name.starts_with(&prefix) || n.name.starts_with(&format!("{wrapper}/"));
+        let first = self.nodes.iter().rposition(|n| !inside(n)).map_or(0, |i| i + 1);
+        self.nodes.truncate(first);
+        self.unrecorded.retain(|(n, _)| *n < first);
+        let cut = self.tensors.iter().position(|t| t.producer.is_some_and(|p| p >= first)).unwrap_or(self.tensors.len());
+        self.tensors.truncate(cut);
+        self.keep.truncate(cut);
+        // A forgotten tensor may have shared its identity with an older one (a wrapped identity returns its
+        // input), so the older one's id is restored: the last holder of each identity wins, as when recording.
+        self.ids = self.keep.iter().enumerate().map(|(id, t)| (tensor_key(t), id)).collect();
+    }
+}
+
 impl Observer for Tracer {
     fn observe(&mut self, call: &ModuleCall) {
-        let leaf = call.module.children().is_empty();
+        let wrapper = !call.name.is_empty() && is_wrapper(call.module);
+        if wrapper {
+            self.forget_inside(call.name);
+        }
+        let leaf = wrapper || call.module.children().is_empty();
         if leaf {
             let name = if call.name.is_empty() { super::ROOT_LEAF.to_string() } else { call.name.to_string() };
             let rule = module_rule(call.module, call.inputs, call.output);

@@ -503,6 +503,15 @@ impl QParams {
         linear_dequantize(&q.f_to_kind(Kind::Double)?, &s, &z)
     }
 
+    /// The quantization step `1 / scale` in float64 (PyTorch's and ONNX's scale), from the span where known so
+    /// that it is not the reciprocal of a rounded reciprocal.
+    pub fn step(&self) -> Result<Tensor> {
+        Ok(match &self.span {
+            Some((levels, span)) => span.f_to_kind(Kind::Double)?.f_div_scalar(*levels)?,
+            None => self.scale.f_to_kind(Kind::Double)?.f_reciprocal()?,
+        })
+    }
+
     /// The parameters shaped to broadcast along dimension `dim` of a rank-`rank` tensor, as `kind`.
     pub fn along(&self, dim: usize, rank: usize, kind: Kind) -> Result<(Tensor, Tensor)> {
         Ok((along(&self.scale, dim, rank)?.f_to_kind(kind)?, along(&self.zero_point, dim, rank)?.f_to_kind(kind)?))

@@ -91,7 +91,13 @@ impl ActQuant {
     /// Distiller's `_get_input_quant_metadata`: the parameters input `idx` was quantized with by the module that
     /// produced it, else its override, else (with the fallback) the output's settings without the half range.
     fn input_params(&self, idx: usize, x: &Tensor, ctx: &Forward) -> Result<QParams> {
-        if let Some(p) = ctx.annotation::<QParams>(x) {
+        self.input_params_from(idx, ctx.annotation::<QParams>(x), || RangeStats::of(x))
+    }
+
+    /// [`ActQuant::input_params`] given the parameters the input arrived with (`arrived`) and, for dynamic
+    /// ranges, its statistics (`dynamic`, called only when needed).
+    pub(crate) fn input_params_from(&self, idx: usize, arrived: Option<&QParams>, dynamic: impl FnOnce() -> Result<RangeStats>) -> Result<QParams> {
+        if let Some(p) = arrived {
             if self.input_overrides.contains_key(&idx) {
                 return Err(Error::invalid(
                     "input_overrides",
@@ -117,14 +123,14 @@ impl ActQuant {
                     .ok_or_else(|| Error::invalid("model_activation_stats", format!("no statistics for input {idx} (the file has inputs {:?})", m.inputs.keys().collect::<Vec<_>>())))?
                     .range
             }
-            None => RangeStats::of(x)?,
+            None => dynamic()?,
         };
         self.params(&settings, &stats)
     }
 
     /// The output's parameters: from the statistics, or (dynamic) from the output `y()` computes, which static
     /// ranges never need.
-    fn output_params(&self, y: impl FnOnce() -> Result<Tensor>) -> Result<QParams> {
+    pub(crate) fn output_params(&self, y: impl FnOnce() -> Result<Tensor>) -> Result<QParams> {
         match &self.stats {
             Some(m) => self.params(&self.output, &m.output.range),
             None => self.params(&self.output, &RangeStats::of(&y()?)?),
@@ -280,6 +286,16 @@ impl RangeLinearQuantParamLayer {
         self.wrapped.as_ref()
     }
 
+    /// How the weights are quantized.
+    pub fn weight_settings(&self) -> &WeightSettings {
+        &self.weights
+    }
+
+    /// Whether a ReLU is applied to the output (a fused ReLU, Distiller's `clip_half_range`).
+    pub fn output_relu(&self) -> bool {
+        self.acts.as_ref().map_or(self.half_range, |a| a.output.half_range)
+    }
+
     /// Computes with these integer weights in exact integer arithmetic from now on (`None`: back to float32
     /// simulation with the layer's own weights).
     pub fn set_exact_weight(&mut self, w: Option<Tensor>) -> Result<()> {
@@ -364,6 +380,13 @@ impl RangeLinearQuantEltwiseAdd {
             return Err((wrapped, e));
         }
         Ok(Box::new(RangeLinearQuantEltwiseAdd { wrapped, acts }))
+    }
+}
+
+impl RangeLinearQuantEltwiseAdd {
+    /// Activation settings.
+    pub fn activation_quant(&self) -> &ActQuant {
+        &self.acts
     }
 }
 
@@ -458,6 +481,28 @@ impl RangeLinearFakeQuant {
             }
         }
         Ok(Box::new(RangeLinearFakeQuant { wrapped, acts, quantize_inputs, dtype }))
+    }
+}
+
+impl RangeLinearFakeQuant {
+    /// Activation settings.
+    pub fn activation_quant(&self) -> &ActQuant {
+        &self.acts
+    }
+
+    /// Whether inputs that arrive unquantized are quantized first.
+    pub fn quantizes_inputs(&self) -> bool {
+        self.quantize_inputs
+    }
+
+    /// The floating-point width the module runs in (`fpq_module`), if not the input's.
+    pub fn dtype(&self) -> Option<Kind> {
+        self.dtype
+    }
+
+    /// The wrapped module.
+    pub fn wrapped(&self) -> &dyn Module {
+        self.wrapped.as_ref()
     }
 }
 

@@ -1,5 +1,7 @@
-//! ONNX export of a floating-point model (dense, masked or thinned), written from the model's data-flow graph
-//! with ONNX's own protobuf messages (opset 13). Initializers carry the model's parameter names
+//! ONNX export of a model, written from its data-flow graph with ONNX's own protobuf messages (opset 13):
+//! floating-point models (dense, masked or thinned) as they are, and post-training quantized models in QDQ form
+//! ([`qdq`]: integer weights behind `DequantizeLinear`, activations through `QuantizeLinear`/`DequantizeLinear`
+//! pairs with distill's scales and zero points). Initializers carry the model's parameter names
 //! (`layer1.0.conv1.weight`) and every node's output carries its module's name, so a layer is easy to find in a
 //! viewer or a runtime's profile.
 //!
@@ -17,7 +19,10 @@ use std::path::Path;
 use prost::Message;
 use tch::{Kind, Tensor};
 
+mod qdq;
+
 use crate::graph::{Graph, Node, NodeKind};
+use crate::quantization::q_utils::QParams;
 use crate::nn::{AvgPool2d, BatchNorm2d, ConstantPad3d, Conv2d, Dropout, Linear, MaxPool2d, Model, TensorOp};
 use crate::{Error, Result};
 
@@ -59,10 +64,14 @@ fn attr_float(name: &str, value: f32) -> AttributeProto {
     AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Float as i32), f: Some(value), ..Default::default() }
 }
 
-/// A float32 or int64 tensor as an initializer, its values stored as raw little-endian bytes.
+/// A tensor as an initializer, its values stored as raw little-endian bytes: 8-, 32- and 64-bit integers keep
+/// their type, everything else is written as float32.
 fn initializer(name: &str, t: &Tensor) -> Result<TensorProto> {
     let (kind, data_type) = match t.kind() {
         Kind::Int64 => (Kind::Int64, DataType::Int64),
+        Kind::Int => (Kind::Int, DataType::Int32),
+        Kind::Int8 => (Kind::Int8, DataType::Int8),
+        Kind::Uint8 => (Kind::Uint8, DataType::Uint8),
         _ => (Kind::Float, DataType::Float),
     };
     let t = t.f_detach()?.f_to_kind(kind)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
@@ -81,9 +90,13 @@ fn float_value(name: &str, dims: &[Dim]) -> ValueInfoProto {
 /// Builds the ONNX graph node by node.
 struct Writer<'m> {
     model: &'m Model,
+    graph: &'m Graph,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     names: HashMap<String, usize>,
+    /// Values that hold quantized-dequantized activations, with their parameters: the next quantized module
+    /// reads them as they are, as distill's wrappers pass the parameters along with the tensor.
+    quantized: HashMap<String, QParams>,
 }
 
 impl<'m> Writer<'m> {
@@ -106,6 +119,22 @@ impl<'m> Writer<'m> {
         Ok(name)
     }
 
+    fn conv(&mut self, name: &str, input: String, weight: String, bias: Option<String>, c: &Conv2d) {
+        let k = &c.config;
+        let attrs = vec![
+            attr_ints("kernel_shape", &k.kernel_size),
+            attr_ints("strides", &k.stride),
+            attr_ints("pads", &[k.padding[0], k.padding[1], k.padding[0], k.padding[1]]),
+            attr_ints("dilations", &k.dilation),
+            attr_int("group", k.groups),
+        ];
+        self.node("Conv", name, [input, weight].into_iter().chain(bias).collect(), name, attrs);
+    }
+
+    fn gemm(&mut self, name: &str, input: String, weight: String, bias: Option<String>) {
+        self.node("Gemm", name, [input, weight].into_iter().chain(bias).collect(), name, vec![attr_int("transB", 1)]);
+    }
+
     /// A unique name for a node and its output.
     fn unique(&mut self, base: &str) -> String {
         let n = self.names.entry(base.to_string()).or_insert(0);
@@ -120,12 +149,32 @@ impl<'m> Writer<'m> {
     /// Writes `node`, reading `inputs` (value names) and producing `output`.
     fn write(&mut self, node: &Node, inputs: Vec<String>, output: &str) -> Result<()> {
         let name = output.to_string();
+        // A view of a quantized tensor with its shape unchanged carries its parameters on (a flatten of a 2-D
+        // tensor, an identity, dropout in eval mode), as the same tensor does in distill's forward pass.
+        let passes_on = match &node.kind {
+            NodeKind::Op(TensorOp::Flatten) => true,
+            NodeKind::Module(t) => matches!(t.as_str(), "Identity" | "Dropout" | "Flatten"),
+            _ => false,
+        };
+        let tensors = self.graph.tensors();
+        if let ([input], true) = (node.inputs.as_slice(), passes_on) {
+            if tensors[*input].shape == tensors[node.output].shape {
+                if let Some(p) = self.quantized.get(&inputs[0]).cloned() {
+                    self.quantized.insert(name.clone(), p);
+                }
+            }
+        }
         let op = match &node.kind {
             NodeKind::Op(op) => op.clone(),
-            NodeKind::Unrecorded => {
-                return Err(Self::unsupported(node, "is tensor code a forward pass runs outside Forward::op (a quantized model's wrappers do that)"))
+            NodeKind::Unrecorded => return Err(Self::unsupported(node, "is tensor code a forward pass runs outside Forward::op")),
+            NodeKind::Module(_) => {
+                let module = self.model.module(node.module_name())?;
+                return if crate::graph::is_wrapper(module) {
+                    self.write_quantized(node, module, inputs, &name)
+                } else {
+                    self.write_module(node, node.module_name(), inputs, &name)
+                };
             }
-            NodeKind::Module(_) => return self.write_module(node, inputs, &name),
         };
         match op {
             TensorOp::Flatten => self.node("Flatten", &name, inputs, &name, vec![attr_int("axis", 1)]),
@@ -148,32 +197,19 @@ impl<'m> Writer<'m> {
         }
     }
 
-    fn write_module(&mut self, node: &Node, inputs: Vec<String>, name: &str) -> Result<()> {
-        let module_name = node.module_name();
+    /// Writes the floating-point module `module_name` (the node's own, or the one a quantization wrapper wraps).
+    fn write_module(&mut self, node: &Node, module_name: &str, inputs: Vec<String>, name: &str) -> Result<()> {
         let module = self.model.module(module_name)?;
         let any = module as &dyn Any;
+        let single = |inputs: Vec<String>| inputs.into_iter().next().ok_or_else(|| Self::unsupported(node, "has no input"));
         if let Some(c) = any.downcast_ref::<Conv2d>() {
-            let k = &c.config;
-            let mut ins = inputs;
-            ins.push(self.param(module_name, "weight", &c.weight)?);
-            if let Some(b) = &c.bias {
-                ins.push(self.param(module_name, "bias", b)?);
-            }
-            let attrs = vec![
-                attr_ints("kernel_shape", &k.kernel_size),
-                attr_ints("strides", &k.stride),
-                attr_ints("pads", &[k.padding[0], k.padding[1], k.padding[0], k.padding[1]]),
-                attr_ints("dilations", &k.dilation),
-                attr_int("group", k.groups),
-            ];
-            self.node("Conv", name, ins, name, attrs);
+            let weight = self.param(module_name, "weight", &c.weight)?;
+            let bias = c.bias.as_ref().map(|b| self.param(module_name, "bias", b)).transpose()?;
+            self.conv(name, single(inputs)?, weight, bias, c);
         } else if let Some(l) = any.downcast_ref::<Linear>() {
-            let mut ins = inputs;
-            ins.push(self.param(module_name, "weight", &l.weight)?);
-            if let Some(b) = &l.bias {
-                ins.push(self.param(module_name, "bias", b)?);
-            }
-            self.node("Gemm", name, ins, name, vec![attr_int("transB", 1)]);
+            let weight = self.param(module_name, "weight", &l.weight)?;
+            let bias = l.bias.as_ref().map(|b| self.param(module_name, "bias", b)).transpose()?;
+            self.gemm(name, single(inputs)?, weight, bias);
         } else if let Some(bn) = any.downcast_ref::<BatchNorm2d>() {
             let mut ins = inputs;
             for (leaf, t) in [("weight", &bn.weight), ("bias", &bn.bias), ("running_mean", &bn.running_mean), ("running_var", &bn.running_var)] {
@@ -217,7 +253,7 @@ impl<'m> Writer<'m> {
 pub fn export_onnx(model: &mut Model, path: impl AsRef<Path>) -> Result<OnnxExport> {
     let path = path.as_ref();
     let graph = Graph::trace(model)?;
-    let mut writer = Writer { model, nodes: Vec::new(), initializers: Vec::new(), names: HashMap::new() };
+    let mut writer = Writer { model, graph: &graph, nodes: Vec::new(), initializers: Vec::new(), names: HashMap::new(), quantized: HashMap::new() };
     let mut value_of: HashMap<usize, String> = HashMap::from([(graph.input(), "input".to_string())]);
     for node in graph.nodes() {
         let inputs = node
