@@ -229,6 +229,14 @@ fn a_thinned_checkpoint_loads_everywhere_and_thin_shrinks_a_masked_one() {
     let q = dir.path().join("q");
     let o = distill(&["quantize", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--config", config, "--calibrate", "1", "--out", q.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The thinned, quantized model exported in QDQ form from the quantizer's folder; a quantizer without
+    // calibrated ranges cannot be exported.
+    let qdq = dir.path().join("thin_int8.onnx");
+    let o = distill(&["export", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--quantized", q.to_str().unwrap(), "--out", qdq.to_str().unwrap()]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("QDQ, 12 quantized modules"), "{}", stderr(&o));
+    assert!(std::fs::metadata(&qdq).unwrap().len() < std::fs::metadata(&onnx).unwrap().len() / 2);
+    let o = distill(&["export", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--quantized", config, "--out", qdq.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("dynamic ranges"), "{}", stderr(&o));
     let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--load-weights", c, "--out", dir.path().join("ft").to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 

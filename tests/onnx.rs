@@ -143,7 +143,8 @@ fn quantization_qdq_cannot_express_is_an_error_and_no_file() {
     use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
     let dir = distill::io::TempDir::new().unwrap();
     let calibration = distill::data::Dataset::synthetic(32, [1, 28, 28], 10, 3).unwrap();
-    let cases: [(&str, fn(&mut PostTrainConfig), &str); 4] = [
+    type Case = (&'static str, fn(&mut PostTrainConfig), &'static str);
+    let cases: [Case; 4] = [
         ("dynamic", |c| c.stats = None, "dynamic ranges"),
         ("16-bit", |c| c.bits_activations = Some(16), "wider than 8 bits"),
         ("approximated", |c| c.scale_approx_mult_bits = Some(16), "scale_approx_mult_bits"),
@@ -279,7 +280,7 @@ fn every_zoo_model_exports_to_qdq_and_onnxruntime_agrees() {
             let dims: Vec<String> = x.size().iter().map(|d| d.to_string()).collect();
             manifest += &format!("{} {} {} {}\n", onnx.display(), inp.display(), dims.join(" "), out.display());
             // The classifier is the last layer the zoo quantizes; its output step is the model's.
-            let last = model.named_modules().into_iter().filter(|m| m.type_name == "RangeLinearQuantParamLayerWrapper").map(|m| m.name).last().unwrap();
+            let last = model.named_modules().into_iter().rev().find(|m| m.type_name == "RangeLinearQuantParamLayerWrapper").unwrap().name;
             expected.push((arch, y, out, output_step(&model, &last)));
         }
     }

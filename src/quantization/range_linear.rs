@@ -787,6 +787,16 @@ impl PostTrainLinearQuantizer {
 }
 
 impl PostTrainConfig {
+    /// From a schedule file whose `quantizers:` section holds exactly one `PostTrainLinearQuantizer`.
+    pub fn from_schedule_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let schedule = crate::config::Schedule::from_file(path)?;
+        match schedule.quantizers.as_slice() {
+            [(_, crate::config::QuantizerConfig::PostTrainLinearQuantizer(p))] => Self::from_params(p, path.parent().unwrap_or(std::path::Path::new("."))),
+            _ => Err(Error::invalid("quantizers", format!("{} must define exactly one PostTrainLinearQuantizer in its quantizers section", path.display()))),
+        }
+    }
+
     /// From a schedule's `PostTrainLinearQuantizer` entry. A `model_activation_stats` path is read relative to
     /// `base_dir` (the schedule's folder).
     pub fn from_params(p: &crate::config::components::PostTrainParams, base_dir: &std::path::Path) -> Result<Self> {

@@ -168,9 +168,43 @@ struct ExportArgs {
     /// Checkpoint to export (thinned checkpoints export their smaller shapes); a freshly initialized model otherwise.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// The ONNX file to write.
+    /// Export quantized (QDQ int8): a folder written by `distill quantize` (its configuration and calibrated
+    /// ranges), or a YAML with one PostTrainLinearQuantizer whose model_activation_stats gives the ranges.
+    #[arg(long)]
+    quantized: Option<PathBuf>,
+    /// File format.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
+    format: ExportFormat,
+    /// The file to write.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// ONNX, opset 13 (QDQ form when quantized).
+    Onnx,
+}
+
+/// The post-training quantization `--quantized` names: a `distill quantize` output folder (the configuration its
+/// summary.json names, with the statistics it calibrated) or a quantizer YAML.
+fn post_train_config(path: &std::path::Path) -> Result<distill::quantization::range_linear::PostTrainConfig> {
+    use distill::quantization::range_linear::PostTrainConfig;
+    if !path.is_dir() {
+        return PostTrainConfig::from_schedule_file(path);
+    }
+    let summary_path = path.join("summary.json");
+    let text = std::fs::read_to_string(&summary_path).map_err(|e| distill::Error::io(&summary_path, e))?;
+    let summary: serde_json::Value = serde_json::from_str(&text).map_err(|e| distill::Error::data(&summary_path, format!("not the JSON 'distill quantize' writes: {e}")))?;
+    let config = summary["config"]
+        .as_str()
+        .ok_or_else(|| distill::Error::data(&summary_path, "names no quantizer configuration ('config'); is this folder the output of 'distill quantize'?"))?;
+    let mut config = PostTrainConfig::from_schedule_file(config)?;
+    let stats = path.join("quantization_stats.yaml");
+    if stats.exists() {
+        config.stats = Some(distill::quantization::stats::ActivationStats::from_yaml_file(&stats)?);
+    }
+    Ok(config)
 }
 
 #[derive(clap::Args)]
@@ -410,18 +444,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let mut model = args.model.model()?;
     distill::train::Checkpoint::load(&args.checkpoint)?.restore_model(&mut model, &args.checkpoint)?;
     let data = args.model.data()?;
-    let schedule = Schedule::from_file(&args.config)?;
-    let params = match schedule.quantizers.as_slice() {
-        [(_, distill::config::QuantizerConfig::PostTrainLinearQuantizer(p))] => p.clone(),
-        _ => {
-            return Err(distill::Error::invalid(
-                "--config",
-                format!("{} must define exactly one PostTrainLinearQuantizer in its quantizers section", args.config.display()),
-            ))
-        }
-    };
-    let base = args.config.parent().unwrap_or(std::path::Path::new("."));
-    let mut config = PostTrainConfig::from_params(&params, base)?;
+    let mut config = PostTrainConfig::from_schedule_file(&args.config)?;
     std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
     let fp32 = train::validate(&mut model, &data.test, args.batch_size)?;
     println!("fp32:      top1 {:.2}%  top5 {:.2}%  loss {:.4}", fp32.top1, fp32.top5, fp32.loss);
@@ -450,8 +473,9 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         fp32_bytes,
         fp32_bytes as f64 / exported.file_bytes.max(1) as f64
     );
+    let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
     let summary = serde_json::json!({
-        "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": args.config,
+        "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": config_path,
         "fp32": fp32, "quantized": quantized, "integer": integer,
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
@@ -544,14 +568,23 @@ fn export(args: ExportArgs) -> Result<()> {
     if let Some(path) = &args.checkpoint {
         distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
     }
+    let parameters = model.num_parameters();
+    let form = match &args.quantized {
+        Some(q) => {
+            let prepared = distill::quantization::range_linear::PostTrainLinearQuantizer::new(post_train_config(q)?).prepare_model(&mut model)?;
+            format!("QDQ, {} quantized modules", prepared.replaced.len())
+        }
+        None => "float32".to_string(),
+    };
+    let ExportFormat::Onnx = args.format;
     let e = distill::export::onnx::export_onnx(&mut model, &args.out)?;
     println!(
-        "wrote {} (ONNX opset {}): {} nodes, {} initializers, {} parameters, {} bytes",
+        "wrote {} (ONNX opset {}, {form}): {} nodes, {} initializers, {} parameters, {} bytes",
         args.out.display(),
         distill::export::onnx::OPSET,
         e.nodes,
         e.initializers,
-        model.num_parameters(),
+        parameters,
         e.file_bytes
     );
     Ok(())
