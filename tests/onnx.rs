@@ -298,3 +298,84 @@ fn every_zoo_model_exports_to_qdq_and_onnxruntime_agrees() {
         assert!(agree >= 90.0, "{arch}: top-1 agreement {agree:.1}%");
     }
 }
+
+/// LeNet as four variants: dense, masked (80% of each weight tensor zeroed by magnitude), thinned (half of
+/// conv1's filters removed) and post-training quantized (8 bits, static ranges).
+fn lenet_variants(calibration: &distill::data::Dataset) -> Vec<(String, Model)> {
+    use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
+    let dense = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let copy = || {
+        let mut m = create_model("lenet", "mnist", Device::Cpu).unwrap();
+        m.load_state_dict(&dense.state_dict(), true).unwrap();
+        m
+    };
+    let masked = copy();
+    tch::no_grad(|| {
+        for (name, w) in masked.named_parameters() {
+            if name.ends_with("weight") {
+                let threshold = w.abs().flatten(0, -1).kthvalue((w.numel() as f64 * 0.8) as i64, 0, false).0;
+                let _ = w.shallow_clone().copy_(&w.where_self(&w.abs().gt_tensor(&threshold), &w.zeros_like()));
+            }
+        }
+    });
+    let mut thinned = copy();
+    tch::no_grad(|| thinned.parameter("conv1.weight").unwrap().narrow(0, 0, 3).fill_(0.0));
+    Thinner::filters().apply(&mut thinned).unwrap();
+    let mut int8 = copy();
+    let stats = distill::quantization::stats::collect_activation_stats(&mut int8, calibration, 1, 32).unwrap();
+    PostTrainLinearQuantizer::new(PostTrainConfig { stats: Some(stats), per_channel_wts: true, ..PostTrainConfig::default() }).prepare_model(&mut int8).unwrap();
+    vec![("dense".into(), dense), ("masked".into(), masked), ("thinned".into(), thinned), ("int8".into(), int8)]
+}
+
+#[test]
+fn the_deployment_report_measures_every_variant_in_both_runtimes() {
+    use distill::export::deploy::{deploy_report, DeployOptions, Runtime};
+    let test = distill::data::Dataset::synthetic(64, [1, 28, 28], 10, 5).unwrap();
+    let mut variants = lenet_variants(&test);
+    let dir = distill::io::TempDir::new().unwrap();
+    let options = DeployOptions { batch_sizes: vec![1, 8], warmup: 1, runs: 3, threads: Some(1), ..DeployOptions::default() };
+    let report = deploy_report(&mut variants, &test, dir.path(), &options).unwrap();
+    assert_eq!(report.rows.len(), 8);
+    let frame = report.frame().unwrap();
+    assert_eq!(frame.height(), 8);
+    for c in ["variant", "runtime", "ONNX bytes", "latency b1 (ms)", "speedup b8", "top1 (%)"] {
+        assert!(frame.column(c).is_ok(), "no column {c}");
+    }
+    let row = |v: &str, r: Runtime| report.rows.iter().find(|x| x.variant == v && x.runtime == r).unwrap();
+    let bytes = |v: &str| row(v, Runtime::OnnxRuntime).onnx_bytes;
+    assert_eq!(bytes("masked"), bytes("dense"));
+    assert!(bytes("thinned") < bytes("dense") && bytes("int8") * 3 < bytes("dense"));
+    assert!(row("masked", Runtime::Libtorch).nonzero_parameters.unwrap() * 4 < row("dense", Runtime::Libtorch).parameters);
+    for v in ["dense", "masked", "thinned", "int8"] {
+        let (torch, ort) = (row(v, Runtime::Libtorch), row(v, Runtime::OnnxRuntime));
+        assert!(torch.latency_ms.iter().chain(&ort.latency_ms).all(|&ms| ms > 0.0 && ms.is_finite()), "{v}");
+        // The same model in two runtimes: the same predictions, up to one image in an exact tie.
+        assert!((torch.top1 - ort.top1).abs() <= 100.0 / 64.0 + 1e-9, "{v}: {} vs {}", torch.top1, ort.top1);
+    }
+    let verdicts = report.verdicts();
+    assert_eq!(verdicts.len(), 3, "{verdicts:?}");
+    assert!(verdicts[0].starts_with("masked: 80% of its parameters are zero"), "{}", verdicts[0]);
+    assert!(verdicts[1].starts_with("thinned: physically smaller"), "{}", verdicts[1]);
+    assert!(verdicts[2].starts_with("int8: quantized") && verdicts[2].contains("integer kernels"), "{}", verdicts[2]);
+    assert!(report.chart().unwrap().to_svg().unwrap().contains("Latency at batch 8"));
+}
+
+#[test]
+fn the_deployment_report_refuses_bad_requests() {
+    use distill::export::deploy::{deploy_report, DeployOptions};
+    let test = distill::data::Dataset::synthetic(16, [1, 28, 28], 10, 5).unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
+    let lenet = || create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let options = DeployOptions { batch_sizes: vec![1, 8], runs: 1, warmup: 0, ..DeployOptions::default() };
+    let err = deploy_report(&mut [("a".into(), lenet()), ("a".into(), lenet())], &test, dir.path(), &options).unwrap_err().to_string();
+    assert!(err.contains("'a'") && err.contains("unique"), "{err}");
+    let err = deploy_report(&mut [("a b".into(), lenet())], &test, dir.path(), &options).unwrap_err().to_string();
+    assert!(err.contains("'a b'"), "{err}");
+    let err = deploy_report(&mut [("a".into(), lenet())], &test, dir.path(), &DeployOptions { batch_sizes: vec![32], ..options.clone() }).unwrap_err().to_string();
+    assert!(err.contains("32") && err.contains("16 test images"), "{err}");
+    let err = deploy_report(&mut [], &test, dir.path(), &options).unwrap_err().to_string();
+    assert!(err.contains("at least one"), "{err}");
+    let missing = DeployOptions { python: Some("/nonexistent/python".into()), ..options };
+    let err = deploy_report(&mut [("a".into(), lenet())], &test, dir.path(), &missing).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/python"), "{err}");
+}

@@ -30,8 +30,11 @@ enum Command {
     Summary(SummaryArgs),
     /// Remove a checkpoint's zero filters and channels for good (Distiller's --thinnify), writing a smaller one.
     Thin(ThinArgs),
-    /// Export a model (dense, masked or thinned; floating point) to ONNX.
+    /// Export a model (dense, masked, thinned, or post-training quantized in QDQ form) to ONNX.
     Export(ExportArgs),
+    /// Measure the same model as dense, masked, thinned and quantized variants in onnxruntime and libtorch:
+    /// file size, latency, accuracy, with a table, a chart and plain verdicts.
+    DeployReport(DeployReportArgs),
     /// Sensitivity analysis: prune each tensor alone at each level and evaluate.
     Sensitivity(SensitivityArgs),
     /// Read the TensorBoard and CSV logs of runs into one table.
@@ -180,6 +183,37 @@ struct ExportArgs {
     out: PathBuf,
 }
 
+#[derive(clap::Args)]
+struct DeployReportArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The dense baseline's checkpoint (the first row; ratios compare against it).
+    #[arg(long)]
+    dense: PathBuf,
+    /// A pruned checkpoint whose zeros are masked, not removed.
+    #[arg(long)]
+    masked: Option<PathBuf>,
+    /// A thinned checkpoint (written by training with a thinning schedule, or by `distill thin`).
+    #[arg(long)]
+    thinned: Option<PathBuf>,
+    /// A quantized variant: a `distill quantize` folder (quantizes the checkpoint it names with its calibrated
+    /// ranges), or a quantizer YAML with static ranges applied to the last float variant given.
+    #[arg(long)]
+    quantized: Option<PathBuf>,
+    /// Timed runs per batch size (the median is reported).
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// Threads for both runtimes (default: libtorch's setting, usually the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Run onnxruntime with its graph optimizations off.
+    #[arg(long)]
+    no_optimizations: bool,
+    /// Output folder: the ONNX files, deploy_report.csv, deploy_report.svg.
+    #[arg(long)]
+    out: PathBuf,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ExportFormat {
     /// ONNX, opset 13 (QDQ form when quantized).
@@ -187,11 +221,11 @@ enum ExportFormat {
 }
 
 /// The post-training quantization `--quantized` names: a `distill quantize` output folder (the configuration its
-/// summary.json names, with the statistics it calibrated) or a quantizer YAML.
-fn post_train_config(path: &std::path::Path) -> Result<distill::quantization::range_linear::PostTrainConfig> {
+/// summary.json names, with the statistics it calibrated, and the checkpoint it quantized) or a quantizer YAML.
+fn post_train_config(path: &std::path::Path) -> Result<(distill::quantization::range_linear::PostTrainConfig, Option<PathBuf>)> {
     use distill::quantization::range_linear::PostTrainConfig;
     if !path.is_dir() {
-        return PostTrainConfig::from_schedule_file(path);
+        return Ok((PostTrainConfig::from_schedule_file(path)?, None));
     }
     let summary_path = path.join("summary.json");
     let text = std::fs::read_to_string(&summary_path).map_err(|e| distill::Error::io(&summary_path, e))?;
@@ -204,7 +238,49 @@ fn post_train_config(path: &std::path::Path) -> Result<distill::quantization::ra
     if stats.exists() {
         config.stats = Some(distill::quantization::stats::ActivationStats::from_yaml_file(&stats)?);
     }
-    Ok(config)
+    Ok((config, summary["checkpoint"].as_str().map(PathBuf::from)))
+}
+
+fn deploy_report(args: DeployReportArgs) -> Result<()> {
+    use distill::export::deploy::{deploy_report, DeployOptions};
+    use distill::quantization::range_linear::PostTrainLinearQuantizer;
+    let data = args.model.data()?;
+    let load = |path: &PathBuf| -> Result<distill::nn::Model> {
+        let mut model = args.model.model()?;
+        distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
+        Ok(model)
+    };
+    let mut variants = vec![("dense".to_string(), load(&args.dense)?)];
+    let mut last_float = &args.dense;
+    for (label, path) in [("masked", &args.masked), ("thinned", &args.thinned)] {
+        if let Some(p) = path {
+            variants.push((label.to_string(), load(p)?));
+            last_float = p;
+        }
+    }
+    if let Some(q) = &args.quantized {
+        let (config, checkpoint) = post_train_config(q)?;
+        let mut model = load(checkpoint.as_ref().unwrap_or(last_float))?;
+        PostTrainLinearQuantizer::new(config).prepare_model(&mut model)?;
+        variants.push(("int8".to_string(), model));
+    }
+    let options = DeployOptions { runs: args.runs, threads: args.threads, onnxruntime_optimizations: !args.no_optimizations, ..DeployOptions::default() };
+    let report = deploy_report(&mut variants, &data.test, &args.out, &options)?;
+    let frame = report.frame()?;
+    print!("{}", distill::summary::tables::to_text_table(&frame)?);
+    for line in report.verdicts() {
+        println!("- {line}");
+    }
+    distill::summary::tables::write_csv(&frame, args.out.join("deploy_report.csv"))?;
+    report.chart()?.save_svg(args.out.join("deploy_report.svg"))?;
+    println!(
+        "{} threads, onnxruntime {}{}; ONNX files, deploy_report.csv and deploy_report.svg in {}",
+        report.threads,
+        report.onnxruntime_version,
+        if args.no_optimizations { " (optimizations off)" } else { "" },
+        args.out.display()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -571,7 +647,7 @@ fn export(args: ExportArgs) -> Result<()> {
     let parameters = model.num_parameters();
     let form = match &args.quantized {
         Some(q) => {
-            let prepared = distill::quantization::range_linear::PostTrainLinearQuantizer::new(post_train_config(q)?).prepare_model(&mut model)?;
+            let prepared = distill::quantization::range_linear::PostTrainLinearQuantizer::new(post_train_config(q)?.0).prepare_model(&mut model)?;
             format!("QDQ, {} quantized modules", prepared.replaced.len())
         }
         None => "float32".to_string(),
@@ -770,6 +846,7 @@ fn run() -> ExitCode {
         Command::Summary(args) => summary(args),
         Command::Thin(args) => thin(args),
         Command::Export(args) => export(args),
+        Command::DeployReport(args) => deploy_report(args),
         Command::Sensitivity(args) => sensitivity(args),
         Command::Logs(args) => logs(args),
         Command::Models => {

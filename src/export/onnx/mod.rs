@@ -50,6 +50,9 @@ pub struct OnnxExport {
     pub initializers: usize,
     /// Size of the file in bytes.
     pub file_bytes: u64,
+    /// Quantized layers whose weights are written as integers but computed in floating point: per-channel
+    /// weights whose zero points differ, which onnxruntime's integer kernels do not take ([`qdq`]).
+    pub float_weight_layers: Vec<String>,
 }
 
 fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
@@ -97,6 +100,7 @@ struct Writer<'m> {
     /// Values that hold quantized-dequantized activations, with their parameters: the next quantized module
     /// reads them as they are, as distill's wrappers pass the parameters along with the tensor.
     quantized: HashMap<String, QParams>,
+    float_weight_layers: Vec<String>,
 }
 
 impl<'m> Writer<'m> {
@@ -253,7 +257,7 @@ impl<'m> Writer<'m> {
 pub fn export_onnx(model: &mut Model, path: impl AsRef<Path>) -> Result<OnnxExport> {
     let path = path.as_ref();
     let graph = Graph::trace(model)?;
-    let mut writer = Writer { model, graph: &graph, nodes: Vec::new(), initializers: Vec::new(), names: HashMap::new(), quantized: HashMap::new() };
+    let mut writer = Writer { model, graph: &graph, nodes: Vec::new(), initializers: Vec::new(), names: HashMap::new(), quantized: HashMap::new(), float_weight_layers: Vec::new() };
     let mut value_of: HashMap<usize, String> = HashMap::from([(graph.input(), "input".to_string())]);
     for node in graph.nodes() {
         let inputs = node
@@ -291,5 +295,5 @@ pub fn export_onnx(model: &mut Model, path: impl AsRef<Path>) -> Result<OnnxExpo
     };
     let bytes = onnx.encode_to_vec();
     crate::io::write_atomic(path, &bytes)?;
-    Ok(OnnxExport { nodes, initializers, file_bytes: bytes.len() as u64 })
+    Ok(OnnxExport { nodes, initializers, file_bytes: bytes.len() as u64, float_weight_layers: writer.float_weight_layers })
 }

@@ -200,6 +200,7 @@ impl Writer<'_> {
             let offset = w_zp.f_to_kind(Kind::Double)?.f_mul(&wp.step()?)?.f_reshape(shape.as_slice())?;
             let offset = self.param(name, "weight_offset", &offset)?;
             self.node("Sub", &weight, vec![shifted, offset], &weight, vec![]);
+            self.float_weight_layers.push(name.to_string());
         }
 
         let (input, bias, out_p) = match acts {
