@@ -314,12 +314,12 @@ fn lenet_variants(calibration: &distill::data::Dataset) -> Vec<(String, Model)> 
         for (name, w) in masked.named_parameters() {
             if name.ends_with("weight") {
                 let threshold = w.abs().flatten(0, -1).kthvalue((w.numel() as f64 * 0.8) as i64, 0, false).0;
-                let _ = w.shallow_clone().copy_(&w.where_self(&w.abs().gt_tensor(&threshold), &w.zeros_like()));
+                w.shallow_clone().copy_(&w.where_self(&w.abs().gt_tensor(&threshold), &w.zeros_like()));
             }
         }
     });
     let mut thinned = copy();
-    tch::no_grad(|| thinned.parameter("conv1.weight").unwrap().narrow(0, 0, 3).fill_(0.0));
+    let _ = tch::no_grad(|| thinned.parameter("conv1.weight").unwrap().narrow(0, 0, 3).fill_(0.0));
     Thinner::filters().apply(&mut thinned).unwrap();
     let mut int8 = copy();
     let stats = distill::quantization::stats::collect_activation_stats(&mut int8, calibration, 1, 32).unwrap();
