@@ -357,7 +357,7 @@ fn the_deployment_report_measures_every_variant_in_both_runtimes() {
     assert!(verdicts[0].starts_with("masked: 80% of its parameters are zero"), "{}", verdicts[0]);
     assert!(verdicts[1].starts_with("thinned: physically smaller"), "{}", verdicts[1]);
     assert!(verdicts[2].starts_with("int8: quantized") && verdicts[2].contains("integer kernels"), "{}", verdicts[2]);
-    assert!(report.chart().unwrap().to_svg().unwrap().contains("Latency at batch 8"));
+    assert!(report.chart().unwrap().to_svg().unwrap().contains("onnxruntime, batch 8"));
 }
 
 #[test]

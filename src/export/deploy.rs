@@ -286,20 +286,20 @@ impl DeployReport {
         Ok(DataFrame::new(r.len(), columns)?)
     }
 
-    /// Latency per variant and runtime at each batch size, and file sizes, as bar charts.
+    /// Latency per variant in each runtime at each batch size, and file sizes, as bar charts.
     pub fn chart(&self) -> Result<Figure> {
-        let labels: Vec<String> = self.rows.iter().map(|r| format!("{} · {}", r.variant, if r.runtime == Runtime::Libtorch { "torch" } else { "ORT" })).collect();
-        let mut panels: Vec<Panel> = self
-            .batch_sizes
-            .iter()
-            .enumerate()
-            .map(|(i, b)| Panel {
-                title: format!("Latency at batch {b} (median of warm runs, {} threads)", self.threads),
-                x_label: "variant · runtime".into(),
-                y_label: "ms".into(),
-                kind: PanelKind::Bars { labels: labels.clone(), values: self.rows.iter().map(|r| r.latency_ms[i]).collect() },
-            })
-            .collect();
+        let mut panels = Vec::new();
+        for runtime in [Runtime::OnnxRuntime, Runtime::Libtorch] {
+            let rows: Vec<&DeployRow> = self.rows.iter().filter(|r| r.runtime == runtime).collect();
+            for (i, b) in self.batch_sizes.iter().enumerate() {
+                panels.push(Panel {
+                    title: format!("{}, batch {b}: median latency ({} threads)", runtime.name(), self.threads),
+                    x_label: "variant".into(),
+                    y_label: "ms".into(),
+                    kind: PanelKind::Bars { labels: rows.iter().map(|r| r.variant.clone()).collect(), values: rows.iter().map(|r| r.latency_ms[i]).collect() },
+                });
+            }
+        }
         let files: Vec<&DeployRow> = self.rows.iter().filter(|r| r.runtime == Runtime::OnnxRuntime).collect();
         panels.push(Panel {
             title: "ONNX file size".into(),
@@ -307,7 +307,7 @@ impl DeployReport {
             y_label: "KiB".into(),
             kind: PanelKind::Bars { labels: files.iter().map(|r| r.variant.clone()).collect(), values: files.iter().map(|r| r.onnx_bytes as f64 / 1024.0).collect() },
         });
-        Ok(Figure::new("Deployment: latency and size", panels, 2))
+        Ok(Figure::new("Deployment: latency and size per variant", panels, self.batch_sizes.len().max(2)))
     }
 
     /// Plain sentences: for each variant after the first, what it saved and whether each runtime ran it faster at
@@ -328,7 +328,7 @@ impl DeployReport {
             let size = base.onnx_bytes as f64 / row.onnx_bytes.max(1) as f64;
             let text = if row.quantized {
                 let kernels = match row.float_weight_layers.len() {
-                    0 => "onnxruntime may fuse every quantized layer into integer kernels".to_string(),
+                    0 => "every quantized layer can run in onnxruntime's integer kernels".to_string(),
                     n => format!(
                         "{n} layer(s) ({}) have per-channel weights with differing zero points, which onnxruntime's integer kernels do not take, so they run as float convolutions (SYMMETRIC weights would let them run in int8)",
                         row.float_weight_layers.join(", ")
