@@ -23,13 +23,7 @@ fn root() -> &'static Path {
 }
 
 fn copy_of(model: &Model) -> Model {
-    let info = model.info();
-    let mut m = create_model(&info.arch, &info.dataset, Device::Cpu).unwrap();
-    for recipe in model.thinning_recipes().to_vec() {
-        recipe.apply(&mut m, None, None).unwrap();
-    }
-    m.load_state_dict(&model.state_dict(), true).unwrap();
-    m
+    distill::models::copy_model(model).unwrap()
 }
 
 /// `model` quantized to 8 bits with static ranges from `calibration`: asymmetric unsigned activations and

@@ -170,6 +170,19 @@ impl Rich for TrainSummary {
     }
 }
 
+impl Rich for crate::export::deploy::DeployReport {
+    /// The table, the verdicts and the chart.
+    fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
+        let frame = self.frame()?;
+        let verdicts = self.verdicts();
+        let items: String = verdicts.iter().map(|v| format!("<li>{}</li>", escape(v))).collect();
+        let caption = format!("{} threads, onnxruntime {}", self.threads, self.onnxruntime_version);
+        let html = format!("{}<p>{}</p><ul>{items}</ul><div>{}</div>", html_table(&frame)?, escape(&caption), self.chart()?.to_svg()?);
+        let text = format!("{}{caption}\n{}", to_text_table(&frame)?, verdicts.iter().map(|v| format!("- {v}\n")).collect::<String>());
+        Ok(vec![("text/html", html), ("text/plain", text)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,8 +182,7 @@ fn ptq8_copy(trained: &Model, data: &distill::data::DataSplits, weights: Option<
     use distill::config::{QuantizerConfig, Schedule};
     use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
-    model.load_state_dict(&trained.state_dict(), true).unwrap();
+    let mut model = distill::models::copy_model(trained).unwrap();
     let stats = distill::quantization::stats::collect_activation_stats(&mut model, &data.valid, 2, 256).unwrap();
     let ptq = Schedule::from_file(root.join("schedules/lenet_ptq8.yaml")).unwrap();
     let QuantizerConfig::PostTrainLinearQuantizer(p) = &ptq.quantizers[0].1 else { panic!("lenet_ptq8.yaml holds a PostTrainLinearQuantizer") };
@@ -304,11 +303,7 @@ fn every_zoo_model_exports_to_qdq_and_onnxruntime_agrees() {
 fn lenet_variants(calibration: &distill::data::Dataset) -> Vec<(String, Model)> {
     use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
     let dense = create_model("lenet", "mnist", Device::Cpu).unwrap();
-    let copy = || {
-        let mut m = create_model("lenet", "mnist", Device::Cpu).unwrap();
-        m.load_state_dict(&dense.state_dict(), true).unwrap();
-        m
-    };
+    let copy = || distill::models::copy_model(&dense).unwrap();
     let masked = copy();
     tch::no_grad(|| {
         for (name, w) in masked.named_parameters() {

@@ -132,3 +132,26 @@ pub fn create_model(arch: &str, dataset: &str, device: Device) -> Result<Model> 
     let root = (spec.build)(&vs.root())?;
     Model::new(vs, root, ModelInfo::new(arch, dataset, input_shape, num_classes))
 }
+
+/// An independent copy of a floating-point zoo model: the same architecture, the same thinning, and copies of its
+/// weights and buffers, on the same device. For comparing variants of one trained model (masked, thinned,
+/// quantized) without training it again. A model built outside the zoo, or a quantized one, is an error: build
+/// it again and load its state dict.
+///
+/// ```
+/// let mut model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+/// let _ = tch::no_grad(|| model.parameter("conv1.weight").map(|w| w.narrow(0, 0, 3).fill_(0.0)))?;
+/// distill::thinning::thin_filters(&mut model)?;
+/// let copy = distill::models::copy_model(&model)?;
+/// assert_eq!(copy.parameter("conv1.weight")?.size(), [3, 1, 5, 5]);
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn copy_model(model: &Model) -> Result<Model> {
+    let info = model.info();
+    let mut copy = create_model(&info.arch, &info.dataset, model.device())?;
+    for recipe in model.thinning_recipes() {
+        recipe.apply(&mut copy, None, None)?;
+    }
+    copy.load_state_dict(&model.state_dict(), true)?;
+    Ok(copy)
+}
