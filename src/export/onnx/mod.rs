@@ -90,9 +90,31 @@ fn float_value(name: &str, dims: &[Dim]) -> ValueInfoProto {
     ValueInfoProto { name: Some(name.into()), r#type: Some(TypeProto { value: Some(TypeValue::TensorType(tensor)), denotation: None }), ..Default::default() }
 }
 
+/// How a quantized element-wise add rounds (it matters for residual networks: a one-level difference at an add
+/// travels through every later block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AddRounding {
+    /// The standard QDQ add, as onnxruntime's quantization tooling writes it: the dequantized inputs are summed
+    /// and the sum is quantized once, which is what onnxruntime's integer `QLinearAdd` computes.
+    #[default]
+    Once,
+    /// Each input is rounded to the output's scale before the sum, as distill's simulation (and Distiller's
+    /// `RangeLinearQuantEltwiseAddWrapper`) computes: the file then reproduces the simulation exactly, but
+    /// runtimes compute the add in floating point instead of fusing it into an integer kernel.
+    PerInput,
+}
+
+/// Export settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OnnxOptions {
+    /// How quantized adds round.
+    pub add_rounding: AddRounding,
+}
+
 /// Builds the ONNX graph node by node.
 struct Writer<'m> {
     model: &'m Model,
+    options: OnnxOptions,
     graph: &'m Graph,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
@@ -253,11 +275,16 @@ impl<'m> Writer<'m> {
 /// Writes `model` (in eval-mode semantics: batch norms use their running statistics, dropout is the identity) to
 /// an ONNX file at `path`, with a dynamic batch dimension. A module or tensor operation the exporter does not know
 /// is an error naming it, and no file is written; the file is written through a temporary one, so a failed write
-/// leaves nothing half-written.
+/// leaves nothing half-written. Quantized models are written with the default [`OnnxOptions`].
 pub fn export_onnx(model: &mut Model, path: impl AsRef<Path>) -> Result<OnnxExport> {
+    export_onnx_with(model, path, OnnxOptions::default())
+}
+
+/// [`export_onnx`] with `options`.
+pub fn export_onnx_with(model: &mut Model, path: impl AsRef<Path>, options: OnnxOptions) -> Result<OnnxExport> {
     let path = path.as_ref();
     let graph = Graph::trace(model)?;
-    let mut writer = Writer { model, graph: &graph, nodes: Vec::new(), initializers: Vec::new(), names: HashMap::new(), quantized: HashMap::new(), float_weight_layers: Vec::new() };
+    let mut writer = Writer { model, options, graph: &graph, nodes: Vec::new(), initializers: Vec::new(), names: HashMap::new(), quantized: HashMap::new(), float_weight_layers: Vec::new() };
     let mut value_of: HashMap<usize, String> = HashMap::from([(graph.input(), "input".to_string())]);
     for node in graph.nodes() {
         let inputs = node

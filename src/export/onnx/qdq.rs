@@ -159,12 +159,33 @@ impl Writer<'_> {
             for (i, value) in inputs.into_iter().enumerate() {
                 prepared.push(self.quantized_input(value, i, acts, &name)?.0);
             }
-            let sum = format!("{name}/float");
-            self.add(&sum, prepared);
             let p = Self::output_params(acts, &name)?;
+            let sum = format!("{name}/float");
+            if self.options.add_rounding == super::AddRounding::PerInput {
+                prepared = self.rounded_to_output_scale(prepared, &p, &name)?;
+                self.add(&format!("{name}/levels"), prepared);
+                // Back to the value the levels stand for; quantizing it again yields exactly those levels.
+                let step = self.constant(&format!("{name}.output_step"), &p.step()?.f_to_kind(Kind::Float)?)?;
+                self.node("Mul", &sum, vec![format!("{name}/levels"), step], &sum, vec![]);
+            } else {
+                self.add(&sum, prepared);
+            }
             return self.quantized_output(sum, acts.output.half_range, Some(&p), &name, out);
         }
         Err(Self::unsupported(node, &format!("is a {}, which the QDQ export does not write", module.type_name())))
+    }
+
+    /// Each input as a whole number of the output's levels, `round(x·scale)` (distill's per-input rounding).
+    fn rounded_to_output_scale(&mut self, inputs: Vec<String>, p: &QParams, module: &str) -> Result<Vec<String>> {
+        let scale = self.constant(&format!("{module}.output_levels_per_unit"), &p.scale.f_to_kind(Kind::Float)?)?;
+        let mut out = Vec::with_capacity(inputs.len());
+        for (i, value) in inputs.into_iter().enumerate() {
+            let (scaled, rounded) = (format!("{module}/input{i}_scaled"), format!("{module}/input{i}_levels"));
+            self.node("Mul", &scaled, vec![value, scale.clone()], &scaled, vec![]);
+            self.node("Round", &rounded, vec![scaled], &rounded, vec![]);
+            out.push(rounded);
+        }
+        Ok(out)
     }
 
     /// A range-linear Conv2d or Linear: integer weights and bias behind `DequantizeLinear`, the float layer, and
