@@ -178,6 +178,10 @@ struct ExportArgs {
     /// File format.
     #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
     format: ExportFormat,
+    /// How quantized adds round: once (the standard QDQ add, fused by onnxruntime into integer QLinearAdd) or
+    /// per-input (each input rounded to the output's scale first: exactly distill's simulation).
+    #[arg(long, value_enum, default_value_t = AddRoundingArg::Once)]
+    add_rounding: AddRoundingArg,
     /// The file to write.
     #[arg(long)]
     out: PathBuf,
@@ -212,6 +216,12 @@ struct DeployReportArgs {
     /// Output folder: the ONNX files, deploy_report.csv, deploy_report.svg.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AddRoundingArg {
+    Once,
+    PerInput,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -653,7 +663,12 @@ fn export(args: ExportArgs) -> Result<()> {
         None => "float32".to_string(),
     };
     let ExportFormat::Onnx = args.format;
-    let e = distill::export::onnx::export_onnx(&mut model, &args.out)?;
+    use distill::export::onnx::{AddRounding, OnnxOptions};
+    let add_rounding = match args.add_rounding {
+        AddRoundingArg::Once => AddRounding::Once,
+        AddRoundingArg::PerInput => AddRounding::PerInput,
+    };
+    let e = distill::export::onnx::export_onnx_with(&mut model, &args.out, OnnxOptions { add_rounding })?;
     println!(
         "wrote {} (ONNX opset {}, {form}): {} nodes, {} initializers, {} parameters, {} bytes",
         args.out.display(),
