@@ -409,3 +409,63 @@ fn the_deployment_report_refuses_bad_requests() {
     let err = deploy_report(&mut [("a".into(), lenet())], &test, dir.path(), &missing).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/python"), "{err}");
 }
+
+/// LeNet fine-tuned one epoch with each quantization-aware method (the first and last layers in float, as in
+/// schedules/lenet_pact4.yaml), exported: integer weights behind DequantizeLinear, activation quantizers as
+/// QuantizeLinear/DequantizeLinear pairs with the learned clipping values or tracked ranges. onnxruntime computes
+/// what distill computes, up to float rounding (a float32 sum on the other side of a rounding boundary moves an
+/// activation by one level now and then).
+#[test]
+fn quantization_aware_trained_models_export_and_onnxruntime_agrees() {
+    use distill::config::Schedule;
+    let data = distill::data::mnist_bundled().unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
+    let float_ends = "    overrides:\n      conv1: {bits_weights: null, bits_activations: null}\n      relu1: {bits_weights: null, bits_activations: null}\n      fc3: {bits_weights: null, bits_activations: null}\n";
+    let policy = "policies:\n  - quantizer: {instance_name: q}\n    starting_epoch: 0\n    ending_epoch: 1\n    frequency: 1\n";
+    let methods = [
+        ("pact", "class: PACTQuantizer\n    act_clip_init_val: 8.0\n    bits_activations: 4\n    bits_weights: 4"),
+        ("dorefa", "class: DorefaQuantizer\n    bits_activations: 4\n    bits_weights: 4"),
+        ("wrpn", "class: WRPNQuantizer\n    bits_activations: 4\n    bits_weights: 3"),
+        ("range_linear", "class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: 8\n    bits_weights: 8\n    mode: ASYMMETRIC_UNSIGNED\n    per_channel_wts: true"),
+    ];
+    let x = data.test.images().narrow(0, 0, 200);
+    let input = dir.path().join("test.in");
+    write_f32(&input, &x);
+    let dims: Vec<String> = x.size().iter().map(|d| d.to_string()).collect();
+    let mut manifest = String::new();
+    let mut expected = Vec::new();
+    for (label, class) in methods {
+        let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+        deterministic_weights(&model);
+        let yaml = format!("quantizers:\n  q:\n    {class}\n{float_ends}{policy}");
+        let mut scheduler = Schedule::from_yaml_str(&yaml, &format!("{label}.yaml")).unwrap().build(&model).unwrap();
+        let config = distill::train::TrainConfig { epochs: 1, lr: 0.01, batch_size: 64, seed: 1, progress: distill::train::Progress::Quiet, ..Default::default() };
+        distill::train::fit(&mut model, &data, Some(&mut scheduler), &config).unwrap();
+        let y = tch::no_grad(|| model.forward_t(&x, false)).unwrap();
+        let (onnx, out) = (dir.path().join(format!("{label}.onnx")), dir.path().join(format!("{label}.out")));
+        export_onnx(&mut model, &onnx).unwrap_or_else(|e| panic!("{label}: {e}"));
+        manifest += &format!("{} {} {} {}\n", onnx.display(), input.display(), dims.join(" "), out.display());
+        expected.push((label, y, out, std::fs::metadata(&onnx).unwrap().len()));
+    }
+    let list = dir.path().join("manifest.txt");
+    std::fs::write(&list, manifest).unwrap();
+    run_onnxruntime(&list, false);
+    let float_bytes = std::fs::metadata({
+        let p = dir.path().join("float.onnx");
+        export_onnx(&mut create_model("lenet", "mnist", Device::Cpu).unwrap(), &p).unwrap();
+        p
+    })
+    .unwrap()
+    .len();
+    for (label, y, out, bytes) in expected {
+        let theirs = read_f32(&out, &y.size());
+        let diff = (&theirs - &y).abs();
+        let relative = diff.max().double_value(&[]) / y.abs().max().double_value(&[]);
+        let close = 100.0 * diff.le(1e-4 * y.abs().max().double_value(&[])).to_kind(tch::Kind::Double).mean(tch::Kind::Double).double_value(&[]);
+        let agree = 100.0 * theirs.argmax(1, false).eq_tensor(&y.argmax(1, false)).to_kind(tch::Kind::Double).mean(tch::Kind::Double).double_value(&[]);
+        println!("{label}: {bytes} bytes (float {float_bytes}); max difference {relative:.2e} of the output scale, {close:.1}% of outputs within 1e-4, top-1 agreement {agree:.1}%");
+        assert!(close >= 98.0 && agree >= 99.0, "{label}: {close:.1}% of outputs agree, {agree:.1}% of predictions");
+        // conv2, fc1 and fc2 hold 4-bit (8-bit for range-linear) weights in 8-bit integers.
+        assert!((bytes as f64) < 0.5 * float_bytes as f64, "{label}: {bytes} bytes");
+    }
+}

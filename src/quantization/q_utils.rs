@@ -440,6 +440,11 @@ impl QParams {
         Ok(QParams { scale, zero_point: self.zero_point.shallow_clone(), range: self.range, span: None })
     }
 
+    /// Parameters as they are: `scale` and `zero_point` (0-d, or `[C]` per channel) and the integer range.
+    pub fn from_scale(scale: Tensor, zero_point: Tensor, range: (f64, f64)) -> Self {
+        QParams { scale, zero_point, range, span: None }
+    }
+
     fn from_span(levels: f64, span: Tensor, zero_point: Tensor, range: (f64, f64)) -> Result<Self> {
         let scale = span.f_full_like(levels)?.f_div(&span)?;
         Ok(QParams { scale, zero_point, range, span: Some((levels, span)) })

@@ -72,6 +72,24 @@ impl WeightQuant {
             }
         }
     }
+
+    /// The integer grid of [`WeightQuant::apply`]'s values for weights `w`, in Distiller's convention: scale
+    /// and zero point (0-d, or `[C]` along dimension 0) such that every quantized weight is `(q + zp) / scale`
+    /// for an integer `q`. DoReFa's k-bit levels `(2l − n)/n` are the odd or even integers over `n = 2^k − 1`;
+    /// binary DoReFa's are `±mean|w|`; WRPN's are integers over `(2^k − 1)/2`.
+    pub fn grid(&self, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        let w = w.f_detach()?;
+        let per_tensor = |scale: f64| -> Result<(Tensor, Tensor)> { Ok((Tensor::from(scale), Tensor::from(0.0))) };
+        match *self {
+            WeightQuant::Dorefa(1) => per_tensor(1.0 / w.f_abs()?.f_mean(w.kind())?.f_double_value(&[])?),
+            WeightQuant::Dorefa(k) => per_tensor(2f64.powi(k as i32) - 1.0),
+            WeightQuant::Wrpn(k) => per_tensor((2f64.powi(k as i32) - 1.0) / 2.0),
+            WeightQuant::RangeLinear { bits, mode, per_channel } => {
+                let (min, max) = if per_channel && w.dim() >= 2 { w.f_reshape([w.size()[0], -1])?.f_aminmax(1, false)? } else { w.f_aminmax(None, false)? };
+                super::q_utils::range_scale_fast(bits, mode, &min, &max)
+            }
+        }
+    }
 }
 
 /// A Conv2d or Linear whose weight is trained in full precision (`float_weight`) and used quantized.
@@ -108,6 +126,29 @@ impl FpCopyLayer {
     pub fn quantized_weight(&self) -> Result<Tensor> {
         self.weight.apply(self.parts()?.0)
     }
+
+    /// The bias the layer computes with (quantized when the method quantizes biases).
+    pub fn quantized_bias(&self) -> Result<Option<Tensor>> {
+        match (self.parts()?.1, &self.bias) {
+            (Some(b), Some(q)) => Ok(Some(q.apply(b)?)),
+            (b, _) => Ok(b.map(|b| b.shallow_clone())),
+        }
+    }
+
+    /// How the weights are quantized.
+    pub fn weight_quant(&self) -> &WeightQuant {
+        &self.weight
+    }
+
+    /// The full-precision weights (the trained copy).
+    pub fn float_weight(&self) -> Result<&Tensor> {
+        Ok(self.parts()?.0)
+    }
+
+    /// The wrapped Conv2d or Linear.
+    pub fn layer(&self) -> &dyn Module {
+        self.layer.as_ref()
+    }
 }
 
 impl Module for FpCopyLayer {
@@ -115,13 +156,8 @@ impl Module for FpCopyLayer {
         self.layer.type_name()
     }
     fn forward(&self, x: &Tensor, _: &mut Forward) -> Result<Tensor> {
-        let (w, b) = self.parts()?;
-        let wq = self.weight.apply(w)?;
-        let bq = match (b, &self.bias) {
-            (Some(b), Some(q)) => Some(q.apply(b)?),
-            (Some(b), None) => Some(b.shallow_clone()),
-            (None, _) => None,
-        };
+        let wq = self.quantized_weight()?;
+        let bq = self.quantized_bias()?;
         let any = self.layer.as_ref() as &dyn Any;
         match any.downcast_ref::<Conv2d>() {
             Some(c) => {
@@ -234,6 +270,22 @@ impl FakeLinearQuantization {
     /// The tracked (bias-corrected) range.
     pub fn tracked_range(&self) -> Result<(f64, f64)> {
         Ok((self.buffers[1].f_double_value(&[0])?, self.buffers[3].f_double_value(&[0])?))
+    }
+
+    /// The scale and zero point in use (Distiller's convention), with the integer range values saturate at;
+    /// `None` before any range was tracked (the quantizer then passes its input through).
+    pub fn quant_params(&self) -> Result<Option<super::q_utils::QParams>> {
+        if !self.has_range()? {
+            return Ok(None);
+        }
+        let [.., scale, zero_point] = &self.buffers;
+        let (lo, mut hi) = super::q_utils::quantized_range(self.bits, self.mode.signed(), self.mode.restricted());
+        if self.mode == LinearQuantMode::Symmetric {
+            // As in fake_quantize: the full symmetric range saturates at ±2^(b−1).
+            hi = -lo;
+        }
+        let squeeze = |t: &Tensor| t.f_reshape([] as [i64; 0]);
+        Ok(Some(super::q_utils::QParams::from_scale(squeeze(scale)?, squeeze(zero_point)?, (lo, hi))))
     }
 
     fn update(&self, y: &Tensor) -> Result<()> {

@@ -197,6 +197,8 @@ impl<'m> Writer<'m> {
                 let module = self.model.module(node.module_name())?;
                 return if crate::graph::is_wrapper(module) {
                     self.write_quantized(node, module, inputs, &name)
+                } else if qdq::is_qat(module) {
+                    self.write_qat(node, module, inputs, &name)
                 } else {
                     self.write_module(node, node.module_name(), inputs, &name)
                 };

@@ -14,7 +14,8 @@ use tch::{Kind, Tensor};
 use super::{attr_int, Writer};
 use crate::graph::Node;
 use crate::nn::{Conv2d, Linear, Module};
-use crate::quantization::q_utils::{quantized_range, QParams};
+use crate::quantization::q_utils::{along, quantized_range, QParams};
+use crate::quantization::qat::{ClippedLinearQuantization, FakeLinearQuantization, FpCopyLayer, LearnedClippedLinearQuantization};
 use crate::quantization::range_linear::{ActQuant, RangeLinearFakeQuant, RangeLinearQuantEltwiseAdd, RangeLinearQuantParamLayer};
 use crate::{Error, Result};
 
@@ -188,19 +189,12 @@ impl Writer<'_> {
         Ok(out)
     }
 
-    /// A range-linear Conv2d or Linear: integer weights and bias behind `DequantizeLinear`, the float layer, and
-    /// the output quantized (weights-only quantization leaves the output in floating point).
-    fn write_layer(&mut self, node: &Node, layer: &RangeLinearQuantParamLayer, inputs: Vec<String>, name: &str, out: &str) -> Result<()> {
-        let [input] = <[String; 1]>::try_from(inputs).map_err(|_| Self::unsupported(node, "has other than one input"))?;
-        let wp = layer.weight_params();
-        let stored = layer.integer_weight().ok_or_else(|| Self::unsupported(node, "has no weight"))?;
-        let per_channel = wp.scale.dim() == 1;
-        let acts = layer.activation_quant();
-        // Weights-only quantization stores the dequantized weights; their integers are recovered exactly.
-        let q = if acts.is_some() { stored } else { wp.quantize(&stored, 0)? };
-        let kind = container(wp.range, name)?;
-        let (w_scale, w_zp) = onnx_params(wp, kind, name)?;
-        let axis = if per_channel { vec![attr_int("axis", 0)] } else { vec![] };
+    /// Integer weights `q` (as floats) behind `DequantizeLinear` with `p` (per output channel on axis 0 when its
+    /// scale is `[C]`); returns the dequantized value.
+    fn dequantized_weight(&mut self, name: &str, q: &Tensor, p: &QParams) -> Result<String> {
+        let kind = container(p.range, name)?;
+        let (w_scale, w_zp) = onnx_params(p, kind, name)?;
+        let axis = if p.scale.dim() == 1 { vec![attr_int("axis", 0)] } else { vec![] };
         let w_int = self.param(name, "weight", &q.f_round()?.f_to_kind(kind)?)?;
         let s = self.param(name, "weight_scale", &w_scale)?;
         let weight = format!("{name}/weight");
@@ -218,12 +212,25 @@ impl Writer<'_> {
             self.node("DequantizeLinear", &shifted, vec![w_int, s, z], &shifted, axis.clone());
             let mut shape = vec![-1i64];
             shape.resize(q.dim(), 1);
-            let offset = w_zp.f_to_kind(Kind::Double)?.f_mul(&wp.step()?)?.f_reshape(shape.as_slice())?;
+            let offset = w_zp.f_to_kind(Kind::Double)?.f_mul(&p.step()?)?.f_reshape(shape.as_slice())?;
             let offset = self.param(name, "weight_offset", &offset)?;
             self.node("Sub", &weight, vec![shifted, offset], &weight, vec![]);
             self.float_weight_layers.push(name.to_string());
         }
+        Ok(weight)
+    }
 
+    /// A range-linear Conv2d or Linear: integer weights and bias behind `DequantizeLinear`, the float layer, and
+    /// the output quantized (weights-only quantization leaves the output in floating point).
+    fn write_layer(&mut self, node: &Node, layer: &RangeLinearQuantParamLayer, inputs: Vec<String>, name: &str, out: &str) -> Result<()> {
+        let [input] = <[String; 1]>::try_from(inputs).map_err(|_| Self::unsupported(node, "has other than one input"))?;
+        let wp = layer.weight_params();
+        let stored = layer.integer_weight().ok_or_else(|| Self::unsupported(node, "has no weight"))?;
+        let acts = layer.activation_quant();
+        // Weights-only quantization stores the dequantized weights; their integers are recovered exactly.
+        let q = if acts.is_some() { stored } else { wp.quantize(&stored, 0)? };
+        let weight = self.dequantized_weight(name, &q, wp)?;
+        let axis = if wp.scale.dim() == 1 { vec![attr_int("axis", 0)] } else { vec![] };
         let (input, bias, out_p) = match acts {
             Some(acts) => {
                 check_exportable(acts, name)?;
@@ -257,5 +264,82 @@ impl Writer<'_> {
             return Err(Self::unsupported(node, "wraps neither a Conv2d nor a Linear"));
         }
         self.quantized_output(float, layer.output_relu(), out_p.as_ref(), name, out)
+    }
+}
+
+/// Whether `module` is one of quantization-aware training's modules, which [`Writer::write_qat`] writes.
+pub(super) fn is_qat(module: &dyn Module) -> bool {
+    let any = module as &dyn Any;
+    any.is::<FpCopyLayer>() || any.is::<ClippedLinearQuantization>() || any.is::<LearnedClippedLinearQuantization>() || any.is::<FakeLinearQuantization>()
+}
+
+/// The parameters of an activation quantizer that clips to `[0, clip]` with `bits` bits (DoReFa, WRPN, PACT).
+fn clipped(bits: u32, clip: f64, module: &str) -> Result<QParams> {
+    if !(clip.is_finite() && clip > 0.0) {
+        return Err(Error::invalid("ONNX export", format!("'{module}' clips activations at {clip}, which is not a positive number")));
+    }
+    let levels = 2f64.powi(bits as i32) - 1.0;
+    Ok(QParams::from_scale(Tensor::from(levels / clip), Tensor::from(0.0), (0.0, levels)))
+}
+
+impl Writer<'_> {
+    /// Writes a module of quantization-aware training: a layer computing with quantized weights (integer weights
+    /// behind `DequantizeLinear`), or an activation quantizer (a `QuantizeLinear`/`DequantizeLinear` pair).
+    pub(super) fn write_qat(&mut self, node: &Node, module: &dyn Module, inputs: Vec<String>, out: &str) -> Result<()> {
+        let name = node.module_name().to_string();
+        let any = module as &dyn Any;
+        let [input] = <[String; 1]>::try_from(inputs).map_err(|_| Self::unsupported(node, "has other than one input"))?;
+        let p = if let Some(layer) = any.downcast_ref::<FpCopyLayer>() {
+            return self.write_qat_layer(node, layer, input, &name, out);
+        } else if let Some(q) = any.downcast_ref::<ClippedLinearQuantization>() {
+            clipped(q.bits, q.clip_val, &name)?
+        } else if let Some(q) = any.downcast_ref::<LearnedClippedLinearQuantization>() {
+            clipped(q.bits, q.clip_val.f_double_value(&[0])?, &name)?
+        } else if let Some(q) = any.downcast_ref::<FakeLinearQuantization>() {
+            match q.quant_params()? {
+                Some(mut p) if p.range == (-128.0, 128.0) => {
+                    // Symmetric 8-bit fake quantization saturates at +128 (as Distiller's); int8 holds 127, so
+                    // inputs at the very top of the range come out one level lower.
+                    p.range = (-128.0, 127.0);
+                    p
+                }
+                Some(p) => p,
+                None => {
+                    self.node("Identity", out, vec![input], out, vec![]);
+                    return Ok(());
+                }
+            }
+        } else {
+            return Err(Self::unsupported(node, "is not a quantization-aware training module"));
+        };
+        self.quant_dequant(&input, &p, &format!("{name}.output"), &name, out)
+    }
+
+    fn write_qat_layer(&mut self, node: &Node, layer: &FpCopyLayer, input: String, name: &str, out: &str) -> Result<()> {
+        let wq = tch::no_grad(|| layer.quantized_weight())?.f_to_kind(Kind::Double)?;
+        let (scale, zp) = layer.weight_quant().grid(layer.float_weight()?)?;
+        let rank = wq.dim();
+        let (s, z) = if scale.dim() == 1 { (along(&scale, 0, rank)?, along(&zp, 0, rank)?) } else { (scale.shallow_clone(), zp.shallow_clone()) };
+        let (s, z) = (s.f_to_kind(Kind::Double)?, z.f_to_kind(Kind::Double)?);
+        let q = wq.f_mul(&s)?.f_sub(&z)?.f_round()?;
+        // The integers must give back exactly the weights the layer computes with.
+        let off = q.f_add(&z)?.f_div(&s)?.f_sub(&wq)?.f_abs()?.f_max()?.f_double_value(&[])?;
+        let size = wq.f_abs()?.f_max()?.f_double_value(&[])?.max(f64::MIN_POSITIVE);
+        if off > 1e-5 * size {
+            return Err(Error::invalid("ONNX export", format!("'{name}': its quantized weights ({:?}) are not on an integer grid (off by {off:e})", layer.weight_quant())));
+        }
+        let range = (q.f_min()?.f_double_value(&[])?, q.f_max()?.f_double_value(&[])?);
+        let p = QParams::from_scale(scale.f_to_kind(Kind::Double)?, zp.f_to_kind(Kind::Double)?, range);
+        let weight = self.dequantized_weight(name, &q, &p)?;
+        let bias = tch::no_grad(|| layer.quantized_bias())?.map(|b| self.param(name, "bias", &b)).transpose()?;
+        let wrapped = layer.layer() as &dyn Any;
+        if let Some(c) = wrapped.downcast_ref::<Conv2d>() {
+            self.conv(out, input, weight, bias, c);
+        } else if wrapped.is::<Linear>() {
+            self.gemm(out, input, weight, bias);
+        } else {
+            return Err(Self::unsupported(node, "wraps neither a Conv2d nor a Linear"));
+        }
+        Ok(())
     }
 }
