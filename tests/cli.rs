@@ -257,3 +257,21 @@ fn a_thinned_checkpoint_loads_everywhere_and_thin_shrinks_a_masked_one() {
     let o = distill(&["thin", "--arch", "mlp", "--dataset", "mnist", "--checkpoint", thinned.to_str().unwrap(), "--out", thinned.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("saved from 'lenet'"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_quantization_aware_checkpoint_exports_with_its_schedule() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let schedule = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_pact4.yaml");
+    let run = dir.path().join("pact");
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--lr", "0.005", "--progress", "quiet", "--compress", schedule, "--out", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = run.join("checkpoint.safetensors");
+    let onnx = dir.path().join("pact.onnx");
+    let o = distill(&["export", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c.to_str().unwrap(), "--out", onnx.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("pass the schedule it was trained with as --compress"), "{}", stderr(&o));
+    assert!(!onnx.exists());
+    let o = distill(&["export", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c.to_str().unwrap(), "--compress", schedule, "--out", onnx.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // conv2, fc1 and fc2 hold 4-bit weights in int8: well under half of the float file.
+    assert!(std::fs::metadata(&onnx).unwrap().len() < 248_002 / 2);
+}

@@ -245,4 +245,19 @@ impl Checkpoint {
             Ok(()) => Ok(()),
         }
     }
+
+    /// [`Checkpoint::restore_model`] for a checkpoint of a run compressed by `scheduler`'s schedule: its
+    /// quantizers first replace the layers they quantize, as they had in the run when it saved (a
+    /// quantization-aware checkpoint holds `float_weight`s and learned clipping values), then the weights load.
+    /// For export and evaluation: nothing of the optimizer is restored.
+    pub fn restore_model_compressed(&self, model: &mut Model, scheduler: &mut CompressionScheduler, path: &Path) -> Result<()> {
+        if self.meta.arch == model.info().arch {
+            self.thin_like_saved(model, None, path)?;
+        }
+        // Quantizers that add parameters (PACT's clipping values) register them with an optimizer; this one is
+        // thrown away.
+        let mut scratch = Optimizer::new(OptimizerConfig::sgd(0.0, 0.0), model.named_parameters(), 0.1)?;
+        scheduler.before_restore(model, self.meta.epoch, Some(&mut scratch))?;
+        self.restore_model(model, path)
+    }
 }

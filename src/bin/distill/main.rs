@@ -171,6 +171,10 @@ struct ExportArgs {
     /// Checkpoint to export (thinned checkpoints export their smaller shapes); a freshly initialized model otherwise.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// The schedule a quantization-aware checkpoint was trained with: its quantizers prepare the model before the
+    /// checkpoint loads, and the export writes their quantization.
+    #[arg(long)]
+    compress: Option<PathBuf>,
     /// Export quantized (QDQ int8): a folder written by `distill quantize` (its configuration and calibrated
     /// ranges), or a YAML with one PostTrainLinearQuantizer whose model_activation_stats gives the ranges.
     #[arg(long)]
@@ -651,8 +655,22 @@ fn print_thinning_totals(dense: &mut distill::nn::Model, thinned: &mut distill::
 
 fn export(args: ExportArgs) -> Result<()> {
     let mut model = models::create_model(&args.arch, &args.dataset, tch::Device::Cpu)?;
-    if let Some(path) = &args.checkpoint {
-        distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
+    match (&args.checkpoint, &args.compress) {
+        (Some(path), Some(schedule)) => {
+            let mut scheduler = Schedule::from_file(schedule)?.build(&model)?;
+            distill::train::Checkpoint::load(path)?.restore_model_compressed(&mut model, &mut scheduler, path)?
+        }
+        (Some(path), None) => {
+            let checkpoint = distill::train::Checkpoint::load(path)?;
+            if let Err(e) = checkpoint.restore_model(&mut model, path) {
+                if checkpoint.model.iter().any(|(n, _)| n.ends_with(".float_weight")) {
+                    return Err(distill::Error::invalid("--compress", format!("{e}; the checkpoint comes from a quantization-aware run: pass the schedule it was trained with as --compress")));
+                }
+                return Err(e);
+            }
+        }
+        (None, Some(_)) => return Err(distill::Error::invalid("--compress", "applies to the --checkpoint of a run trained with it; give --checkpoint too")),
+        (None, None) => {}
     }
     let parameters = model.num_parameters();
     let form = match &args.quantized {
@@ -660,6 +678,7 @@ fn export(args: ExportArgs) -> Result<()> {
             let prepared = distill::quantization::range_linear::PostTrainLinearQuantizer::new(post_train_config(q)?.0).prepare_model(&mut model)?;
             format!("QDQ, {} quantized modules", prepared.replaced.len())
         }
+        None if args.compress.is_some() => "as its schedule's quantizers trained it".to_string(),
         None => "float32".to_string(),
     };
     let ExportFormat::Onnx = args.format;
