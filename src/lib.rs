@@ -30,6 +30,7 @@
 
 pub mod config;
 pub mod data;
+pub mod distillation;
 pub mod display;
 pub mod export;
 pub mod graph;

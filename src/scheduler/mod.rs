@@ -7,7 +7,9 @@
 //! on_epoch_begin(epoch)
 //! for each mini-batch:
 //!     on_minibatch_begin            (pruning policies apply their masks here)
-//!     forward, objective loss
+//!     forward
+//!     after_forward                 (knowledge distillation runs its teacher on the same input)
+//!     objective loss
 //!     before_backward_pass          (regularizers add their terms; returns the overall loss)
 //!     zero_grad, backward
 //!     before_parameter_optimization (gradient masks; double-copy weights restored)
@@ -114,6 +116,12 @@ impl CompressionScheduler {
     /// Before the forward pass of mini-batch `mb`.
     pub fn on_minibatch_begin(&mut self, model: &mut Model, epoch: usize, mb: Minibatch, mut optimizer: Option<&mut Optimizer>) -> Result<()> {
         dispatch!(self, model, epoch, optimizer, |p, ctx| p.on_minibatch_begin(&mut ctx, mb));
+        Ok(())
+    }
+
+    /// After the forward pass of mini-batch `mb` on `input`, which gave `output`.
+    pub fn after_forward(&mut self, model: &mut Model, epoch: usize, mb: Minibatch, input: &Tensor, output: &Tensor, mut optimizer: Option<&mut Optimizer>) -> Result<()> {
+        dispatch!(self, model, epoch, optimizer, |p, ctx| p.after_forward(&mut ctx, mb, input, output));
         Ok(())
     }
 

@@ -152,6 +152,13 @@ pub trait Policy: Send {
         Ok(())
     }
 
+    /// After the model's forward pass of a training mini-batch, with the batch's input and the model's output
+    /// (the logits the objective loss is computed from): knowledge distillation runs its teacher here.
+    fn after_forward(&mut self, ctx: &mut PolicyContext, mb: Minibatch, input: &Tensor, output: &Tensor) -> Result<()> {
+        let _ = (ctx, mb, input, output);
+        Ok(())
+    }
+
     /// After the loss is computed, before `backward()`; may return the loss with terms added. `loss` already
     /// includes the terms of policies called earlier.
     fn before_backward_pass(&mut self, ctx: &mut PolicyContext, mb: Minibatch, loss: &Tensor) -> Result<Option<PolicyLoss>> {

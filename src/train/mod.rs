@@ -254,6 +254,9 @@ pub fn train_epoch(
             s.on_minibatch_begin(model, epoch, mb, Some(optimizer))?;
         }
         let logits = model.forward(&x)?;
+        if let Some(s) = scheduler.as_deref_mut() {
+            s.after_forward(model, epoch, mb, &x, &logits, Some(optimizer))?;
+        }
         let loss = cross_entropy(&logits, &y)?;
         let loss_value = loss.f_double_value(&[])?;
         if !loss_value.is_finite() {

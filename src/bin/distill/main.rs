@@ -425,6 +425,53 @@ struct TrainArgs {
     /// Progress display: auto, bar, lines or quiet.
     #[arg(long, default_value = "auto")]
     progress: String,
+    #[command(flatten)]
+    kd: KdArgs,
+}
+
+/// Knowledge distillation, with Distiller's flags (`compress_classifier.py --kd-*`).
+#[derive(clap::Args)]
+struct KdArgs {
+    /// Distill from a teacher of this architecture (same dataset), loaded from --kd-resume.
+    #[arg(long = "kd-teacher", requires = "kd_resume")]
+    kd_teacher: Option<String>,
+    /// The teacher's trained checkpoint.
+    #[arg(long = "kd-resume", requires = "kd_teacher")]
+    kd_resume: Option<PathBuf>,
+    /// Softmax temperature of both distributions.
+    #[arg(long = "kd-temperature", visible_alias = "kd-temp", default_value_t = 1.0)]
+    kd_temperature: f64,
+    /// Weight of the distillation loss (multiplied by the temperature squared, as Distiller).
+    #[arg(long = "kd-distill-wt", visible_alias = "kd-dw", default_value_t = 0.5)]
+    kd_distill_wt: f64,
+    /// Weight of the student's loss against the labels.
+    #[arg(long = "kd-student-wt", visible_alias = "kd-sw", default_value_t = 0.5)]
+    kd_student_wt: f64,
+    /// Weight of a teacher loss; must be 0 (the teacher is not trained), as in Distiller.
+    #[arg(long = "kd-teacher-wt", visible_alias = "kd-tw", default_value_t = 0.0)]
+    kd_teacher_wt: f64,
+    /// First epoch of distillation; it lasts to the end of training.
+    #[arg(long = "kd-start-epoch", default_value_t = 0)]
+    kd_start_epoch: usize,
+}
+
+impl KdArgs {
+    /// The distillation policy and its schedule, if --kd-teacher is given; the teacher is checked against the
+    /// student before any training.
+    fn policy(&self, student: &distill::nn::Model, epochs: usize) -> Result<Option<(distill::distillation::KnowledgeDistillationPolicy, distill::scheduler::PolicySchedule)>> {
+        use distill::distillation::{KnowledgeDistillationPolicy, LossWeights};
+        let (Some(arch), Some(path)) = (&self.kd_teacher, &self.kd_resume) else { return Ok(None) };
+        let info = student.info();
+        let mut teacher = models::create_model(arch, &info.dataset, student.device()).map_err(|e| distill::Error::invalid("--kd-teacher", e.to_string()))?;
+        distill::train::Checkpoint::load(path)?.restore_model(&mut teacher, path)?;
+        let weights = LossWeights { distill: self.kd_distill_wt, student: self.kd_student_wt, teacher: self.kd_teacher_wt };
+        let policy = KnowledgeDistillationPolicy::new(teacher, self.kd_temperature, weights)?;
+        policy.check_student(student)?;
+        if self.kd_start_epoch >= epochs {
+            return Err(distill::Error::invalid("--kd-start-epoch", format!("{}: distillation would never run in {epochs} epochs", self.kd_start_epoch)));
+        }
+        Ok(Some((policy, distill::scheduler::PolicySchedule::range(self.kd_start_epoch, epochs, 1)?)))
+    }
 }
 
 fn load_data(dataset: &str, dir: Option<&PathBuf>) -> Result<DataSplits> {
@@ -488,6 +535,7 @@ fn train(args: TrainArgs) -> Result<()> {
             OptimizerConfig::Adam { .. } => String::new(),
         }
     );
+    let kd = args.kd.policy(&model, args.epochs)?;
     let mut scheduler = match &schedule {
         Some(schedule) => {
             let scheduler = schedule.build(&model)?;
@@ -496,6 +544,10 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         None => None,
     };
+    if let Some((policy, epochs)) = kd {
+        println!("distilling from {} (T = {}) in epochs {}..{}", args.kd.kd_resume.as_ref().map_or(String::new(), |p| p.display().to_string()), policy.temperature(), epochs.starting_epoch, epochs.ending_epoch);
+        scheduler.get_or_insert_with(|| distill::scheduler::CompressionScheduler::new(&model)).add_policy(Box::new(policy), epochs);
+    }
     if lr_schedule == LrScheduleKind::Cosine && !has_lr_schedule && args.epochs > 0 {
         let cosine = LrPolicy::new(LrSchedule::CosineAnnealingLR { t_max: args.epochs, eta_min: 0.0 })?;
         let s = scheduler.get_or_insert_with(|| distill::scheduler::CompressionScheduler::new(&model));
