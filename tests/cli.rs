@@ -275,3 +275,40 @@ fn a_quantization_aware_checkpoint_exports_with_its_schedule() {
     // conv2, fc1 and fc2 hold 4-bit weights in int8: well under half of the float file.
     assert!(std::fs::metadata(&onnx).unwrap().len() < 248_002 / 2);
 }
+
+#[test]
+fn knowledge_distillation_from_the_command_line() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let teacher = dir.path().join("teacher");
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--out", teacher.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = teacher.join("checkpoint.safetensors");
+    let t = t.to_str().unwrap();
+    let out = dir.path().join("student");
+    let out = out.to_str().unwrap();
+    let kd = |extra: &[&str]| {
+        let mut args = vec!["train", "--arch", "mlp", "--dataset", "mnist", "--epochs", "2", "--progress", "quiet", "--out", out];
+        args.extend_from_slice(extra);
+        distill(&args)
+    };
+    // Distiller's spellings of the flags.
+    let o = kd(&["--kd-teacher", "lenet", "--kd-resume", t, "--kd-temp", "4", "--kd-dw", "0.7", "--kd-sw", "0.3", "--kd-start-epoch", "1"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("(T = 4) in epochs 1..2"), "{text}");
+    let metrics = std::fs::read_to_string(dir.path().join("student/metrics.csv")).unwrap();
+    assert!(metrics.lines().count() >= 3, "{metrics}");
+    // Each mistake is reported before any training.
+    for (extra, expected) in [
+        (vec!["--kd-teacher", "lenett", "--kd-resume", t], "did you mean 'lenet'"),
+        (vec!["--kd-teacher", "lenet", "--kd-resume", "/nonexistent.safetensors"], "/nonexistent.safetensors"),
+        (vec!["--kd-teacher", "simplenet_mnist", "--kd-resume", t], "saved from 'lenet'"),
+        (vec!["--kd-teacher", "lenet", "--kd-resume", t, "--kd-tw", "0.5"], "must be 0"),
+        (vec!["--kd-teacher", "lenet", "--kd-resume", t, "--kd-start-epoch", "2"], "never run in 2 epochs"),
+        (vec!["--kd-teacher", "lenet"], "--kd-resume"),
+    ] {
+        let o = kd(&extra);
+        assert!(!o.status.success() && stderr(&o).contains(expected), "{extra:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("epoch 1/"), "{extra:?} started training");
+    }
+}
