@@ -146,3 +146,45 @@ fn bad_settings_are_refused_before_training() {
     let e = s.on_epoch_begin(&mut student, 0, None).unwrap_err().to_string();
     assert!(e.contains("10 classes"), "{e}");
 }
+
+#[test]
+fn a_schedule_configures_distillation_and_reports_mistakes_where_they_are() {
+    use distill::config::Schedule;
+    let dir = distill::io::TempDir::new().unwrap();
+    let data = splits();
+    let mut teacher = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    distill::train::fit(&mut teacher, &data, None, &config(dir.path(), "teacher", 1)).unwrap();
+    let yaml = |body: &str| {
+        let file = dir.path().join("kd.yaml");
+        std::fs::write(&file, format!("distillers:\n  kd:\n    class: KnowledgeDistillation\n{body}policies:\n  - distiller: {{instance_name: kd}}\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n")).unwrap();
+        file
+    };
+    let good = "    teacher: lenet\n    teacher_checkpoint: teacher/checkpoint.safetensors\n    temperature: 4\n    distill_weight: 0.7\n    student_weight: 0.3\n";
+    let schedule = Schedule::from_file(yaml(good)).unwrap();
+    let again = dir.path().join("again.yaml");
+    assert_eq!(Schedule::from_yaml_str(&schedule.to_yaml().unwrap(), again.to_str().unwrap()).unwrap().distillers, schedule.distillers);
+    let preview = schedule.preview(2, 0.01, None).unwrap();
+    assert_eq!(preview.epochs[1].policies, ["distiller:kd"]);
+    let mut student = create_model("mlp", "mnist", Device::Cpu).unwrap();
+    let mut scheduler = schedule.build(&student).unwrap();
+    let names: Vec<String> = scheduler.policies().map(|(p, _)| p.name()).collect();
+    assert_eq!(names, ["KnowledgeDistillationPolicy(teacher 'lenet', T=4, distill 0.7, student 0.3)"]);
+    let run = distill::train::fit(&mut student, &data, Some(&mut scheduler), &config(dir.path(), "student", 2)).unwrap();
+    assert_eq!(run.epochs, 2);
+
+    // Each mistake at its line and column.
+    for (body, expected) in [
+        ("    teacher: lenet\n    teacher_checkpoint: nowhere.safetensors\n", "kd.yaml:5:25: the teacher's checkpoint"),
+        ("    teacher: lenett\n    teacher_checkpoint: teacher/checkpoint.safetensors\n", "kd.yaml:4:5: invalid teacher: unknown architecture 'lenett'; did you mean 'lenet'"),
+        ("    teacher: lenet\n    teacher_checkpoint: teacher/checkpoint.safetensors\n    teacher_weight: 0.5\n", "kd.yaml:6:5: invalid teacher_weight: 0.5: the teacher is not trained"),
+        ("    teacher: lenet\n    teacher_checkpoint: teacher/checkpoint.safetensors\n    temprature: 2\n", "kd.yaml:6:5: KnowledgeDistillation: unknown field `temprature`"),
+        ("    teacher: lenet\n    teacher_checkpoint: teacher/checkpoint.safetensors\n    temperature: 0\n", "kd.yaml:6:5: invalid temperature"),
+    ] {
+        let err = Schedule::from_file(yaml(body)).unwrap_err().to_string();
+        assert!(err.contains(expected), "{expected}:\n{err}");
+    }
+    // A teacher that does not fit the student is an error when the scheduler is built, before training.
+    let schedule = Schedule::from_file(yaml(good)).unwrap();
+    let err = schedule.build(&create_model("simplenet_cifar", "cifar10", Device::Cpu).unwrap()).err().unwrap().to_string();
+    assert!(err.contains("kd.yaml:2:3") && err.contains("'lenet' is a mnist model"), "{err}");
+}

@@ -757,3 +757,88 @@ impl ExtensionConfig {
         Ok(crate::thinning::ThinningPolicy::new(name, thinner, steps))
     }
 }
+
+/// Parameters of `KnowledgeDistillation` (beyond Distiller, where distillation is set on the command line only:
+/// its issue #483). Weights and temperature default to Distiller's command-line defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnowledgeDistillationParams {
+    /// The teacher's architecture (a zoo model of the student's dataset).
+    pub teacher: String,
+    /// The teacher's trained checkpoint; a relative path is read from the schedule file's folder.
+    pub teacher_checkpoint: String,
+    /// Softmax temperature (1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Weight of the distillation term (0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill_weight: Option<f64>,
+    /// Weight of the student's loss (0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_weight: Option<f64>,
+    /// Weight of a teacher loss: must be 0 (0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_weight: Option<f64>,
+}
+
+/// A `distillers:` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DistillerConfig {
+    /// Knowledge distillation from a trained teacher.
+    KnowledgeDistillation(KnowledgeDistillationParams),
+}
+
+/// Every distiller class.
+pub const DISTILLER_CLASSES: &[&str] = &["KnowledgeDistillation"];
+
+impl DistillerConfig {
+    fn params(&self) -> &KnowledgeDistillationParams {
+        match self {
+            DistillerConfig::KnowledgeDistillation(p) => p,
+        }
+    }
+
+    /// The temperature.
+    pub fn temperature(&self) -> f64 {
+        self.params().temperature.unwrap_or(1.0)
+    }
+
+    /// The loss weights.
+    pub fn weights(&self) -> crate::distillation::LossWeights {
+        let p = self.params();
+        let d = crate::distillation::LossWeights::default();
+        crate::distillation::LossWeights { distill: p.distill_weight.unwrap_or(d.distill), student: p.student_weight.unwrap_or(d.student), teacher: p.teacher_weight.unwrap_or(d.teacher) }
+    }
+
+    /// The teacher's checkpoint, resolved against `base_dir` (the schedule file's folder).
+    pub fn teacher_checkpoint(&self, base_dir: &std::path::Path) -> std::path::PathBuf {
+        base_dir.join(&self.params().teacher_checkpoint)
+    }
+
+    /// Checks every value that needs no model: the temperature, the weights and the teacher's architecture.
+    pub fn validate(&self) -> Result<()> {
+        crate::distillation::check_temperature(self.temperature())?;
+        self.weights().validate().map_err(|e| match e {
+            Error::InvalidArgument { name, message } => Error::InvalidArgument { name: name.replace(' ', "_"), message },
+            other => other,
+        })?;
+        let zoo = crate::models::architectures(None);
+        if !zoo.contains(&self.params().teacher.as_str()) {
+            return Err(Error::invalid("teacher", Error::unknown("architecture", &self.params().teacher, zoo).to_string()));
+        }
+        Ok(())
+    }
+
+    /// The policy for `student`: the teacher built for the student's dataset and device and loaded from its
+    /// checkpoint, checked against the student.
+    pub fn build(&self, student: &crate::nn::Model, base_dir: &std::path::Path) -> Result<crate::distillation::KnowledgeDistillationPolicy> {
+        self.validate()?;
+        let info = student.info();
+        let mut teacher = crate::models::create_model(&self.params().teacher, &info.dataset, student.device())?;
+        let path = self.teacher_checkpoint(base_dir);
+        crate::train::Checkpoint::load(&path)?.restore_model(&mut teacher, &path)?;
+        let policy = crate::distillation::KnowledgeDistillationPolicy::new(teacher, self.temperature(), self.weights())?;
+        policy.check_student(student)?;
+        Ok(policy)
+    }
+}

@@ -36,11 +36,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
-pub use components::{ExtensionConfig, PrunerConfig, QuantizerConfig, RegularizerConfig, RemoverParams, ThinningFunc};
+pub use components::{DistillerConfig, ExtensionConfig, KnowledgeDistillationParams, PrunerConfig, QuantizerConfig, RegularizerConfig, RemoverParams, ThinningFunc};
 pub use positions::{Location, Positions, YamlPath};
 pub use preview::{Preview, PreviewEpoch};
 
-use components::{yaml_text, EXTENSION_CLASSES, PRUNER_CLASSES, QUANTIZER_CLASSES, REGULARIZER_CLASSES};
+use components::{yaml_text, DISTILLER_CLASSES, EXTENSION_CLASSES, PRUNER_CLASSES, QUANTIZER_CLASSES, REGULARIZER_CLASSES};
 use crate::nn::{normalize_name, Model};
 use crate::pruning::{PruningArgs, PruningPolicy};
 use crate::regularization::RegularizationPolicy;
@@ -58,8 +58,8 @@ const LR_CLASSES: &[&str] = &[
     "MultiStepMultiGammaLR",
     "ReduceLROnPlateau",
 ];
-const TOP_LEVEL: &[&str] = &["version", "pruners", "regularizers", "quantizers", "lr_schedulers", "extensions", "policies", "network"];
-const POLICY_KINDS: &[&str] = &["pruner", "regularizer", "quantizer", "lr_scheduler", "extension"];
+const TOP_LEVEL: &[&str] = &["version", "pruners", "regularizers", "quantizers", "lr_schedulers", "extensions", "distillers", "policies", "network"];
+const POLICY_KINDS: &[&str] = &["pruner", "regularizer", "quantizer", "lr_scheduler", "extension", "distiller"];
 
 /// What a policy entry drives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +75,8 @@ pub enum PolicyKind {
     LrScheduler,
     /// An `extensions:` entry (thinning).
     Extension,
+    /// A `distillers:` entry (knowledge distillation).
+    Distiller,
 }
 
 impl PolicyKind {
@@ -85,6 +87,7 @@ impl PolicyKind {
             PolicyKind::Quantizer => "quantizer",
             PolicyKind::LrScheduler => "lr_scheduler",
             PolicyKind::Extension => "extension",
+            PolicyKind::Distiller => "distiller",
         }
     }
 
@@ -95,6 +98,7 @@ impl PolicyKind {
             PolicyKind::Quantizer => "quantizers",
             PolicyKind::LrScheduler => "lr_schedulers",
             PolicyKind::Extension => "extensions",
+            PolicyKind::Distiller => "distillers",
         }
     }
 }
@@ -202,6 +206,8 @@ pub struct Schedule {
     pub lr_schedulers: Vec<(String, LrSchedule)>,
     /// Named extensions (thinning steps).
     pub extensions: Vec<(String, ExtensionConfig)>,
+    /// Named distillers (knowledge distillation).
+    pub distillers: Vec<(String, DistillerConfig)>,
     /// Policies, in file order.
     pub policies: Vec<PolicyConfig>,
     /// Things that load but deserve attention (a key written twice, ...), as `file:line:column: message`.
@@ -211,8 +217,8 @@ pub struct Schedule {
 
 impl PartialEq for Schedule {
     fn eq(&self, other: &Self) -> bool {
-        (&self.version, &self.pruners, &self.regularizers, &self.quantizers, &self.lr_schedulers, &self.extensions, &self.policies)
-            == (&other.version, &other.pruners, &other.regularizers, &other.quantizers, &other.lr_schedulers, &other.extensions, &other.policies)
+        (&self.version, &self.pruners, &self.regularizers, &self.quantizers, &self.lr_schedulers, &self.extensions, &self.distillers, &self.policies)
+            == (&other.version, &other.pruners, &other.regularizers, &other.quantizers, &other.lr_schedulers, &other.extensions, &other.distillers, &other.policies)
     }
 }
 
@@ -340,7 +346,7 @@ fn check_class(r: &mut Reader, here: &[String], class: &str, valid: &[&str], wha
     }
     let mut p = here.to_vec();
     p.push("class".into());
-    let known_elsewhere = [PRUNER_CLASSES, REGULARIZER_CLASSES, QUANTIZER_CLASSES, LR_CLASSES, EXTENSION_CLASSES].iter().any(|l| l.contains(&class));
+    let known_elsewhere = [PRUNER_CLASSES, REGULARIZER_CLASSES, QUANTIZER_CLASSES, LR_CLASSES, EXTENSION_CLASSES, DISTILLER_CLASSES].iter().any(|l| l.contains(&class));
     if known_elsewhere {
         r.value_problem(&p, format!("{class} is not a {what}; it belongs in another section"));
     } else {
@@ -379,6 +385,11 @@ impl Schedule {
     /// Adds an extension (a thinning step).
     pub fn extension(mut self, name: &str, config: ExtensionConfig) -> Self {
         self.extensions.push((name.into(), config));
+        self
+    }
+    /// Adds a distiller (knowledge distillation).
+    pub fn distiller(mut self, name: &str, config: DistillerConfig) -> Self {
+        self.distillers.push((name.into(), config));
         self
     }
     /// Adds a policy.
@@ -461,6 +472,16 @@ impl Schedule {
                 "extensions" => {
                     s.extensions = read_section(r, "extensions", v, EXTENSION_CLASSES, "extension class", |n, c: &ExtensionConfig| at_key(c.build(n)))
                 }
+                "distillers" => {
+                    s.distillers = read_section(r, "distillers", v, DISTILLER_CLASSES, "distiller class", |_, c: &DistillerConfig| at_key(c.validate()));
+                    let base = base_dir(&r.name);
+                    for (name, cfg) in &s.distillers {
+                        let file = cfg.teacher_checkpoint(&base);
+                        if !file.is_file() {
+                            r.value_problem(&path(&["distillers", name, "teacher_checkpoint"]), format!("the teacher's checkpoint {} does not exist", file.display()));
+                        }
+                    }
+                }
                 "policies" => s.policies = Self::read_policies(r, v),
                 // AMC's model description: not read by the scheduler, as in Distiller.
                 "network" => {}
@@ -498,9 +519,9 @@ impl Schedule {
                     n
                 };
                 match key.as_str() {
-                    "pruner" | "regularizer" | "quantizer" | "lr_scheduler" | "extension" => {
+                    "pruner" | "regularizer" | "quantizer" | "lr_scheduler" | "extension" | "distiller" => {
                         if kind.is_some() {
-                            r.key_problem(&kp, "a policy names exactly one of pruner, regularizer, quantizer, lr_scheduler, extension");
+                            r.key_problem(&kp, "a policy names exactly one of pruner, regularizer, quantizer, lr_scheduler, extension, distiller");
                         }
                         kind = Some(key.clone());
                         inner = Some(val.clone());
@@ -519,7 +540,7 @@ impl Schedule {
                 }
             }
             let Some(kind) = kind else {
-                r.value_problem(&here, "a policy must name one of pruner, regularizer, quantizer, lr_scheduler, extension");
+                r.value_problem(&here, "a policy must name one of pruner, regularizer, quantizer, lr_scheduler, extension, distiller");
                 continue;
             };
             let mut kp = here.clone();
@@ -533,6 +554,7 @@ impl Schedule {
                 "regularizer" => PolicyConfig::regularizer(""),
                 "quantizer" => PolicyConfig::quantizer(""),
                 "lr_scheduler" => PolicyConfig::lr_scheduler(""),
+                "distiller" => PolicyConfig::of(PolicyKind::Distiller, ""),
                 _ => PolicyConfig::extension(""),
             };
             for (k, val) in &body {
@@ -723,6 +745,13 @@ impl Schedule {
                     let (_, cfg) = self.extensions.iter().find(|(n, _)| *n == p.instance_name).ok_or_else(missing)?;
                     scheduler.add_policy(Box::new(cfg.build(&p.instance_name)?), schedule);
                 }
+                PolicyKind::Distiller => {
+                    let (_, cfg) = self.distillers.iter().find(|(n, _)| *n == p.instance_name).ok_or_else(missing)?;
+                    let base = base_dir(self.source.as_ref().map_or("", |s| s.name.as_str()));
+                    let at = path(&["distillers", &p.instance_name]);
+                    let policy = cfg.build(model, &base).map_err(|e| Error::Schedule(vec![self.located(&at, true, e)]))?;
+                    scheduler.add_policy(Box::new(policy), schedule);
+                }
             }
         }
         for (policy, schedule) in deferred_lr {
@@ -769,6 +798,9 @@ impl Schedule {
         }
         if !self.extensions.is_empty() {
             top.insert("extensions".into(), section(&self.extensions)?);
+        }
+        if !self.distillers.is_empty() {
+            top.insert("distillers".into(), section(&self.distillers)?);
         }
         let mut policies = Vec::new();
         for p in &self.policies {
@@ -963,6 +995,11 @@ fn read_section<T: for<'de> Deserialize<'de>>(
 }
 
 /// The YAML key a construction error is about: the parameter an `InvalidArgument` names, if it names one.
+/// The folder a schedule named `name` (its file path) was read from, against which its relative paths resolve.
+fn base_dir(name: &str) -> PathBuf {
+    Path::new(name).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
 fn at_key<T>(result: Result<T>) -> std::result::Result<(), (Vec<String>, Error)> {
     result.map(|_| ()).map_err(|e| {
         let key = match &e {

@@ -94,7 +94,7 @@ impl Schedule {
                     }
                 }
                 PolicyKind::Extension => thinning_epochs.extend(schedule.epochs().iter().filter(|&&e| e < epochs)),
-                PolicyKind::Regularizer => {}
+                PolicyKind::Regularizer | PolicyKind::Distiller => {}
             }
         }
         for (i, (a, sa, pa, na, _)) in pruning.iter().enumerate() {

@@ -48,6 +48,33 @@ impl Default for LossWeights {
     }
 }
 
+impl LossWeights {
+    /// Checks the weights as Distiller does, and that something is trained.
+    pub fn validate(&self) -> Result<()> {
+        for (name, w) in [("distill weight", self.distill), ("student weight", self.student), ("teacher weight", self.teacher)] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(Error::invalid(name, format!("{w}: must be a non-negative number")));
+            }
+        }
+        if self.teacher != 0.0 {
+            return Err(Error::invalid("teacher weight", format!("{}: the teacher is not trained, so its loss weight must be 0 (as in Distiller)", self.teacher)));
+        }
+        if self.distill == 0.0 && self.student == 0.0 {
+            return Err(Error::invalid("loss weights", "the distill and student weights are both 0: nothing would be trained"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a distillation temperature: a positive number.
+pub fn check_temperature(temperature: f64) -> Result<()> {
+    if temperature.is_finite() && temperature > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid("temperature", format!("{temperature}: must be a positive number (Distiller's default is 1)")))
+    }
+}
+
 /// The batch-mean KL divergence of the student's softened distribution from the teacher's,
 /// `Σ_batch Σ_class p_t (log p_t − log p_s) / N` with `p = softmax(z / T)`; not scaled by `T²`.
 pub fn distillation_loss(student_logits: &Tensor, teacher_logits: &Tensor, temperature: f64) -> Result<Tensor> {
@@ -84,20 +111,8 @@ impl std::fmt::Debug for KnowledgeDistillationPolicy {
 impl KnowledgeDistillationPolicy {
     /// Distills from `teacher` (put in eval mode; it is never trained) at `temperature` with `weights`.
     pub fn new(mut teacher: Model, temperature: f64, weights: LossWeights) -> Result<Self> {
-        if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(Error::invalid("temperature", format!("{temperature}: must be a positive number (Distiller's default is 1)")));
-        }
-        for (name, w) in [("distill weight", weights.distill), ("student weight", weights.student), ("teacher weight", weights.teacher)] {
-            if !(w.is_finite() && w >= 0.0) {
-                return Err(Error::invalid(name, format!("{w}: must be a non-negative number")));
-            }
-        }
-        if weights.teacher != 0.0 {
-            return Err(Error::invalid("teacher weight", format!("{}: the teacher is not trained, so its loss weight must be 0 (as in Distiller)", weights.teacher)));
-        }
-        if weights.distill == 0.0 && weights.student == 0.0 {
-            return Err(Error::invalid("loss weights", "the distill and student weights are both 0: nothing would be trained"));
-        }
+        check_temperature(temperature)?;
+        weights.validate()?;
         teacher.eval();
         Ok(KnowledgeDistillationPolicy { teacher, temperature, weights, active: false, teacher_logits: None, student_logits: None })
     }
