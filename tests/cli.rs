@@ -296,8 +296,13 @@ fn knowledge_distillation_from_the_command_line() {
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(text.contains("(T = 4) in epochs 1..2"), "{text}");
+    // The distillation term has its column: empty in epoch 0, before distillation starts.
     let metrics = std::fs::read_to_string(dir.path().join("student/metrics.csv")).unwrap();
-    assert!(metrics.lines().count() >= 3, "{metrics}");
+    let lines: Vec<&str> = metrics.lines().collect();
+    assert!(lines[0].ends_with(",seconds,train_distill_loss"), "{metrics}");
+    assert!(lines[1].ends_with(',') && !lines[2].ends_with(','), "{metrics}");
+    let summary = std::fs::read_to_string(dir.path().join("student/summary.json")).unwrap();
+    assert!(summary.contains("Distill Loss"), "{summary}");
     // Each mistake is reported before any training.
     for (extra, expected) in [
         (vec!["--kd-teacher", "lenett", "--kd-resume", t], "did you mean 'lenet'"),

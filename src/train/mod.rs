@@ -584,18 +584,33 @@ pub fn fit(model: &mut Model, data: &DataSplits, scheduler: Option<&mut Compress
     trainer.run(data)
 }
 
-/// Writes the history as CSV, one row per epoch.
+/// Writes the history as CSV, one row per epoch; each loss term a policy added (`Distill Loss`,
+/// `GroupLassoRegularizer_loss`, ...) gets a column of its own at the end, `train_` and its name in snake case.
 fn write_metrics_csv(path: &Path, history: &[EpochRecord]) -> Result<()> {
-    let mut out = String::from(
-        "epoch,lr,train_loss,train_overall_loss,train_top1,train_top5,valid_loss,valid_top1,valid_top5,params,nnz_params,weights,nnz_weights,sparsity,seconds\n",
-    );
+    let mut terms: Vec<&str> = Vec::new();
+    for (name, _) in history.iter().flat_map(|r| &r.train.loss_components) {
+        if !terms.contains(&name.as_str()) {
+            terms.push(name);
+        }
+    }
+    let column = |name: &str| format!(",train_{}", name.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let mut out = String::from("epoch,lr,train_loss,train_overall_loss,train_top1,train_top5,valid_loss,valid_top1,valid_top5,params,nnz_params,weights,nnz_weights,sparsity,seconds");
+    out.extend(terms.iter().map(|t| column(t)));
+    out.push('\n');
     for r in history {
         let (t, v, c) = (&r.train.objective, &r.valid, &r.counts);
         out += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
             r.epoch, r.lr, t.loss, r.train.overall_loss, t.top1, t.top5, v.loss, v.top1, v.top5,
             c.params, c.nnz_params, c.weights, c.nnz_weights, c.sparsity, r.seconds
         );
+        for term in &terms {
+            out.push(',');
+            if let Some((_, value)) = r.train.loss_components.iter().find(|(n, _)| n == term) {
+                out += &value.to_string();
+            }
+        }
+        out.push('\n');
     }
     crate::io::write_atomic(path, out.as_bytes())
 }
