@@ -584,32 +584,63 @@ pub fn fit(model: &mut Model, data: &DataSplits, scheduler: Option<&mut Compress
     trainer.run(data)
 }
 
-/// Writes the history as CSV, one row per epoch; each loss term a policy added (`Distill Loss`,
-/// `GroupLassoRegularizer_loss`, ...) gets a column of its own at the end, `train_` and its name in snake case.
-fn write_metrics_csv(path: &Path, history: &[EpochRecord]) -> Result<()> {
+/// The history's columns, as `metrics.csv` and [`history_frame`] give them: epoch, learning rate, training and
+/// validation metrics, parameter counts, seconds, then one column per loss term a policy added (`Distill Loss`,
+/// `GroupLassoRegularizer_loss`, ...), named `train_` and the term in snake case, empty where the term was not
+/// active.
+fn history_columns(history: &[EpochRecord]) -> Vec<(String, Vec<Option<f64>>)> {
     let mut terms: Vec<&str> = Vec::new();
     for (name, _) in history.iter().flat_map(|r| &r.train.loss_components) {
         if !terms.contains(&name.as_str()) {
             terms.push(name);
         }
     }
-    let column = |name: &str| format!(",train_{}", name.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
-    let mut out = String::from("epoch,lr,train_loss,train_overall_loss,train_top1,train_top5,valid_loss,valid_top1,valid_top5,params,nnz_params,weights,nnz_weights,sparsity,seconds");
-    out.extend(terms.iter().map(|t| column(t)));
+    let fixed: [(&str, fn(&EpochRecord) -> f64); 15] = [
+        ("epoch", |r| r.epoch as f64),
+        ("lr", |r| r.lr),
+        ("train_loss", |r| r.train.objective.loss),
+        ("train_overall_loss", |r| r.train.overall_loss),
+        ("train_top1", |r| r.train.objective.top1),
+        ("train_top5", |r| r.train.objective.top5),
+        ("valid_loss", |r| r.valid.loss),
+        ("valid_top1", |r| r.valid.top1),
+        ("valid_top5", |r| r.valid.top5),
+        ("params", |r| r.counts.params as f64),
+        ("nnz_params", |r| r.counts.nnz_params as f64),
+        ("weights", |r| r.counts.weights as f64),
+        ("nnz_weights", |r| r.counts.nnz_weights as f64),
+        ("sparsity", |r| r.counts.sparsity),
+        ("seconds", |r| r.seconds),
+    ];
+    let mut columns: Vec<(String, Vec<Option<f64>>)> = fixed.iter().map(|(name, f)| (name.to_string(), history.iter().map(|r| Some(f(r))).collect())).collect();
+    for term in terms {
+        let name = format!("train_{}", term.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+        columns.push((name, history.iter().map(|r| r.train.loss_components.iter().find(|(n, _)| n == term).map(|(_, v)| *v)).collect()));
+    }
+    columns
+}
+
+/// The run's history as a DataFrame, one row per epoch, with the columns of `metrics.csv`.
+pub fn history_frame(history: &[EpochRecord]) -> Result<polars::prelude::DataFrame> {
+    let columns = history_columns(history).into_iter().map(|(name, values)| polars::prelude::Column::new(name.into(), values)).collect();
+    Ok(polars::prelude::DataFrame::new(history.len(), columns)?)
+}
+
+/// Writes the history as CSV, one row per epoch ([`history_columns`]).
+fn write_metrics_csv(path: &Path, history: &[EpochRecord]) -> Result<()> {
+    let columns = history_columns(history);
+    let mut out = columns.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(",");
     out.push('\n');
-    for r in history {
-        let (t, v, c) = (&r.train.objective, &r.valid, &r.counts);
-        out += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
-            r.epoch, r.lr, t.loss, r.train.overall_loss, t.top1, t.top5, v.loss, v.top1, v.top5,
-            c.params, c.nnz_params, c.weights, c.nnz_weights, c.sparsity, r.seconds
-        );
-        for term in &terms {
-            out.push(',');
-            if let Some((_, value)) = r.train.loss_components.iter().find(|(n, _)| n == term) {
-                out += &value.to_string();
-            }
-        }
+    for row in 0..history.len() {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(name, values)| match values[row] {
+                Some(v) if name == "seconds" => format!("{v:.3}"),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            })
+            .collect();
+        out += &cells.join(",");
         out.push('\n');
     }
     crate::io::write_atomic(path, out.as_bytes())
