@@ -173,9 +173,9 @@ fn a_schedule_configures_distillation_and_reports_mistakes_where_they_are() {
     assert_eq!(run.epochs, 2);
     // The distillation term, per epoch, in the history's DataFrame (and metrics.csv).
     let frame = distill::train::history_frame(&run.history).unwrap();
-    let kd = distill::summary::tables::column(&frame, "train_distill_loss").unwrap().f64().unwrap().clone();
+    let kd: Vec<Option<f64>> = distill::summary::tables::column(&frame, "train_distill_loss").unwrap().f64().unwrap().iter().collect();
     assert_eq!(kd.len(), 2);
-    assert!(kd.into_iter().all(|v| v.is_some_and(|v| v > 0.0 && v.is_finite())));
+    assert!(kd.iter().all(|v| v.is_some_and(|v| v > 0.0 && v.is_finite())), "{kd:?}");
 
     // Each mistake at its line and column.
     for (body, expected) in [
