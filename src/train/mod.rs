@@ -595,7 +595,8 @@ fn history_columns(history: &[EpochRecord]) -> Vec<(String, Vec<Option<f64>>)> {
             terms.push(name);
         }
     }
-    let fixed: [(&str, fn(&EpochRecord) -> f64); 15] = [
+    type Column = (&'static str, fn(&EpochRecord) -> f64);
+    let fixed: [Column; 15] = [
         ("epoch", |r| r.epoch as f64),
         ("lr", |r| r.lr),
         ("train_loss", |r| r.train.objective.loss),
