@@ -317,3 +317,29 @@ fn knowledge_distillation_from_the_command_line() {
         assert!(!stderr(&o).contains("epoch 1/"), "{extra:?} started training");
     }
 }
+
+#[test]
+fn deploy_report_measures_the_variants_and_refuses_bad_ones() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let run = dir.path().join("dense");
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--out", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = run.join("checkpoint.safetensors");
+    let c = c.to_str().unwrap();
+    let q = dir.path().join("q");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_ptq8.yaml");
+    let o = distill(&["quantize", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--config", config, "--calibrate", "1", "--out", q.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("deploy");
+    let o = distill(&["deploy-report", "--arch", "lenet", "--dataset", "mnist", "--dense", c, "--masked", c, "--quantized", q.to_str().unwrap(), "--runs", "2", "--threads", "1", "--out", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("| onnxruntime |") && text.contains("- int8: quantized") && text.contains("1 threads"), "{text}");
+    for f in ["dense.onnx", "masked.onnx", "int8.onnx", "deploy_report.csv", "deploy_report.svg"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let csv = std::fs::read_to_string(out.join("deploy_report.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
+    let o = distill(&["deploy-report", "--arch", "lenet", "--dataset", "mnist", "--dense", c, "--quantized", "/nonexistent/q", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("/nonexistent/q"), "{}", stderr(&o));
+}
