@@ -543,6 +543,11 @@ fn a_run_that_thins_resumes_bit_identically() {
     let path = dir.path().join("full/checkpoint.safetensors");
     let ckpt = Checkpoint::load(&path).unwrap();
     assert_eq!(ckpt.meta.thinning.len(), 1);
+    // One call rebuilds the thinned architecture from the checkpoint alone.
+    let loaded = distill::models::load_checkpoint(&path, Device::Cpu).unwrap();
+    for ((n, a), (_, b)) in full.state_dict().iter().zip(loaded.state_dict().iter()) {
+        assert!(a.equal(b), "{n} differs in the loaded model");
+    }
     let mut fresh = create_model("lenet", "mnist", Device::Cpu).unwrap();
     ckpt.restore_model(&mut fresh, &path).unwrap();
     let x = input(&fresh, 5);

@@ -155,3 +155,26 @@ pub fn copy_model(model: &Model) -> Result<Model> {
     copy.load_state_dict(&model.state_dict(), true)?;
     Ok(copy)
 }
+
+/// The zoo model a distill checkpoint was saved from, rebuilt in one call: its architecture and dataset from the
+/// checkpoint's metadata, its thinning replayed, its weights loaded, on `device`. A checkpoint of a
+/// quantization-aware run needs its schedule's quantizers first: build the model and use
+/// [`Checkpoint::restore_model_compressed`](crate::train::Checkpoint::restore_model_compressed).
+///
+/// ```
+/// # let dir = distill::io::TempDir::new()?;
+/// # let data = distill::data::DataSplits { train: distill::data::Dataset::synthetic(32, [1, 28, 28], 10, 1)?, valid: distill::data::Dataset::synthetic(8, [1, 28, 28], 10, 2)?, test: distill::data::Dataset::synthetic(8, [1, 28, 28], 10, 3)? };
+/// # let mut trained = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+/// # let config = distill::train::TrainConfig { epochs: 1, out_dir: Some(dir.path().to_path_buf()), progress: distill::train::Progress::Quiet, ..Default::default() };
+/// # distill::train::fit(&mut trained, &data, None, &config)?;
+/// let model = distill::models::load_checkpoint(dir.path().join("checkpoint.safetensors"), tch::Device::Cpu)?;
+/// assert_eq!(model.info().arch, "lenet");
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn load_checkpoint(path: impl AsRef<std::path::Path>, device: Device) -> Result<Model> {
+    let path = path.as_ref();
+    let checkpoint = crate::train::Checkpoint::load(path)?;
+    let mut model = create_model(&checkpoint.meta.arch, &checkpoint.meta.dataset, device)?;
+    checkpoint.restore_model(&mut model, path)?;
+    Ok(model)
+}

@@ -42,7 +42,7 @@ pub use layers::{
     AvgPool2d, BatchNorm2d, ConstantPad3d, Conv2d, Conv2dConfig, Dropout, EltwiseAdd, Flatten, Identity, Linear,
     MaxPool2d, ReLU,
 };
-pub use model::{Model, ModelInfo, ModuleInfo};
+pub use model::{Model, ModelInfo, ModuleInfo, Snapshot};
 pub use module::{BoxModule, Module};
 pub use names::{canonical_param_name, normalize_name};
 pub use observer::{ModuleCall, Observer, ObserverId, OpCall, SharedObserver};

@@ -370,6 +370,26 @@ impl Model {
         self.observers.len() != before
     }
 
+    /// A copy of every parameter and buffer, to [`Model::restore`] later (before an experiment that changes the
+    /// weights in place, such as pruning at several levels).
+    ///
+    /// ```
+    /// let mut model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+    /// let before = model.snapshot();
+    /// let _ = tch::no_grad(|| model.parameter("conv1.weight").map(|mut w| w.fill_(0.0)))?;
+    /// model.restore(&before)?;
+    /// assert!(model.parameter("conv1.weight")?.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0);
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot(self.state_dict().into_iter().map(|(n, t)| (n, t.detach().copy())).collect())
+    }
+
+    /// Puts back the parameters and buffers of a [`Model::snapshot`] of this model (same names and shapes).
+    pub fn restore(&mut self, snapshot: &Snapshot) -> Result<()> {
+        self.load_state_dict(&snapshot.0, true)
+    }
+
     /// Copies `tensors` (name, value) into the model's parameters and buffers.
     ///
     /// Names may carry Distiller's `module.` prefix. Every parameter and buffer of the model must be present
@@ -445,5 +465,16 @@ impl fmt::Debug for Model {
             .field("training", &self.training)
             .field("parameters", &self.num_parameters())
             .finish()
+    }
+}
+
+/// Copies of a model's parameters and buffers, taken by [`Model::snapshot`].
+#[derive(Debug)]
+pub struct Snapshot(Vec<(String, Tensor)>);
+
+impl Snapshot {
+    /// The copied tensors by name.
+    pub fn tensors(&self) -> &[(String, Tensor)] {
+        &self.0
     }
 }
