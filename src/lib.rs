@@ -63,11 +63,11 @@ pub use tch;
 pub mod prelude {
     pub use crate::data::{DataSplits, Dataset};
     pub use crate::display::Rich;
-    pub use crate::models::create_model;
+    pub use crate::models::{copy_model, create_model, load_checkpoint};
     pub use crate::nn::{Model, Module};
     pub use crate::optim::{Optimizer, OptimizerConfig};
     pub use crate::scheduler::{CompressionScheduler, Policy, PolicyLoss, PolicySchedule};
-    pub use crate::train::{TrainConfig, TrainSummary};
+    pub use crate::train::{Progress, TrainConfig, TrainSummary};
     pub use crate::{plotters, polars, tch};
     pub use crate::{Error, Result};
     pub use tch::{Device, Kind, Tensor};

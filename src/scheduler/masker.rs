@@ -102,6 +102,20 @@ impl Masks {
         }
     }
 
+    /// The mask of parameter `name`: `None` while no pruner has set one. An unknown name is an error with
+    /// suggestions.
+    ///
+    /// ```
+    /// let model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+    /// let masks = distill::scheduler::Masks::new(model.named_parameters().into_iter().map(|(n, _)| n));
+    /// assert!(masks.mask("conv1.weight")?.is_none());
+    /// assert!(masks.mask("conv1.weigth").unwrap_err().to_string().contains("did you mean 'conv1.weight'"));
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn mask(&self, name: &str) -> Result<Option<&Tensor>> {
+        Ok(self.get(name)?.mask.as_ref())
+    }
+
     /// The masker of parameter `name` if it has one (parameters added after the scheduler was built, such as
     /// PACT's clipping values, have none).
     pub fn find_mut(&mut self, name: &str) -> Option<&mut ParameterMasker> {
