@@ -834,11 +834,8 @@ impl DistillerConfig {
     pub fn build(&self, student: &crate::nn::Model, base_dir: &std::path::Path) -> Result<crate::distillation::KnowledgeDistillationPolicy> {
         self.validate()?;
         let info = student.info();
-        let mut teacher = crate::models::create_model(&self.params().teacher, &info.dataset, student.device())?;
+        let teacher = crate::models::create_model(&self.params().teacher, &info.dataset, student.device())?;
         let path = self.teacher_checkpoint(base_dir);
-        crate::train::Checkpoint::load(&path)?.restore_model(&mut teacher, &path)?;
-        let policy = crate::distillation::KnowledgeDistillationPolicy::new(teacher, self.temperature(), self.weights())?;
-        policy.check_student(student)?;
-        Ok(policy)
+        crate::distillation::KnowledgeDistillationPolicy::from_checkpoint(teacher, &path, self.temperature(), self.weights(), student)
     }
 }

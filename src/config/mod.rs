@@ -994,12 +994,12 @@ fn read_section<T: for<'de> Deserialize<'de>>(
     out
 }
 
-/// The YAML key a construction error is about: the parameter an `InvalidArgument` names, if it names one.
 /// The folder a schedule named `name` (its file path) was read from, against which its relative paths resolve.
 fn base_dir(name: &str) -> PathBuf {
     Path::new(name).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
+/// The YAML key a construction error is about: the parameter an `InvalidArgument` names, if it names one.
 fn at_key<T>(result: Result<T>) -> std::result::Result<(), (Vec<String>, Error)> {
     result.map(|_| ()).map_err(|e| {
         let key = match &e {

@@ -117,6 +117,16 @@ impl KnowledgeDistillationPolicy {
         Ok(KnowledgeDistillationPolicy { teacher, temperature, weights, active: false, teacher_logits: None, student_logits: None })
     }
 
+    /// Distills into `student` from `teacher` (a fresh model of the teacher's architecture, built for the
+    /// student's dataset and device) with the weights (and thinning) of its trained `checkpoint`; the teacher is
+    /// checked against the student here, before any training.
+    pub fn from_checkpoint(mut teacher: Model, checkpoint: &std::path::Path, temperature: f64, weights: LossWeights, student: &Model) -> Result<Self> {
+        crate::train::Checkpoint::load(checkpoint)?.restore_model(&mut teacher, checkpoint)?;
+        let policy = Self::new(teacher, temperature, weights)?;
+        policy.check_student(student)?;
+        Ok(policy)
+    }
+
     /// The teacher.
     pub fn teacher(&self) -> &Model {
         &self.teacher

@@ -113,14 +113,6 @@ pub struct DeployReport {
     pub onnxruntime_version: String,
 }
 
-fn write_raw(path: &Path, t: &Tensor, kind: Kind) -> Result<()> {
-    let t = t.f_to_kind(kind)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
-    let numel = t.numel();
-    let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut bytes, numel)?;
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
-}
-
 /// The Python that runs onnxruntime for the report.
 pub fn onnxruntime_python(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
@@ -142,10 +134,6 @@ fn is_quantized(model: &Model) -> bool {
     let mut found = false;
     model.for_each_module(|_, m| found |= crate::graph::is_wrapper(m));
     found
-}
-
-fn nonzero_parameters(model: &Model) -> Result<i64> {
-    model.named_parameters().iter().map(|(_, t)| Ok(t.f_count_nonzero(None::<i64>)?.f_int64_value(&[])?)).sum()
 }
 
 fn total_macs(model: &mut Model) -> Result<i64> {
@@ -199,8 +187,8 @@ pub fn deploy_report(variants: &mut [(String, Model)], test: &Dataset, dir: impl
     let mut rows = measured?;
 
     let (images, labels) = (dir.join("test_images.f32"), dir.join("test_labels.i64"));
-    write_raw(&images, test.images(), Kind::Float)?;
-    write_raw(&labels, test.labels(), Kind::Int64)?;
+    crate::io::write_atomic(&images, &super::onnx::raw_bytes(test.images(), Kind::Float)?)?;
+    crate::io::write_atomic(&labels, &super::onnx::raw_bytes(test.labels(), Kind::Int64)?)?;
     let request = serde_json::json!({
         "images": images, "images_shape": test.images().size(), "labels": labels,
         "batch_sizes": options.batch_sizes, "warmup": options.warmup, "runs": options.runs, "threads": threads,
@@ -208,8 +196,8 @@ pub fn deploy_report(variants: &mut [(String, Model)], test: &Dataset, dir: impl
         "models": variants.iter().map(|(l, _)| serde_json::json!({"label": l, "path": dir.join(format!("{l}.onnx"))})).collect::<Vec<_>>(),
     });
     let (request_path, result_path, script) = (dir.join("onnxruntime_request.json"), dir.join("onnxruntime_result.json"), dir.join("onnxruntime_bench.py"));
-    std::fs::write(&request_path, request.to_string()).map_err(|e| Error::io(&request_path, e))?;
-    std::fs::write(&script, include_str!("onnxruntime_bench.py")).map_err(|e| Error::io(&script, e))?;
+    crate::io::write_atomic(&request_path, request.to_string().as_bytes())?;
+    crate::io::write_atomic(&script, include_str!("onnxruntime_bench.py").as_bytes())?;
     let run = std::process::Command::new(&python).arg(&script).arg(&request_path).arg(&result_path).output().map_err(|e| Error::io(&python, e))?;
     if !run.status.success() {
         let stderr = String::from_utf8_lossy(&run.stderr);
@@ -236,12 +224,13 @@ fn measure_libtorch(variants: &mut [(String, Model)], test: &Dataset, dir: &Path
         let quantized = is_quantized(model);
         let images = test.images().f_to_device(model.device())?;
         let latency_ms = options.batch_sizes.iter().map(|&b| libtorch_latency(model, &images, b, options)).collect::<Result<Vec<_>>>()?;
+        let counts = crate::summary::parameter_counts(model)?;
         rows.push(DeployRow {
             variant: label.clone(),
             runtime: Runtime::Libtorch,
             onnx_bytes: export.file_bytes,
-            parameters: model.num_parameters(),
-            nonzero_parameters: if quantized { None } else { Some(nonzero_parameters(model)?) },
+            parameters: counts.params,
+            nonzero_parameters: if quantized { None } else { Some(counts.nnz_params) },
             macs: if quantized { None } else { Some(total_macs(model)?) },
             quantized,
             float_weight_layers: export.float_weight_layers,
@@ -250,6 +239,11 @@ fn measure_libtorch(variants: &mut [(String, Model)], test: &Dataset, dir: &Path
         });
     }
     Ok(rows)
+}
+
+/// Value `i` of a row's per-batch-size figures; NaN where a hand-built report has fewer.
+fn at(values: &[f64], i: usize) -> f64 {
+    values.get(i).copied().unwrap_or(f64::NAN)
 }
 
 impl DeployReport {
@@ -279,8 +273,8 @@ impl DeployReport {
             Column::new("MACs".into(), r.iter().map(|x| x.macs).collect::<Vec<_>>()),
         ];
         for (i, b) in self.batch_sizes.iter().enumerate() {
-            columns.push(Column::new(format!("latency b{b} (ms)").into(), r.iter().map(|x| x.latency_ms[i]).collect::<Vec<_>>()));
-            columns.push(Column::new(format!("speedup b{b}").into(), r.iter().map(|x| self.speedup(x)[i]).collect::<Vec<_>>()));
+            columns.push(Column::new(format!("latency b{b} (ms)").into(), r.iter().map(|x| at(&x.latency_ms, i)).collect::<Vec<_>>()));
+            columns.push(Column::new(format!("speedup b{b}").into(), r.iter().map(|x| at(&self.speedup(x), i)).collect::<Vec<_>>()));
         }
         columns.push(Column::new("top1 (%)".into(), r.iter().map(|x| x.top1).collect::<Vec<_>>()));
         Ok(DataFrame::new(r.len(), columns)?)
@@ -296,7 +290,7 @@ impl DeployReport {
                     title: format!("{}, batch {b}: median latency ({} threads)", runtime.name(), self.threads),
                     x_label: "variant".into(),
                     y_label: "ms".into(),
-                    kind: PanelKind::Bars { labels: rows.iter().map(|r| r.variant.clone()).collect(), values: rows.iter().map(|r| r.latency_ms[i]).collect() },
+                    kind: PanelKind::Bars { labels: rows.iter().map(|r| r.variant.clone()).collect(), values: rows.iter().map(|r| at(&r.latency_ms, i)).collect() },
                 });
             }
         }
@@ -314,13 +308,13 @@ impl DeployReport {
     /// the largest batch size (a change within ±5% is called no change: timing noise is about that large).
     pub fn verdicts(&self) -> Vec<String> {
         let Some(base) = self.baseline(Runtime::Libtorch) else { return Vec::new() };
-        let last = self.batch_sizes.len() - 1;
+        let Some(last) = self.batch_sizes.len().checked_sub(1) else { return Vec::new() };
         let batch = self.batch_sizes[last];
         let mut out = Vec::new();
         for row in self.rows.iter().filter(|r| r.runtime == Runtime::Libtorch).skip(1) {
             let speed = |runtime: Runtime| {
                 let r = self.rows.iter().find(|x| x.runtime == runtime && x.variant == row.variant)?;
-                let s = self.speedup(r)[last];
+                let s = at(&self.speedup(r), last);
                 let words = if s >= 1.05 { format!("{s:.2}x faster") } else if s <= 0.95 { format!("{:.2}x slower", 1.0 / s) } else { format!("no faster ({s:.2}x)") };
                 Some(format!("{} {words}", runtime.name()))
             };
@@ -346,7 +340,7 @@ impl DeployReport {
                 format!("{}: physically smaller ({:.0}% of the parameters{macs}, ONNX file {size:.2}x smaller); at batch {batch} {ort}, {torch}", row.variant, 100.0 * row.parameters as f64 / base.parameters.max(1) as f64)
             } else {
                 let zeros = row.nonzero_parameters.map_or(0.0, |nz| 100.0 * (1.0 - nz as f64 / row.parameters.max(1) as f64));
-                let within_noise = self.rows.iter().filter(|r| r.variant == row.variant).all(|r| (self.speedup(r)[last] - 1.0).abs() < 0.1);
+                let within_noise = self.rows.iter().filter(|r| r.variant == row.variant).all(|r| (at(&self.speedup(r), last) - 1.0).abs() < 0.1);
                 let conclusion = if within_noise {
                     "within timing noise of the dense model: a dense runtime runs every multiply, zero or not; thinning removes them"
                 } else {

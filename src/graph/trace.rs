@@ -166,8 +166,8 @@ impl Tracer {
     /// Forgets the nodes a wrapper's forward recorded inside it (the last ones, all named under it) and the
     /// tensors they produced, so the wrapper is recorded as one leaf.
     fn forget_inside(&mut self, wrapper: &str) {
-        let prefix = format!("{wrapper}.");
-        let inside = |n: &Node| n.name.starts_with(&prefix) || n.name.starts_with(&format!("{wrapper}/"));
+        let (child, op) = (format!("{wrapper}."), format!("{wrapper}/"));
+        let inside = |n: &Node| n.name.starts_with(&child) || n.name.starts_with(&op);
         let first = self.nodes.iter().rposition(|n| !inside(n)).map_or(0, |i| i + 1);
         self.nodes.truncate(first);
         self.unrecorded.retain(|(n, _)| *n < first);

@@ -286,11 +286,6 @@ impl RangeLinearQuantParamLayer {
         self.wrapped.as_ref()
     }
 
-    /// How the weights are quantized.
-    pub fn weight_settings(&self) -> &WeightSettings {
-        &self.weights
-    }
-
     /// Whether a ReLU is applied to the output (a fused ReLU, Distiller's `clip_half_range`).
     pub fn output_relu(&self) -> bool {
         self.acts.as_ref().map_or(self.half_range, |a| a.output.half_range)
@@ -381,9 +376,7 @@ impl RangeLinearQuantEltwiseAdd {
         }
         Ok(Box::new(RangeLinearQuantEltwiseAdd { wrapped, acts }))
     }
-}
 
-impl RangeLinearQuantEltwiseAdd {
     /// Activation settings.
     pub fn activation_quant(&self) -> &ActQuant {
         &self.acts
@@ -482,9 +475,7 @@ impl RangeLinearFakeQuant {
         }
         Ok(Box::new(RangeLinearFakeQuant { wrapped, acts, quantize_inputs, dtype }))
     }
-}
 
-impl RangeLinearFakeQuant {
     /// Activation settings.
     pub fn activation_quant(&self) -> &ActQuant {
         &self.acts
@@ -498,11 +489,6 @@ impl RangeLinearFakeQuant {
     /// The floating-point width the module runs in (`fpq_module`), if not the input's.
     pub fn dtype(&self) -> Option<Kind> {
         self.dtype
-    }
-
-    /// The wrapped module.
-    pub fn wrapped(&self) -> &dyn Module {
-        self.wrapped.as_ref()
     }
 }
 

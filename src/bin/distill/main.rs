@@ -462,11 +462,9 @@ impl KdArgs {
         use distill::distillation::{KnowledgeDistillationPolicy, LossWeights};
         let (Some(arch), Some(path)) = (&self.kd_teacher, &self.kd_resume) else { return Ok(None) };
         let info = student.info();
-        let mut teacher = models::create_model(arch, &info.dataset, student.device()).map_err(|e| distill::Error::invalid("--kd-teacher", e.to_string()))?;
-        distill::train::Checkpoint::load(path)?.restore_model(&mut teacher, path)?;
+        let teacher = models::create_model(arch, &info.dataset, student.device()).map_err(|e| distill::Error::invalid("--kd-teacher", e.to_string()))?;
         let weights = LossWeights { distill: self.kd_distill_wt, student: self.kd_student_wt, teacher: self.kd_teacher_wt };
-        let policy = KnowledgeDistillationPolicy::new(teacher, self.kd_temperature, weights)?;
-        policy.check_student(student)?;
+        let policy = KnowledgeDistillationPolicy::from_checkpoint(teacher, path, self.kd_temperature, weights, student)?;
         if self.kd_start_epoch >= epochs {
             return Err(distill::Error::invalid("--kd-start-epoch", format!("{}: distillation would never run in {epochs} epochs", self.kd_start_epoch)));
         }

@@ -77,11 +77,17 @@ fn initializer(name: &str, t: &Tensor) -> Result<TensorProto> {
         Kind::Uint8 => (Kind::Uint8, DataType::Uint8),
         _ => (Kind::Float, DataType::Float),
     };
+    let raw = raw_bytes(t, kind)?;
+    Ok(TensorProto { name: Some(name.into()), dims: t.size(), data_type: Some(data_type as i32), raw_data: Some(raw), ..Default::default() })
+}
+
+/// `t`'s values as `kind`, in C order, as raw little-endian bytes (ONNX's `raw_data`, numpy's `tofile`).
+pub(crate) fn raw_bytes(t: &Tensor, kind: Kind) -> Result<Vec<u8>> {
     let t = t.f_detach()?.f_to_kind(kind)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
     let numel = t.numel();
     let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
     t.f_copy_data_u8(&mut bytes, numel)?;
-    Ok(TensorProto { name: Some(name.into()), dims: t.size(), data_type: Some(data_type as i32), raw_data: Some(bytes), ..Default::default() })
+    Ok(bytes)
 }
 
 fn float_value(name: &str, dims: &[Dim]) -> ValueInfoProto {

@@ -61,6 +61,11 @@ fn check_exportable(acts: &ActQuant, module: &str) -> Result<()> {
     Ok(())
 }
 
+/// `DequantizeLinear`'s `axis` attribute for parameters per output channel (a `[C]` scale), none per tensor.
+fn channel_axis(p: &QParams) -> Vec<super::AttributeProto> {
+    if p.scale.dim() == 1 { vec![attr_int("axis", 0)] } else { vec![] }
+}
+
 fn dynamic_ranges(module: &str) -> Error {
     Error::invalid(
         "ONNX export",
@@ -194,7 +199,7 @@ impl Writer<'_> {
     fn dequantized_weight(&mut self, name: &str, q: &Tensor, p: &QParams) -> Result<String> {
         let kind = container(p.range, name)?;
         let (w_scale, w_zp) = onnx_params(p, kind, name)?;
-        let axis = if p.scale.dim() == 1 { vec![attr_int("axis", 0)] } else { vec![] };
+        let axis = channel_axis(p);
         let w_int = self.param(name, "weight", &q.f_round()?.f_to_kind(kind)?)?;
         let s = self.param(name, "weight_scale", &w_scale)?;
         let weight = format!("{name}/weight");
@@ -220,6 +225,20 @@ impl Writer<'_> {
         Ok(weight)
     }
 
+    /// The Conv2d or Linear `wrapped` computing `out` from `input` with the values `weight` and `bias` (the
+    /// dequantized integers a quantized layer holds).
+    fn layer_with(&mut self, node: &Node, wrapped: &dyn Module, out: &str, input: String, weight: String, bias: Option<String>) -> Result<()> {
+        let any = wrapped as &dyn Any;
+        if let Some(c) = any.downcast_ref::<Conv2d>() {
+            self.conv(out, input, weight, bias, c);
+        } else if any.is::<Linear>() {
+            self.gemm(out, input, weight, bias);
+        } else {
+            return Err(Self::unsupported(node, "wraps neither a Conv2d nor a Linear"));
+        }
+        Ok(())
+    }
+
     /// A range-linear Conv2d or Linear: integer weights and bias behind `DequantizeLinear`, the float layer, and
     /// the output quantized (weights-only quantization leaves the output in floating point).
     fn write_layer(&mut self, node: &Node, layer: &RangeLinearQuantParamLayer, inputs: Vec<String>, name: &str, out: &str) -> Result<()> {
@@ -230,7 +249,6 @@ impl Writer<'_> {
         // Weights-only quantization stores the dequantized weights; their integers are recovered exactly.
         let q = if acts.is_some() { stored } else { wp.quantize(&stored, 0)? };
         let weight = self.dequantized_weight(name, &q, wp)?;
-        let axis = if wp.scale.dim() == 1 { vec![attr_int("axis", 0)] } else { vec![] };
         let (input, bias, out_p) = match acts {
             Some(acts) => {
                 check_exportable(acts, name)?;
@@ -245,7 +263,7 @@ impl Writer<'_> {
                         let bs = self.param(name, "bias_scale", &accum_scale.f_reciprocal()?.f_to_kind(Kind::Float)?)?;
                         let bz = self.param(name, "bias_zero_point", &accum_scale.f_zeros_like()?.f_to_kind(Kind::Int)?)?;
                         let bias = format!("{name}/bias");
-                        self.node("DequantizeLinear", &bias, vec![b_int, bs, bz], &bias, axis);
+                        self.node("DequantizeLinear", &bias, vec![b_int, bs, bz], &bias, channel_axis(wp));
                         Some(bias)
                     }
                     None => None,
@@ -255,14 +273,7 @@ impl Writer<'_> {
             None => (input, layer.float_bias().map(|b| self.param(name, "bias", b)).transpose()?, None),
         };
         let float = format!("{name}/float");
-        let wrapped = layer.wrapped() as &dyn Any;
-        if let Some(c) = wrapped.downcast_ref::<Conv2d>() {
-            self.conv(&float, input, weight, bias, c);
-        } else if wrapped.is::<Linear>() {
-            self.gemm(&float, input, weight, bias);
-        } else {
-            return Err(Self::unsupported(node, "wraps neither a Conv2d nor a Linear"));
-        }
+        self.layer_with(node, layer.wrapped(), &float, input, weight, bias)?;
         self.quantized_output(float, layer.output_relu(), out_p.as_ref(), name, out)
     }
 }
@@ -325,21 +336,14 @@ impl Writer<'_> {
         // The integers must give back exactly the weights the layer computes with.
         let off = q.f_add(&z)?.f_div(&s)?.f_sub(&wq)?.f_abs()?.f_max()?.f_double_value(&[])?;
         let size = wq.f_abs()?.f_max()?.f_double_value(&[])?.max(f64::MIN_POSITIVE);
-        if off > 1e-5 * size {
+        // Also refuses NaN (binary DoReFa of all-zero weights has no scale).
+        if off.is_nan() || off > 1e-5 * size {
             return Err(Error::invalid("ONNX export", format!("'{name}': its quantized weights ({:?}) are not on an integer grid (off by {off:e})", layer.weight_quant())));
         }
         let range = (q.f_min()?.f_double_value(&[])?, q.f_max()?.f_double_value(&[])?);
         let p = QParams::from_scale(scale.f_to_kind(Kind::Double)?, zp.f_to_kind(Kind::Double)?, range);
         let weight = self.dequantized_weight(name, &q, &p)?;
         let bias = tch::no_grad(|| layer.quantized_bias())?.map(|b| self.param(name, "bias", &b)).transpose()?;
-        let wrapped = layer.layer() as &dyn Any;
-        if let Some(c) = wrapped.downcast_ref::<Conv2d>() {
-            self.conv(out, input, weight, bias, c);
-        } else if wrapped.is::<Linear>() {
-            self.gemm(out, input, weight, bias);
-        } else {
-            return Err(Self::unsupported(node, "wraps neither a Conv2d nor a Linear"));
-        }
-        Ok(())
+        self.layer_with(node, layer.layer(), out, input, weight, bias)
     }
 }
