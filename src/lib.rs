@@ -13,6 +13,7 @@
 //! * [`data`]: the bundled 5,000-digit MNIST subset, MNIST IDX and CIFAR-10 loaders, seeded batching;
 //! * [`optim`]: SGD and Adam with inspectable, checkpointable state;
 //! * [`scheduler`]: the compression scheduler, its policies and parameter masks;
+//! * [`distillation`] and [`early_exit`]: knowledge distillation from a teacher, and exits part-way through a network;
 //! * [`train`]: Distiller's training loop with every scheduler callback, validation and checkpoints.
 //!
 //! ```no_run
@@ -32,6 +33,7 @@ pub mod config;
 pub mod data;
 pub mod distillation;
 pub mod display;
+pub mod early_exit;
 pub mod export;
 pub mod graph;
 pub mod logging;

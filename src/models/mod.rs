@@ -41,6 +41,27 @@ pub struct TrainingDefaults {
     pub cosine_lr: bool,
 }
 
+/// The early exits the zoo defines for `arch`, for [`attach_exits`](crate::early_exit::attach_exits): Distiller's
+/// exit after `layer1.2.relu2` of the CIFAR ResNets (AvgPool2d(3), Flatten, Linear(1600, 10)); for the MNIST
+/// networks, one exit after the first stage. `None` for an architecture without a default exit (name one with
+/// `--earlyexit-at`).
+///
+/// ```
+/// let exits = distill::models::zoo_exits("resnet20_cifar").unwrap();
+/// assert_eq!(exits, [distill::early_exit::ExitPoint::pooled("layer1.2.relu2", 3)]);
+/// ```
+pub fn zoo_exits(arch: &str) -> Option<Vec<crate::early_exit::ExitPoint>> {
+    use crate::early_exit::ExitPoint;
+    let exit = match arch {
+        a if a.starts_with("resnet") && a.ends_with("_cifar") => ExitPoint::pooled("layer1.2.relu2", 3),
+        "lenet" => ExitPoint::pooled("pool1", 2),
+        "simplenet_mnist" | "simplenet_v2_mnist" => ExitPoint::pooled("pool1", 3),
+        "mlp" => ExitPoint::linear("relu1"),
+        _ => return None,
+    };
+    Some(vec![exit])
+}
+
 /// The hyper-parameters `distill train` uses for `arch` on `dataset` when no flag says otherwise (README,
 /// "Training defaults"). The MNIST rows are measured on the bundled digits (≥ 97% test top-1 in 10 epochs for
 /// every seed tried); the CIFAR-10 rows are Distiller's published settings for those families (SGD 0.1 with
@@ -149,9 +170,7 @@ pub fn create_model(arch: &str, dataset: &str, device: Device) -> Result<Model> 
 pub fn copy_model(model: &Model) -> Result<Model> {
     let info = model.info();
     let mut copy = create_model(&info.arch, &info.dataset, model.device())?;
-    for recipe in model.thinning_recipes() {
-        recipe.apply(&mut copy, None, None)?;
-    }
+    crate::train::replay_structure(&mut copy, model.thinning_recipes(), model.early_exits(), None)?;
     copy.load_state_dict(&model.state_dict(), true)?;
     Ok(copy)
 }

@@ -15,6 +15,8 @@ pub struct Forward<'a> {
     /// Values attached to tensors for the rest of the pass; each tensor is held so its storage cannot be reused
     /// by a later tensor that would then inherit the value.
     annotations: Vec<(Tensor, Box<dyn Any>)>,
+    /// State of the caller's own for this pass (an early-exit pass keeps its exits' outputs here).
+    state: Option<Box<dyn Any>>,
 }
 
 /// A tensor's identity within a forward pass: storage address, shape, strides and dtype (a reshaped view is
@@ -32,7 +34,7 @@ fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
 impl<'a> Forward<'a> {
     /// A forward pass in train (`true`) or eval mode, notifying `observers`.
     pub fn new(train: bool, observers: &'a [SharedObserver]) -> Self {
-        Forward { train, path: String::new(), observers, annotations: Vec::new() }
+        Forward { train, path: String::new(), observers, annotations: Vec::new(), state: None }
     }
 
     /// Whether the pass runs in training mode (dropout active, batch-norm statistics updated).
@@ -43,6 +45,29 @@ impl<'a> Forward<'a> {
     /// Dotted name of the module currently running (empty for the root).
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Gives the pass a state of the caller's own, which modules of the tree reach with [`Forward::state_mut`]
+    /// (an early-exit pass collects its exits' outputs this way); replaces any earlier state.
+    pub fn with_state<T: Any>(mut self, state: T) -> Self {
+        self.state = Some(Box::new(state));
+        self
+    }
+
+    /// The pass's state, if it is a `T`.
+    pub fn state_mut<T: Any>(&mut self) -> Option<&mut T> {
+        self.state.as_mut().and_then(|s| s.downcast_mut::<T>())
+    }
+
+    /// Takes the pass's state out, if it is a `T`.
+    pub fn take_state<T: Any>(&mut self) -> Option<T> {
+        match self.state.take()?.downcast::<T>() {
+            Ok(state) => Some(*state),
+            Err(other) => {
+                self.state = Some(other);
+                None
+            }
+        }
     }
 
     /// Attaches `value` to `tensor` for the rest of this pass, replacing an earlier value of the same type. This is

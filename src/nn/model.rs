@@ -6,6 +6,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use super::{normalize_name, BoxModule, Forward, Module, Observer, ObserverId, SharedObserver};
+use crate::early_exit::ExitSpec;
 use crate::thinning::ThinningRecipe;
 use crate::{Error, Result};
 
@@ -49,6 +50,7 @@ pub struct Model {
     observers: Vec<SharedObserver>,
     next_observer_id: u64,
     thinning: Vec<ThinningRecipe>,
+    exits: Vec<ExitSpec>,
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -93,7 +95,7 @@ impl Model {
     /// Checks that child names are non-empty, dot-free and unique among siblings, and that the tree's parameter
     /// and buffer names are exactly the `VarStore`'s, so checkpoints, optimizers and schedules all agree.
     pub fn new(vs: VarStore, root: impl Module, info: ModelInfo) -> Result<Model> {
-        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new() };
+        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new(), exits: Vec::new() };
         model.check_tree()?;
         Ok(model)
     }
@@ -192,6 +194,17 @@ impl Model {
     /// Forward pass in train (`true`) or eval mode, whatever the current mode.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         Forward::new(train, &self.observers).run(self.root.as_ref(), &[xs])
+    }
+
+    /// A forward-pass context that notifies this model's observers, for a pass that carries a state of its own
+    /// ([`Forward::with_state`]); run it with [`Model::forward_with`].
+    pub fn pass(&self, train: bool) -> Forward<'_> {
+        Forward::new(train, &self.observers)
+    }
+
+    /// Runs the tree on `xs` in the context `ctx` (from [`Model::pass`]).
+    pub fn forward_with(&self, xs: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
+        ctx.run(self.root.as_ref(), &[xs])
     }
 
     /// The root module.
@@ -300,6 +313,24 @@ impl Model {
 
     pub(crate) fn push_thinning_recipe(&mut self, recipe: ThinningRecipe) {
         self.thinning.push(recipe);
+    }
+
+    /// The early exits attached to this model, in the order a forward pass reaches them
+    /// ([`attach_exits`](crate::early_exit::attach_exits)).
+    pub fn early_exits(&self) -> &[ExitSpec] {
+        &self.exits
+    }
+
+    pub(crate) fn push_early_exit(&mut self, spec: ExitSpec) {
+        self.exits.push(spec);
+    }
+
+    pub(crate) fn set_early_exits(&mut self, specs: Vec<ExitSpec>) {
+        self.exits = specs;
+    }
+
+    pub(crate) fn truncate_early_exits(&mut self, len: usize) {
+        self.exits.truncate(len);
     }
 
     fn slot_mut(&mut self, name: &str) -> Result<&mut BoxModule> {

@@ -13,6 +13,7 @@ use super::EpochRecord;
 use crate::nn::Model;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::scheduler::CompressionScheduler;
+use crate::early_exit::ExitSpec;
 use crate::thinning::ThinningRecipe;
 use crate::{Error, Result};
 
@@ -55,6 +56,10 @@ pub struct CheckpointMeta {
     /// before reading the weights (Distiller's `thinning_recipes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thinning: Vec<ThinningRecipe>,
+    /// The early exits attached to the model, in forward order: loading attaches them (each after as many
+    /// thinning recipes as it was attached after) before reading the weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub early_exits: Vec<ExitSpec>,
 }
 
 /// A checkpoint in memory.
@@ -128,6 +133,7 @@ impl Checkpoint {
             policy_states: scheduler.map(|s| s.policy_states()).unwrap_or_default(),
             history,
             thinning: model.thinning_recipes().to_vec(),
+            early_exits: model.early_exits().to_vec(),
         };
         Checkpoint {
             meta,
@@ -187,9 +193,10 @@ impl Checkpoint {
         Ok(Checkpoint { meta, model, masks, optimizer })
     }
 
-    /// Brings `model` to the thinned shapes the checkpoint was saved in, by replaying the recipes it has not
+    /// Brings `model` to the structure the checkpoint was saved with: replays the thinning recipes it has not
     /// applied yet (a fresh model of the architecture has applied none), shrinking `optimizer`'s parameters with
-    /// it. A model thinned differently from the checkpoint is an error.
+    /// it, and attaches the early exits it lacks, each after the recipes that preceded it. A model thinned
+    /// differently from the checkpoint, or with exits the checkpoint does not have, is an error.
     pub fn thin_like_saved(&self, model: &mut Model, optimizer: Option<&mut Optimizer>, path: &Path) -> Result<()> {
         let done = model.thinning_recipes();
         if done.len() > self.meta.thinning.len() || self.meta.thinning[..done.len()] != *done {
@@ -203,11 +210,7 @@ impl Checkpoint {
                 ),
             ));
         }
-        let mut optimizer = optimizer;
-        for recipe in self.meta.thinning[done.len()..].to_vec() {
-            recipe.apply(model, optimizer.as_deref_mut(), None).map_err(|e| Error::checkpoint(path, format!("replaying its thinning: {e}")))?;
-        }
-        Ok(())
+        replay_structure(model, &self.meta.thinning, &self.meta.early_exits, optimizer).map_err(|e| Error::checkpoint(path, e.to_string()))
     }
 
     /// Restores the saved learning rates and per-parameter state into `optimizer`, which must use the saved update
@@ -260,4 +263,28 @@ impl Checkpoint {
         scheduler.before_restore(model, self.meta.epoch, Some(&mut scratch))?;
         self.restore_model(model, path)
     }
+}
+
+/// Brings `model` to the structure of a model that applied `recipes` and attached `exits` (each exit after
+/// `after_thinning` recipes): replays the recipes it has not applied and attaches the exits it lacks, in order.
+/// The model's own recipes must be a prefix of `recipes` (checked by the caller) and its exits among `exits`.
+pub(crate) fn replay_structure(model: &mut Model, recipes: &[ThinningRecipe], exits: &[ExitSpec], optimizer: Option<&mut Optimizer>) -> Result<()> {
+    if let Some(extra) = model.early_exits().iter().find(|e| !exits.iter().any(|s| s.at == e.at)) {
+        return Err(Error::invalid("early exits", format!("the model has an exit after '{}' that the saved model does not have; start from a model without it", extra.at)));
+    }
+    let mut optimizer = optimizer;
+    for step in model.thinning_recipes().len()..=recipes.len() {
+        for spec in exits.iter().filter(|s| s.after_thinning <= step) {
+            if !model.early_exits().iter().any(|e| e.at == spec.at) {
+                crate::early_exit::attach_spec(model, spec).map_err(|e| Error::invalid("early exits", format!("attaching the exit after '{}': {e}", spec.at)))?;
+            }
+        }
+        if let Some(recipe) = recipes.get(step) {
+            recipe.apply(model, optimizer.as_deref_mut(), None).map_err(|e| Error::invalid("thinning", format!("replaying a thinning recipe: {e}")))?;
+        }
+    }
+    if !exits.is_empty() {
+        model.set_early_exits(exits.to_vec());
+    }
+    Ok(())
 }

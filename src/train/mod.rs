@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Reduction, Tensor};
 
 use crate::data::{epoch_seed, DataSplits, Dataset};
+use crate::early_exit::{early_exit_loss, forward_exits, EarlyExit, ExitStats};
 use crate::logging::{CsvLogger, DataLogger, TensorBoardLogger};
 use crate::metrics::{Metrics, MetricsAccumulator};
 use crate::nn::Model;
@@ -27,6 +28,7 @@ use crate::summary::{parameter_counts, ParameterCounts};
 use crate::{Error, Result};
 
 pub use checkpoint::{Checkpoint, CheckpointMeta, OptimizerMeta};
+pub(crate) use checkpoint::replay_structure;
 pub use progress::Progress;
 use progress::Reporter;
 
@@ -59,6 +61,9 @@ pub struct TrainConfig {
     pub out_dir: Option<PathBuf>,
     /// How progress is shown.
     pub progress: Progress,
+    /// Train the model's early exits with these loss weights and validate with these thresholds (the model must
+    /// have one exit per threshold: [`crate::early_exit::attach_exits`]).
+    pub early_exit: Option<EarlyExit>,
 }
 
 impl Default for TrainConfig {
@@ -73,6 +78,7 @@ impl Default for TrainConfig {
             seed: 1,
             out_dir: None,
             progress: Progress::Auto,
+            early_exit: None,
         }
     }
 }
@@ -103,6 +109,9 @@ pub struct EpochRecord {
     pub counts: ParameterCounts,
     /// Wall time of the epoch, validation included.
     pub seconds: f64,
+    /// Early-exit statistics of the validation (a run with [`TrainConfig::early_exit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exits: Option<ExitStats>,
 }
 
 /// Validation results of one epoch.
@@ -158,8 +167,12 @@ pub struct TrainSummary {
     pub final_: EpochResult,
     /// Validation results of the best epoch (fewest non-zero weights, then top-1, as Distiller).
     pub best: EpochResult,
-    /// The final model on the held-out test set.
+    /// The final model on the held-out test set (with early exits: the network with its exits, as
+    /// [`crate::early_exit::evaluate`] runs it).
     pub test: Metrics,
+    /// Early-exit statistics on the test set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_exits: Option<ExitStats>,
     /// Parameter elements.
     pub params: i64,
     /// Non-zero parameter elements.
@@ -216,12 +229,15 @@ pub struct EpochSettings<'a> {
     pub total_epochs: usize,
     /// Receive the running training statistics four times per epoch.
     pub loggers: &'a mut [Box<dyn DataLogger>],
+    /// Train the model's exits with this loss (the objective loss is then Distiller's `earlyexit_loss`, and the
+    /// accuracy is the final classifier's).
+    pub early_exit: Option<&'a EarlyExit>,
 }
 
 impl EpochSettings<'_> {
     /// Settings with no loggers and no progress display.
     pub fn quiet(batch_size: usize, shuffle_seed: u64) -> EpochSettings<'static> {
-        EpochSettings { batch_size, shuffle_seed, progress: Progress::Quiet, total_epochs: 1, loggers: &mut [] }
+        EpochSettings { batch_size, shuffle_seed, progress: Progress::Quiet, total_epochs: 1, loggers: &mut [], early_exit: None }
     }
 }
 
@@ -238,7 +254,10 @@ pub fn train_epoch(
     epoch: usize,
     settings: EpochSettings,
 ) -> Result<TrainEpochMetrics> {
-    let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers } = settings;
+    let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers, early_exit } = settings;
+    if let Some(ee) = early_exit {
+        ee.check_model(model)?;
+    }
     model.train();
     let per_epoch = data.steps(batch_size);
     let log_every = per_epoch.div_ceil(4).max(1);
@@ -253,11 +272,20 @@ pub fn train_epoch(
         if let Some(s) = scheduler.as_deref_mut() {
             s.on_minibatch_begin(model, epoch, mb, Some(optimizer))?;
         }
-        let logits = model.forward(&x)?;
+        let (logits, exits) = match early_exit {
+            Some(_) => {
+                let out = forward_exits(model, &x, true)?;
+                (out.final_.shallow_clone(), Some(out))
+            }
+            None => (model.forward(&x)?, None),
+        };
         if let Some(s) = scheduler.as_deref_mut() {
             s.after_forward(model, epoch, mb, &x, &logits, Some(optimizer))?;
         }
-        let loss = cross_entropy(&logits, &y)?;
+        let loss = match (&exits, early_exit) {
+            (Some(out), Some(ee)) => early_exit_loss(out, &y, &ee.loss_weights)?,
+            _ => cross_entropy(&logits, &y)?,
+        };
         let loss_value = loss.f_double_value(&[])?;
         if !loss_value.is_finite() {
             return Err(Error::invalid(
@@ -356,6 +384,9 @@ impl<'a> Trainer<'a> {
         if config.batch_size == 0 || config.batch_size > MAX_BATCH {
             return Err(Error::invalid("batch size", format!("{} must lie in 1..={MAX_BATCH}", config.batch_size)));
         }
+        if let Some(ee) = &config.early_exit {
+            ee.check_model(model)?;
+        }
         let optimizer = Optimizer::for_model(model, config.optimizer, config.lr)?;
         Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new(), loggers: Vec::new(), warnings: Vec::new() })
     }
@@ -394,6 +425,15 @@ impl<'a> Trainer<'a> {
     pub fn resume(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let ckpt = Checkpoint::load(path)?;
+        // The optimizer was built over the model's parameters, so exits cannot be added now.
+        let saved: Vec<&str> = ckpt.meta.early_exits.iter().map(|e| e.at.as_str()).collect();
+        let own: Vec<&str> = self.model.early_exits().iter().map(|e| e.at.as_str()).collect();
+        if saved != own {
+            return Err(Error::checkpoint(
+                path,
+                format!("the checkpoint's model has early exits after {saved:?}, this model after {own:?}: attach the same exits (early_exit::attach_exits, or the same --earlyexit-* flags) before building the Trainer"),
+            ));
+        }
         // Thinning first: a quantizer's preparation below must see the thinned layers.
         if ckpt.meta.arch == self.model.info().arch {
             ckpt.thin_like_saved(self.model, Some(&mut self.optimizer), path)?;
@@ -440,8 +480,8 @@ impl<'a> Trainer<'a> {
         for epoch in start_epoch..self.config.epochs {
             self.run_epoch(data, epoch)?;
         }
-        let test = validate(self.model, &data.test, self.config.batch_size)?;
-        let summary = self.summary(test, started.elapsed().as_secs_f64())?;
+        let (test, test_exits) = self.validate(&data.test)?;
+        let summary = self.summary(test, test_exits, started.elapsed().as_secs_f64())?;
         if self.config.progress != Progress::Quiet {
             println!("test: top1 {:.2}%  top5 {:.2}%  loss {:.4}", test.top1, test.top5, test.loss);
         }
@@ -467,10 +507,17 @@ impl<'a> Trainer<'a> {
             progress: self.config.progress,
             total_epochs: self.config.epochs,
             loggers: &mut self.loggers,
+            early_exit: self.config.early_exit.as_ref(),
         };
         let train = train_epoch(self.model, &data.train, &mut self.optimizer, self.scheduler.as_deref_mut(), epoch, settings)?;
-        let valid = validate(self.model, &data.valid, self.config.batch_size)?;
-        let stats = [("Loss".to_string(), valid.loss), ("Top1".to_string(), valid.top1), ("Top5".to_string(), valid.top5)];
+        let (valid, exits) = self.validate(&data.valid)?;
+        let mut stats = vec![("Loss".to_string(), valid.loss), ("Top1".to_string(), valid.top1), ("Top5".to_string(), valid.top5)];
+        if let Some(e) = &exits {
+            stats.extend(e.scalars());
+            if self.config.progress != Progress::Quiet {
+                println!("{}", e.log_lines().join("\n"));
+            }
+        }
         for l in self.loggers.iter_mut() {
             l.log_training_progress("Performance/Validation/", &stats, epoch, 0, 1)?;
             l.log_weights_sparsity(self.model, epoch)?;
@@ -481,7 +528,7 @@ impl<'a> Trainer<'a> {
             s.on_epoch_end(self.model, epoch, &valid, Some(&mut self.optimizer))?;
         }
         let counts = parameter_counts(self.model)?;
-        self.history.push(EpochRecord { epoch, lr, train, valid, counts, seconds: started.elapsed().as_secs_f64() });
+        self.history.push(EpochRecord { epoch, lr, train, valid, counts, seconds: started.elapsed().as_secs_f64(), exits });
         let record = self.history.last().expect("just pushed");
         let best = best_epoch(&self.history).expect("non-empty history");
         let line = format!(
@@ -526,7 +573,18 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    fn summary(&self, test: Metrics, wall_seconds: f64) -> Result<TrainSummary> {
+    /// Plain validation, or with early exits the network as deployed with its exits.
+    fn validate(&mut self, data: &Dataset) -> Result<(Metrics, Option<ExitStats>)> {
+        match &self.config.early_exit {
+            Some(ee) => {
+                let stats = crate::early_exit::evaluate(self.model, data, self.config.batch_size, ee)?;
+                Ok((stats.overall, Some(stats)))
+            }
+            None => Ok((validate(self.model, data, self.config.batch_size)?, None)),
+        }
+    }
+
+    fn summary(&self, test: Metrics, test_exits: Option<ExitStats>, wall_seconds: f64) -> Result<TrainSummary> {
         let last = self.history.last().ok_or_else(|| Error::invalid("epochs", "no epoch was trained"))?;
         let best = best_epoch(&self.history).unwrap_or(last);
         let counts = parameter_counts(self.model)?;
@@ -542,6 +600,7 @@ impl<'a> Trainer<'a> {
             final_: EpochResult::of(last),
             best: EpochResult::of(best),
             test,
+            test_exits,
             params: counts.params,
             nnz_params: counts.nnz_params,
             weights: counts.weights,
@@ -614,9 +673,16 @@ fn history_columns(history: &[EpochRecord]) -> Vec<(String, Vec<Option<f64>>)> {
         ("seconds", |r| r.seconds),
     ];
     let mut columns: Vec<(String, Vec<Option<f64>>)> = fixed.iter().map(|(name, f)| (name.to_string(), history.iter().map(|r| Some(f(r))).collect())).collect();
+    let snake = |text: &str| text.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_");
     for term in terms {
-        let name = format!("train_{}", term.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
-        columns.push((name, history.iter().map(|r| r.train.loss_components.iter().find(|(n, _)| n == term).map(|(_, v)| *v)).collect()));
+        columns.push((format!("train_{}", snake(term)), history.iter().map(|r| r.train.loss_components.iter().find(|(n, _)| n == term).map(|(_, v)| *v)).collect()));
+    }
+    // Early exit: `valid_exit_0_percent`, `valid_exit_0_top1`, ..., `valid_macs_saved`.
+    if let Some(first) = history.iter().find_map(|r| r.exits.as_ref()) {
+        for (name, _) in first.scalars() {
+            let values = history.iter().map(|r| r.exits.as_ref().and_then(|e| e.scalars().into_iter().find(|(n, _)| *n == name).map(|(_, v)| v))).collect();
+            columns.push((format!("valid_{}", snake(&name)), values));
+        }
     }
     columns
 }

@@ -427,6 +427,53 @@ struct TrainArgs {
     progress: String,
     #[command(flatten)]
     kd: KdArgs,
+    #[command(flatten)]
+    early_exit: EarlyExitArgs,
+}
+
+/// Early exit, with Distiller's flags (`compress_classifier.py --earlyexit_thresholds --earlyexit_lossweights`).
+#[derive(clap::Args)]
+struct EarlyExitArgs {
+    /// Train with early exits: one threshold per exit; in validation a sample leaves at the first exit whose
+    /// score (see --earlyexit-criterion) is below its threshold.
+    #[arg(long = "earlyexit-thresholds", alias = "earlyexit_thresholds", num_args = 1.., requires = "earlyexit_lossweights")]
+    earlyexit_thresholds: Vec<f64>,
+    /// One loss weight per exit, summing to less than 1; the final classifier gets the rest.
+    #[arg(long = "earlyexit-lossweights", alias = "earlyexit_lossweights", num_args = 1.., requires = "earlyexit_thresholds")]
+    earlyexit_lossweights: Vec<f64>,
+    /// How an exit scores a sample: ce (Distiller's: cross-entropy against the label) or entropy (of the exit's
+    /// softmax, what a deployed model can use).
+    #[arg(long = "earlyexit-criterion", default_value = "ce")]
+    earlyexit_criterion: String,
+    /// Where the exits go, NAME or NAME:POOL each (e.g. pool1:2) [default: the model's zoo exits, see the README].
+    #[arg(long = "earlyexit-at", num_args = 1.., requires = "earlyexit_thresholds")]
+    earlyexit_at: Vec<String>,
+}
+
+impl EarlyExitArgs {
+    /// Attaches the exits (unless the model already has them, from --load-weights) and returns the settings, if
+    /// --earlyexit-thresholds is given.
+    fn attach(&self, model: &mut distill::nn::Model) -> Result<Option<distill::early_exit::EarlyExit>> {
+        use distill::early_exit::{attach_exits, EarlyExit, ExitCriterion, ExitPoint};
+        if self.earlyexit_thresholds.is_empty() {
+            return Ok(None);
+        }
+        let arch = model.info().arch.clone();
+        let points = if self.earlyexit_at.is_empty() {
+            models::zoo_exits(&arch).ok_or_else(|| {
+                distill::Error::invalid("--earlyexit-at", format!("{arch} has no default exit; name where the exits go, e.g. --earlyexit-at MODULE:POOL"))
+            })?
+        } else {
+            self.earlyexit_at.iter().map(|t| ExitPoint::parse(t)).collect::<Result<Vec<_>>>()?
+        };
+        if model.early_exits().is_empty() {
+            attach_exits(model, &points)?;
+        }
+        let config = EarlyExit::new(self.earlyexit_lossweights.clone(), self.earlyexit_thresholds.clone())?
+            .with_criterion(ExitCriterion::parse(&self.earlyexit_criterion)?);
+        config.check_model(model)?;
+        Ok(Some(config))
+    }
 }
 
 /// Knowledge distillation, with Distiller's flags (`compress_classifier.py --kd-*`).
@@ -490,6 +537,7 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(path) = &args.load_weights {
         distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
     }
+    let early_exit = args.early_exit.attach(&mut model)?;
     let data = args.model.data()?;
     let defaults = models::training_defaults(&args.model.arch, &args.model.dataset);
     let (lr, batch_size) = (args.lr.unwrap_or(defaults.lr), args.batch_size.unwrap_or(defaults.batch_size));
@@ -507,7 +555,12 @@ fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         out_dir: Some(args.out.clone()),
         progress,
+        early_exit: early_exit.clone(),
     };
+    if let Some(ee) = &early_exit {
+        let at: Vec<String> = model.early_exits().iter().map(|e| e.at.clone()).collect();
+        println!("early exits after {at:?}: loss weights {:?}, thresholds {:?} ({:?})", ee.loss_weights, ee.thresholds, ee.criterion);
+    }
     println!(
         "distill: {} on {} ({} train / {} valid / {} test samples), {} parameters, {:?}",
         args.model.arch,
@@ -564,6 +617,9 @@ fn train(args: TrainArgs) -> Result<()> {
     if progress == Progress::Quiet {
         // Shown during the run otherwise.
         summary.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    }
+    if let Some(e) = &summary.test_exits {
+        println!("test set with early exits:\n{}", e.log_lines().join("\n"));
     }
     let written = write_run_reports(&mut model, &args.out, &summary)?;
     println!("summaries and charts: {}", written.join(", "));
