@@ -319,6 +319,40 @@ fn knowledge_distillation_from_the_command_line() {
 }
 
 #[test]
+fn early_exit_from_the_command_line() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let out = dir.path().join("ee");
+    let out = out.to_str().unwrap();
+    let run = |arch: &str, dataset: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--arch", arch, "--dataset", dataset, "--epochs", "1", "--progress", "quiet", "--out", out];
+        args.extend_from_slice(extra);
+        distill(&args)
+    };
+    // Distiller's spellings; the exit goes where --earlyexit-at says.
+    let o = run("lenet", "mnist", &["--earlyexit_thresholds", "0.8", "--earlyexit_lossweights", "0.3", "--earlyexit-at", "pool2:1", "--earlyexit-criterion", "entropy"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("early exits after [\"pool2\"]") && text.contains("Percent Early Exit 0:") && text.contains("Totals for entire network with early exits"), "{text}");
+    let metrics = std::fs::read_to_string(dir.path().join("ee/metrics.csv")).unwrap();
+    assert!(metrics.lines().next().unwrap().ends_with("valid_macs_saved"), "{metrics}");
+    let summary = std::fs::read_to_string(dir.path().join("ee/summary.json")).unwrap();
+    assert!(summary.contains("\"test_exits\"") && summary.contains("\"exit\": \"pool2\""), "{summary}");
+    // Each mistake is reported before any training.
+    for (arch, dataset, extra, expected) in [
+        ("lenet", "mnist", vec!["--earlyexit-thresholds", "0.8", "--earlyexit-lossweights", "0.6", "0.5"], "threshold"),
+        ("lenet", "mnist", vec!["--earlyexit-thresholds", "0.8", "0.8", "--earlyexit-lossweights", "0.6", "0.5"], "sum to less than 1"),
+        ("lenet", "mnist", vec!["--earlyexit-thresholds", "0.8"], "--earlyexit-lossweights"),
+        ("lenet", "mnist", vec!["--earlyexit-thresholds", "0.8", "--earlyexit-lossweights", "0.3", "--earlyexit-at", "pool9:2"], "did you mean"),
+        ("lenet", "mnist", vec!["--earlyexit-thresholds", "0.8", "--earlyexit-lossweights", "0.3", "--earlyexit-criterion", "margin"], "entropy"),
+        ("vgg11_cifar", "cifar10", vec!["--earlyexit-thresholds", "0.8", "--earlyexit-lossweights", "0.3"], "--earlyexit-at"),
+    ] {
+        let o = run(arch, dataset, &extra);
+        assert!(!o.status.success() && stderr(&o).contains(expected), "{extra:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("epoch 1/"), "{extra:?} started training");
+    }
+}
+
+#[test]
 fn deploy_report_measures_the_variants_and_refuses_bad_ones() {
     let dir = distill::io::TempDir::new().unwrap();
     let run = dir.path().join("dense");

@@ -258,15 +258,22 @@ fn predict_eval(model: &Model, xs: &Tensor, config: &EarlyExit, targets: Option<
     let device = model.device();
     let pass = ExitPass::skip(config.criterion, config.thresholds.clone(), batch, device, targets.map(|t| t.shallow_clone()))?;
     let mut ctx = model.pass(false).with_state(pass);
-    let final_ = model.forward_with(xs, &mut ctx)?;
+    let result = model.forward_with(xs, &mut ctx);
     let pass = ctx.take_state::<ExitPass>().ok_or_else(|| Error::invalid("early exit", "the pass lost its state"))?;
-    let classes = final_.size().get(1).copied().unwrap_or(0);
-    let mut logits = Tensor::f_zeros([batch, classes], (final_.kind(), device))?;
-    let mut exit = Tensor::f_full([batch], pass.taken.len() as i64, (Kind::Int64, device))?;
+    let final_ = match result {
+        Ok(out) => Some(out),
+        Err(_) if pass.stopped => None,
+        Err(e) => return Err(e),
+    };
+    let kind = final_.as_ref().or(pass.taken.first().map(|(_, out)| out)).map_or(Kind::Float, |t| t.kind());
+    let mut logits = Tensor::f_zeros([batch, model.info().num_classes], (kind, device))?;
+    let mut exit = Tensor::f_full([batch], model.early_exits().len() as i64, (Kind::Int64, device))?;
     for (i, (rows, out)) in pass.taken.iter().enumerate() {
         let _ = logits.f_index_copy_(0, rows, out)?;
         let _ = exit.f_index_fill_(0, rows, i as i64)?;
     }
-    let _ = logits.f_index_copy_(0, &pass.remaining, &final_)?;
+    if let Some(out) = final_ {
+        let _ = logits.f_index_copy_(0, &pass.remaining, &out)?;
+    }
     Ok(ExitPrediction { logits, exit })
 }

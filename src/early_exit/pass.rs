@@ -26,12 +26,14 @@ pub(crate) struct ExitPass {
     targets: Option<Tensor>,
     /// Skip and force modes: per exit, the rows that left there and their outputs.
     pub(crate) taken: Vec<(Tensor, Tensor)>,
+    /// Skip mode: every sample has left, and the pass was stopped there.
+    pub(crate) stopped: bool,
 }
 
 impl ExitPass {
     fn new(mode: Mode, batch: i64, device: tch::Device, targets: Option<Tensor>) -> Result<Self> {
         let remaining = Tensor::f_arange(batch, (Kind::Int64, device))?;
-        Ok(ExitPass { mode, reached: Vec::new(), outputs: Vec::new(), remaining, targets, taken: Vec::new() })
+        Ok(ExitPass { mode, reached: Vec::new(), outputs: Vec::new(), remaining, targets, taken: Vec::new(), stopped: false })
     }
 
     pub(crate) fn collect(batch: i64, device: tch::Device) -> Result<Self> {
@@ -74,6 +76,13 @@ impl ExitPass {
         self.taken.push((self.remaining.f_index_select(0, &out)?, exit.f_index_select(0, &out)?));
         if out.size()[0] == 0 {
             return Ok(trunk);
+        }
+        if stay.size()[0] == 0 && matches!(self.mode, Mode::Skip { .. }) {
+            // Nothing is left for the rest of the network: stop the pass here (the caller sees `stopped`), so a
+            // batch that leaves whole costs nothing more, not even the dispatch of the remaining layers.
+            self.stopped = true;
+            self.remaining = self.remaining.f_index_select(0, &stay)?;
+            return Err(Error::invalid("early exit", "every sample has left; the pass stops here"));
         }
         self.remaining = self.remaining.f_index_select(0, &stay)?;
         if let Some(t) = &self.targets {
