@@ -158,7 +158,7 @@ impl Rich for Metrics {
 
 impl Rich for TrainSummary {
     fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
-        let rows = [
+        let mut rows = vec![
             ("final (validation)", self.final_.to_string()),
             ("best (validation)", self.best.to_string()),
             ("test", self.test.to_string()),
@@ -166,7 +166,20 @@ impl Rich for TrainSummary {
             ("sparsity of 2-D/4-D weights", format!("{:.2}%", 100.0 * self.sparsity)),
             ("wall time", format!("{:.1} s for {} epochs", self.wall_seconds, self.history.len())),
         ];
+        if let Some(e) = &self.test_exits {
+            let shares: Vec<String> = e.exits.iter().map(|x| format!("{:.1}% at {}", x.percent, x.exit)).collect();
+            rows.insert(3, ("test, early exits", format!("{}; {:.1}% of the MACs saved", shares.join(", "), 100.0 * e.macs_saved())));
+        }
         Ok(key_value_bundle(&format!("{} on {}", self.arch, self.dataset), &rows))
+    }
+}
+
+impl Rich for crate::early_exit::ExitStats {
+    /// The per-exit table and Distiller's log lines.
+    fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
+        let frame = self.frame()?;
+        let lines = self.log_lines().join("\n");
+        Ok(vec![("text/html", format!("{}<pre>{}</pre>", html_table(&frame)?, escape(&lines))), ("text/plain", format!("{}{lines}", to_text_table(&frame)?))])
     }
 }
 

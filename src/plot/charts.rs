@@ -119,3 +119,28 @@ pub fn quantization_ranges(stats: &ActivationStats) -> Result<Figure> {
     let panel = Panel { title: "Activation ranges (min to max)".into(), x_label: "module".into(), y_label: "value".into(), kind: PanelKind::Ranges { labels, ranges } };
     Ok(Figure::new("Quantization ranges", vec![panel], 1))
 }
+
+/// Early exit's trade-off over thresholds, from one or several sweeps ([`crate::early_exit::ExitScores::sweep`],
+/// e.g. one per criterion): the share of samples leaving at the first exit, the overall top-1 and the compute
+/// saved against the threshold, and top-1 against compute saved.
+pub fn early_exit_tradeoff(sweeps: &[(&str, &DataFrame)]) -> Result<Figure> {
+    if sweeps.is_empty() || sweeps.iter().all(|(_, df)| df.height() == 0) {
+        return Err(Error::invalid("early-exit chart", "no sweep rows to draw"));
+    }
+    let mut panels: Vec<(&str, &str, &str, &str, &str)> = vec![
+        ("Samples leaving at the first exit", "threshold", "exit0_percent", "threshold (nats)", "samples (%)"),
+        ("Top-1 of the network with its exits", "threshold", "top1", "threshold (nats)", "top-1 (%)"),
+        ("Compute saved", "threshold", "macs_saved", "threshold (nats)", "MACs saved (%)"),
+        ("Accuracy against compute", "macs_saved", "top1", "MACs saved (%)", "top-1 (%)"),
+    ];
+    let mut out = Vec::new();
+    for (title, x, y, x_label, y_label) in panels.drain(..) {
+        let mut series = Vec::new();
+        for (name, df) in sweeps {
+            let points = f64_col(df, x)?.into_iter().zip(f64_col(df, y)?).collect();
+            series.push(Series { name: name.to_string(), points });
+        }
+        out.push(Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), kind: PanelKind::Lines(series) });
+    }
+    Ok(Figure::new("Early exit", out, 2))
+}

@@ -11,7 +11,7 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
-pub use charts::{quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
+pub use charts::{early_exit_tradeoff, quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
@@ -141,6 +141,44 @@ fn category_chart<'a, 'b, DB: DrawingBackend>(
     Ok(chart)
 }
 
+/// The corner where the legend of `series` covers the least of their lines, for a plotting area of `pixels`
+/// (width, height): each line is sampled along its segments and the samples inside each corner's legend box (13 px
+/// text, a row per series) are counted; ties go to upper right, lower right, upper left, lower left in that order.
+fn legend_corner(series: &[Series], (x0, x1): (f64, f64), (y0, y1): (f64, f64), pixels: (f64, f64)) -> SeriesLabelPosition {
+    let longest = series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as f64;
+    let width = ((7.0 * longest + 60.0) / pixels.0.max(1.0)).min(1.0);
+    let height = ((20.0 * series.len() as f64 + 20.0) / pixels.1.max(1.0)).min(1.0);
+    let fraction = |v: f64, lo: f64, hi: f64| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+    let mut samples = Vec::new();
+    for s in series {
+        for pair in s.points.windows(2) {
+            for k in 0..10 {
+                let t = k as f64 / 10.0;
+                let (x, y) = (pair[0].0 + t * (pair[1].0 - pair[0].0), pair[0].1 + t * (pair[1].1 - pair[0].1));
+                samples.push((fraction(x, x0, x1), fraction(y, y0, y1)));
+            }
+        }
+        samples.extend(s.points.last().map(|&(x, y)| (fraction(x, x0, x1), fraction(y, y0, y1))));
+    }
+    let corners = [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::UpperLeft, false, true),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ];
+    let covered = |right: bool, top: bool| {
+        samples.iter().filter(|(fx, fy)| (if right { *fx >= 1.0 - width } else { *fx <= width }) && (if top { *fy >= 1.0 - height } else { *fy <= height })).count()
+    };
+    let mut best = (SeriesLabelPosition::UpperRight, usize::MAX);
+    for (position, right, top) in corners {
+        let n = covered(right, top);
+        if n < best.1 {
+            best = (position, n);
+        }
+    }
+    best.0
+}
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()> {
     let mut builder = ChartBuilder::on(area);
     builder.caption(&p.title, ("sans-serif", 18)).margin(10).x_label_area_size(45).y_label_area_size(60);
@@ -162,10 +200,9 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                 chart.draw_series(s.points.iter().map(|&pt| Circle::new(pt, 2, color.filled()))).map_err(draw_err)?;
             }
             if series.len() > 1 || series.first().is_some_and(|s| !s.name.is_empty()) {
-                // Keep the legend off the lines' ends: below them when they end high, above when they end low.
-                let ends: Vec<f64> = series.iter().filter_map(|s| s.points.last().map(|p| p.1)).collect();
-                let end = ends.iter().sum::<f64>() / ends.len().max(1) as f64;
-                let position = if end > (y0 + y1) / 2.0 { SeriesLabelPosition::LowerRight } else { SeriesLabelPosition::UpperRight };
+                let (w, h) = area.dim_in_pixel();
+                // The plotting area: the panel less its caption, axis label areas and margins.
+                let position = legend_corner(series, (x0, x1), (y0, y1), (w as f64 - 80.0, h as f64 - 95.0));
                 chart
                     .configure_series_labels()
                     .label_font(("sans-serif", 13))
@@ -260,5 +297,25 @@ impl Figure {
             Ok(svg) => println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{svg}\nEVCXR_END_CONTENT"),
             Err(e) => println!("EVCXR_BEGIN_CONTENT text/plain\n{e}\nEVCXR_END_CONTENT"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(points: &[(f64, f64)]) -> Series {
+        Series { name: "a".into(), points: points.to_vec() }
+    }
+
+    #[test]
+    fn the_legend_goes_where_the_lines_are_not() {
+        let corner = |s: &[Series]| format!("{:?}", legend_corner(s, (0.0, 1.0), (0.0, 1.0), (200.0, 200.0)));
+        // A line rising to the upper right: the legend goes to the lower right, below its end.
+        assert_eq!(corner(&[line(&[(0.0, 0.0), (0.5, 0.9), (1.0, 1.0)])]), "LowerRight");
+        // A line along the top and another along the bottom of the right half: the left is free at the top.
+        assert_eq!(corner(&[line(&[(0.5, 1.0), (1.0, 1.0)]), line(&[(0.5, 0.0), (1.0, 0.0)])]), "UpperLeft");
+        // Flat in the middle: nothing is covered anywhere, so upper right.
+        assert_eq!(corner(&[line(&[(0.0, 0.5), (1.0, 0.5)])]), "UpperRight");
     }
 }
