@@ -220,4 +220,10 @@ fn a_run_with_exits_resumes_bit_exactly_and_its_checkpoint_loads_with_its_exits(
     assert!(csv.lines().next().unwrap().ends_with("valid_exit_0_percent,valid_exit_0_top1,valid_exit_1_percent,valid_exit_1_top1,valid_macs_saved"), "{csv}");
     let json = std::fs::read_to_string(whole.path().join("summary.json")).unwrap();
     assert!(json.contains("\"test_exits\""));
+    // TensorBoard gets the same figures under Performance/Validation/.
+    let (runs, _) = distill::logging::posthoc::read_runs(&[whole.path()]).unwrap();
+    let tags = distill::summary::tables::column(&runs, "tag").unwrap().str().unwrap().iter().flatten().map(String::from).collect::<Vec<_>>();
+    for tag in ["Performance/Validation/Exit 0 Percent", "Performance/Validation/Exit 1 Top1", "Performance/Validation/MACs Saved"] {
+        assert!(tags.iter().any(|t| t == tag), "{tag} not among {tags:?}");
+    }
 }
