@@ -324,8 +324,10 @@ impl ExitScores {
         let mut sorted = scores.clone();
         sorted.sort_by(f64::total_cmp);
         let k = ((fraction * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-        // Just above the k-th smallest score, so exactly the k lowest are below it (ties aside).
-        Ok(sorted[k - 1].next_up())
+        // Just above the k-th smallest score, so exactly the k lowest are below it (ties aside); scores are ≥ 0 up
+        // to rounding, and so are thresholds.
+        let x = sorted[k - 1].max(0.0);
+        Ok(if x.is_finite() { f64::from_bits(x.to_bits() + 1) } else { x })
     }
 
     /// The trade-off over `thresholds`, the same threshold at every exit: one row per threshold with `threshold`,
@@ -395,6 +397,6 @@ mod tests {
         assert_eq!(s.exits[0].taken, 4);
         assert_eq!(s.overall.top1, 25.0);
         assert!(scores.stats(ExitCriterion::Entropy, &[0.5]).is_err());
-        assert_eq!(scores.quantile(ExitCriterion::CrossEntropy, 0, 0.5).unwrap(), 0.5f64.next_up());
+        assert_eq!(scores.quantile(ExitCriterion::CrossEntropy, 0, 0.5).unwrap(), f64::from_bits(0.5f64.to_bits() + 1));
     }
 }
