@@ -286,21 +286,13 @@ impl DeployReport {
         for runtime in [Runtime::OnnxRuntime, Runtime::Libtorch] {
             let rows: Vec<&DeployRow> = self.rows.iter().filter(|r| r.runtime == runtime).collect();
             for (i, b) in self.batch_sizes.iter().enumerate() {
-                panels.push(Panel {
-                    title: format!("{}, batch {b}: median latency ({} threads)", runtime.name(), self.threads),
-                    x_label: "variant".into(),
-                    y_label: "ms".into(),
-                    kind: PanelKind::Bars { labels: rows.iter().map(|r| r.variant.clone()).collect(), values: rows.iter().map(|r| at(&r.latency_ms, i)).collect() },
-                });
+                let bars = PanelKind::Bars { labels: rows.iter().map(|r| r.variant.clone()).collect(), values: rows.iter().map(|r| at(&r.latency_ms, i)).collect() };
+                panels.push(Panel::new(format!("{}, batch {b}: median latency ({} threads)", runtime.name(), self.threads), "variant", "ms", bars));
             }
         }
         let files: Vec<&DeployRow> = self.rows.iter().filter(|r| r.runtime == Runtime::OnnxRuntime).collect();
-        panels.push(Panel {
-            title: "ONNX file size".into(),
-            x_label: "variant".into(),
-            y_label: "KiB".into(),
-            kind: PanelKind::Bars { labels: files.iter().map(|r| r.variant.clone()).collect(), values: files.iter().map(|r| r.onnx_bytes as f64 / 1024.0).collect() },
-        });
+        let bars = PanelKind::Bars { labels: files.iter().map(|r| r.variant.clone()).collect(), values: files.iter().map(|r| r.onnx_bytes as f64 / 1024.0).collect() };
+        panels.push(Panel::new("ONNX file size", "variant", "KiB", bars));
         Ok(Figure::new("Deployment: latency and size per variant", panels, self.batch_sizes.len().max(2)))
     }
 

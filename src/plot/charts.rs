@@ -26,12 +26,7 @@ pub fn sparsity_bars(summary: &DataFrame) -> Result<Figure> {
     let fine = f64_col(summary, "Fine (%)")?;
     let (labels, values): (Vec<String>, Vec<f64>) = names.into_iter().zip(fine).filter(|(n, _)| n != "Total sparsity:").unzip();
     let total = f64_col(summary, "Fine (%)")?.last().copied().unwrap_or(0.0);
-    let panel = Panel {
-        title: format!("Sparsity per weight tensor (total {total:.1}%)"),
-        x_label: "tensor".into(),
-        y_label: "zero weights (%)".into(),
-        kind: PanelKind::Bars { labels, values },
-    };
+    let panel = Panel::new(format!("Sparsity per weight tensor (total {total:.1}%)"), "tensor", "zero weights (%)", PanelKind::Bars { labels, values });
     Ok(Figure::new("Weight sparsity", vec![panel], 1))
 }
 
@@ -45,10 +40,10 @@ pub fn sensitivity_curves(sensitivity: &DataFrame) -> Result<Figure> {
     for ((p, s), t) in params.into_iter().zip(sparsity).zip(top1) {
         match series.iter_mut().find(|x| x.name == p) {
             Some(x) => x.points.push((s, t)),
-            None => series.push(Series { name: p, points: vec![(s, t)] }),
+            None => series.push(Series::new(p, vec![(s, t)])),
         }
     }
-    let panel = Panel { title: "Sensitivity to pruning".into(), x_label: "sparsity".into(), y_label: "top-1 (%)".into(), kind: PanelKind::Lines(series) };
+    let panel = Panel::new("Sensitivity to pruning", "sparsity", "top-1 (%)", PanelKind::Lines(series));
     Ok(Figure::new("Sensitivity analysis", vec![panel], 1))
 }
 
@@ -60,63 +55,111 @@ pub fn weight_histogram(model: &Model, name: &str, bins: usize) -> Result<Figure
     }
     let (edges, counts) = crate::summary::histogram(&t, bins)?;
     let zeros = t.f_eq(0.0)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    let panel = Panel {
-        title: format!("{name} ({} values, {zeros} zeros)", t.numel()),
-        x_label: "value".into(),
-        y_label: "count".into(),
-        kind: PanelKind::Histogram { edges, counts },
-    };
+    let panel = Panel::new(format!("{name} ({} values, {zeros} zeros)", t.numel()), "value", "count", PanelKind::Histogram { edges, counts });
     Ok(Figure::new("Weight histogram", vec![panel], 1))
 }
 
 /// Training curves of one or several runs: loss, top-1, sparsity and learning rate against the epoch, as four
-/// panels of one figure.
+/// panels of one figure sharing their epoch axis. Each run has one colour; validation lines are dashed.
 pub fn training_curves(runs: &[(&str, &[EpochRecord])]) -> Result<Figure> {
     if runs.iter().all(|(_, h)| h.is_empty()) {
         return Err(Error::invalid("training curves", "no epochs to draw"));
     }
-    let series = |f: &dyn Fn(&EpochRecord) -> f64, suffix: &str| -> Vec<Series> {
+    let series = |f: &dyn Fn(&EpochRecord) -> f64, suffix: &str, dashed: bool| -> Vec<Series> {
         runs.iter()
-            .map(|(name, h)| Series { name: format!("{name}{suffix}"), points: h.iter().map(|r| (r.epoch as f64, f(r))).collect() })
+            .enumerate()
+            .map(|(i, (name, h))| {
+                let s = Series::new(format!("{name}{suffix}"), h.iter().map(|r| (r.epoch as f64, f(r))).collect()).color(i);
+                if dashed { s.dashed() } else { s }
+            })
             .collect()
     };
-    let mut loss = series(&|r| r.train.objective.loss, " train");
-    loss.extend(series(&|r| r.valid.loss, " valid"));
-    let mut top1 = series(&|r| r.train.objective.top1, " train");
-    top1.extend(series(&|r| r.valid.top1, " valid"));
+    let both = |f: &dyn Fn(&EpochRecord) -> f64, g: &dyn Fn(&EpochRecord) -> f64| -> Vec<Series> {
+        // Train and valid of one run next to each other, so the legend reads run by run.
+        series(f, " train", false).into_iter().zip(series(g, " valid", true)).flat_map(|(a, b)| [a, b]).collect()
+    };
     let panels = vec![
-        Panel { title: "Loss".into(), x_label: "epoch".into(), y_label: "cross-entropy".into(), kind: PanelKind::Lines(loss) },
-        Panel { title: "Top-1 accuracy".into(), x_label: "epoch".into(), y_label: "top-1 (%)".into(), kind: PanelKind::Lines(top1) },
-        Panel { title: "Sparsity of 2-D/4-D weights".into(), x_label: "epoch".into(), y_label: "zeros (%)".into(), kind: PanelKind::Lines(series(&|r| 100.0 * r.counts.sparsity, "")) },
-        Panel { title: "Learning rate".into(), x_label: "epoch".into(), y_label: "lr".into(), kind: PanelKind::Lines(series(&|r| r.lr, "")) },
+        Panel::new("Loss", "epoch", "cross-entropy", PanelKind::Lines(both(&|r| r.train.objective.loss, &|r| r.valid.loss))),
+        Panel::new("Top-1 accuracy", "epoch", "top-1 (%)", PanelKind::Lines(both(&|r| r.train.objective.top1, &|r| r.valid.top1))),
+        Panel::new("Sparsity of 2-D/4-D weights", "epoch", "zeros (%)", PanelKind::Lines(series(&|r| 100.0 * r.counts.sparsity, "", false))),
+        Panel::new("Learning rate", "epoch", "lr", PanelKind::Lines(series(&|r| r.lr, "", false))),
     ];
-    Ok(Figure::new("Training", panels, 2))
+    Ok(Figure::new("Training", shared_x(panels), 2))
 }
 
-/// A schedule's preview: each pruned tensor's target sparsity and the learning rate per epoch.
+/// Gives every line panel the x range of all of them together, padded, so panels of one figure line up.
+fn shared_x(panels: Vec<Panel>) -> Vec<Panel> {
+    let xs: Vec<f64> = panels
+        .iter()
+        .filter_map(|p| match &p.kind {
+            PanelKind::Lines(series) => Some(series.iter().flat_map(|s| s.points.iter().map(|pt| pt.0)).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|x| x.is_finite())
+        .collect();
+    let (lo, hi) = (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+    if !(lo.is_finite() && hi.is_finite()) {
+        return panels;
+    }
+    let (lo, hi) = super::padded(lo, hi);
+    panels.into_iter().map(|p| if matches!(p.kind, PanelKind::Lines(_)) && p.x_range.is_none() { p.x_range(lo, hi) } else { p }).collect()
+}
+
+/// A schedule's preview: each pruned tensor's target sparsity and the learning rate per epoch, on one epoch axis.
 pub fn schedule_preview(preview: &Preview) -> Result<Figure> {
     let mut targets: Vec<Series> = Vec::new();
     for row in &preview.epochs {
         for (tensor, t, _) in &row.targets {
             match targets.iter_mut().find(|s| &s.name == tensor) {
                 Some(s) => s.points.push((row.epoch as f64, 100.0 * t)),
-                None => targets.push(Series { name: tensor.clone(), points: vec![(row.epoch as f64, 100.0 * t)] }),
+                None => targets.push(Series::new(tensor.clone(), vec![(row.epoch as f64, 100.0 * t)])),
             }
         }
     }
     let lr: Vec<(f64, f64)> = preview.epochs.iter().filter_map(|r| r.lr.map(|l| (r.epoch as f64, l))).collect();
     let panels = vec![
-        Panel { title: "Target sparsity".into(), x_label: "epoch".into(), y_label: "target (%)".into(), kind: PanelKind::Lines(targets) },
-        Panel { title: "Learning rate".into(), x_label: "epoch".into(), y_label: "lr".into(), kind: PanelKind::Lines(vec![Series { name: String::new(), points: lr }]) },
+        Panel::new("Target sparsity", "epoch", "target (%)", PanelKind::Lines(targets)),
+        Panel::new("Learning rate", "epoch", "lr", PanelKind::Lines(vec![Series::new("", lr)])),
     ];
-    Ok(Figure::new("Schedule preview", panels, 2))
+    Ok(Figure::new("Schedule preview", shared_x(panels), 2))
+}
+
+/// Lines from any DataFrame: `y` against `x`, one line per value of `group` (e.g. the `run` of
+/// [`crate::logging::posthoc::read_runs`] after filtering one tag), in order of first appearance.
+///
+/// ```
+/// use distill::polars::prelude::*;
+/// let df = df!("run" => ["a", "a", "b", "b"], "step" => [0i64, 1, 0, 1], "value" => [0.5, 0.25, 0.6, 0.3])?;
+/// let figure = distill::plot::lines_from_frame(&df, "step", "value", Some("run"))?;
+/// assert_eq!(figure.panels.len(), 1);
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn lines_from_frame(df: &DataFrame, x: &str, y: &str, group: Option<&str>) -> Result<Figure> {
+    let xs = f64_col(df, x)?;
+    let ys = f64_col(df, y)?;
+    let groups = match group {
+        Some(g) => str_col(df, g)?,
+        None => vec![String::new(); df.height()],
+    };
+    let mut series: Vec<Series> = Vec::new();
+    for ((g, x), y) in groups.into_iter().zip(xs).zip(ys) {
+        match series.iter_mut().find(|s| s.name == g) {
+            Some(s) => s.points.push((x, y)),
+            None => series.push(Series::new(g, vec![(x, y)])),
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Ok(Figure::new(format!("{y} against {x}"), vec![Panel::new(format!("{y} against {x}"), x, y, PanelKind::Lines(series))], 1))
 }
 
 /// The output range (min to max) of every module in calibration statistics, as quantization sees it.
 pub fn quantization_ranges(stats: &ActivationStats) -> Result<Figure> {
     let labels = stats.modules.iter().map(|(n, _)| n.clone()).collect();
     let ranges = stats.modules.iter().map(|(_, s)| (s.output.range.min, s.output.range.max)).collect();
-    let panel = Panel { title: "Activation ranges (min to max)".into(), x_label: "module".into(), y_label: "value".into(), kind: PanelKind::Ranges { labels, ranges } };
+    let panel = Panel::new("Activation ranges (min to max)", "module", "value", PanelKind::Ranges { labels, ranges });
     Ok(Figure::new("Quantization ranges", vec![panel], 1))
 }
 
@@ -138,9 +181,9 @@ pub fn early_exit_tradeoff(sweeps: &[(&str, &DataFrame)]) -> Result<Figure> {
         let mut series = Vec::new();
         for (name, df) in sweeps {
             let points = f64_col(df, x)?.into_iter().zip(f64_col(df, y)?).collect();
-            series.push(Series { name: name.to_string(), points });
+            series.push(Series::new(*name, points));
         }
-        out.push(Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), kind: PanelKind::Lines(series) });
+        out.push(Panel::new(title, x_label, y_label, PanelKind::Lines(series)));
     }
     Ok(Figure::new("Early exit", out, 2))
 }

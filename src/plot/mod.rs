@@ -11,7 +11,7 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
-pub use charts::{early_exit_tradeoff, quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
+pub use charts::{early_exit_tradeoff, lines_from_frame, quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
@@ -32,6 +32,29 @@ pub struct Series {
     pub name: String,
     /// Points, in x order.
     pub points: Vec<(f64, f64)>,
+    /// Palette colour (index into the 8-colour palette); `None`: the series' position in its panel.
+    pub color: Option<usize>,
+    /// Draw the line dashed. A series that coincides with an earlier one is dashed anyway, so both stay visible.
+    pub dashed: bool,
+}
+
+impl Series {
+    /// A solid line in the colour of its position.
+    pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series { name: name.into(), points, color: None, dashed: false }
+    }
+
+    /// Uses palette colour `index` (series of one run can share a colour and differ by dashes).
+    pub fn color(mut self, index: usize) -> Self {
+        self.color = Some(index);
+        self
+    }
+
+    /// Draws the line dashed.
+    pub fn dashed(mut self) -> Self {
+        self.dashed = true;
+        self
+    }
 }
 
 /// What a panel shows.
@@ -73,6 +96,46 @@ pub struct Panel {
     pub y_label: String,
     /// Content.
     pub kind: PanelKind,
+    /// X axis limits of a line panel; `None`: the data's range, padded.
+    pub x_range: Option<(f64, f64)>,
+    /// Y axis limits of a line panel; `None`: the data's range, padded.
+    pub y_range: Option<(f64, f64)>,
+    /// A logarithmic y axis (line panels; values ≤ 0 are left out).
+    pub log_y: bool,
+}
+
+impl Panel {
+    /// A panel with axes fitted to its data.
+    ///
+    /// ```
+    /// use distill::plot::{Figure, Panel, PanelKind, Series};
+    /// let loss = Series::new("loss", vec![(0.0, 2.3), (1.0, 0.4), (2.0, 0.1)]);
+    /// let panel = Panel::new("Loss", "epoch", "cross-entropy", PanelKind::Lines(vec![loss])).log_y().x_range(0.0, 4.0);
+    /// let svg = Figure::new("Training", vec![panel], 1).to_svg()?;
+    /// assert!(svg.contains("<svg"));
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn new(title: impl Into<String>, x_label: impl Into<String>, y_label: impl Into<String>, kind: PanelKind) -> Self {
+        Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), kind, x_range: None, y_range: None, log_y: false }
+    }
+
+    /// Fixes the x axis to `lo..hi`.
+    pub fn x_range(mut self, lo: f64, hi: f64) -> Self {
+        self.x_range = Some((lo, hi));
+        self
+    }
+
+    /// Fixes the y axis to `lo..hi`.
+    pub fn y_range(mut self, lo: f64, hi: f64) -> Self {
+        self.y_range = Some((lo, hi));
+        self
+    }
+
+    /// Draws the y axis on a logarithmic scale.
+    pub fn log_y(mut self) -> Self {
+        self.log_y = true;
+        self
+    }
 }
 
 /// A figure: a title and panels laid out in a grid.
@@ -135,6 +198,7 @@ fn category_chart<'a, 'b, DB: DrawingBackend>(
         .y_desc(&p.y_label)
         .x_labels(labels.len().max(1))
         .x_label_formatter(&|x| category_label(labels, *x))
+        .y_label_formatter(&|y| tick_text(*y, y1 - y0, false))
         .label_style(("sans-serif", 11))
         .draw()
         .map_err(draw_err)?;
@@ -179,40 +243,122 @@ fn legend_corner(series: &[Series], (x0, x1): (f64, f64), (y0, y1): (f64, f64), 
     best.0
 }
 
+/// Tick text for an axis spanning `span`: whole numbers only on an integer axis (epochs, counts), otherwise
+/// the decimals the ticks' spacing needs; never "-0".
+fn tick_text(v: f64, span: f64, integer: bool) -> String {
+    let text = if integer {
+        if (v - v.round()).abs() > 1e-9 {
+            return String::new();
+        }
+        format!("{}", v.round())
+    } else {
+        // The spacing plotters picks for about ten ticks: the smallest of 1, 2, 5 × 10^k that is at least span / 10.
+        let raw = span / 10.0;
+        let decimals = if raw > 0.0 && raw.is_finite() {
+            let k = raw.log10().floor();
+            let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * 10f64.powf(k)).find(|s| *s >= raw * (1.0 - 1e-9)).unwrap_or(raw);
+            (-step.log10().floor()).clamp(0.0, 8.0) as usize
+        } else {
+            2
+        };
+        format!("{v:.decimals$}")
+    };
+    match text.strip_prefix('-') {
+        Some(rest) if rest.chars().all(|c| c == '0' || c == '.') => rest.to_string(),
+        _ => text,
+    }
+}
+
+fn whole(values: impl IntoIterator<Item = f64>) -> bool {
+    values.into_iter().all(|v| v.is_finite() && v == v.round())
+}
+
+/// The earlier series of `series` that `j` coincides with (same points), if any.
+fn coincides(series: &[Series], j: usize, (y0, y1): (f64, f64)) -> bool {
+    let tolerance = 1e-9 * (y1 - y0).abs().max(1.0);
+    series[..j].iter().any(|s| {
+        s.points.len() == series[j].points.len()
+            && s.points.iter().zip(&series[j].points).all(|(a, b)| (a.0 - b.0).abs() <= tolerance && (a.1 - b.1).abs() <= tolerance)
+    })
+}
+
+fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &DrawingArea<DB, Shift>, p: &Panel, series: &[Series]) -> Result<()> {
+    let shown = |pt: &&(f64, f64)| pt.0.is_finite() && pt.1.is_finite() && (!p.log_y || pt.1 > 0.0);
+    let xs = || series.iter().flat_map(|s| s.points.iter().filter(shown).map(|p| p.0));
+    let ys = || series.iter().flat_map(|s| s.points.iter().filter(shown).map(|p| p.1));
+    let (x0, x1) = p.x_range.unwrap_or_else(|| padded(xs().fold(f64::INFINITY, f64::min), xs().fold(f64::NEG_INFINITY, f64::max)));
+    let (y0, y1) = p.y_range.unwrap_or_else(|| {
+        let (lo, hi) = (ys().fold(f64::INFINITY, f64::min), ys().fold(f64::NEG_INFINITY, f64::max));
+        if p.log_y && lo.is_finite() && hi.is_finite() { (lo / 1.2, hi * 1.2) } else { padded(lo, hi) }
+    });
+    if !(x0 < x1 && y0 < y1) || (p.log_y && y0 <= 0.0) {
+        return Err(Error::invalid("chart", format!("panel '{}': empty or inverted axis range x {x0}..{x1}, y {y0}..{y1}", p.title)));
+    }
+    let x_integer = whole(xs()) && x1 - x0 >= 2.0;
+    let x_labels = if x_integer { ((x1 - x0).floor() as usize + 1).clamp(2, 11) } else { 10 };
+    let legend = series.len() > 1 || series.first().is_some_and(|s| !s.name.is_empty());
+    let (w, h) = area.dim_in_pixel();
+    // The plotting area: the panel less its caption, axis label areas and margins.
+    let corner = legend_corner(series, (x0, x1), (y0, y1), (w as f64 - 80.0, h as f64 - 95.0));
+    let x_fmt = move |x: &f64| tick_text(*x, x1 - x0, x_integer);
+    if p.log_y {
+        let mut chart = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(draw_err)?;
+        chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, *y, false)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+        draw_series_on(&mut chart, series, &shown, (y0, y1))?;
+        if legend {
+            chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.85)).border_style(BLACK).position(corner).draw().map_err(draw_err)?;
+        }
+    } else {
+        let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(draw_err)?;
+        let y_integer = whole(ys()) && y1 - y0 >= 2.0;
+        chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, y1 - y0, y_integer)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+        draw_series_on(&mut chart, series, &shown, (y0, y1))?;
+        if legend {
+            chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.85)).border_style(BLACK).position(corner).draw().map_err(draw_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Draws each series in order: its line (dashed when asked or when it coincides with an earlier series, so both
+/// stay visible) and its markers, whose shape cycles with the series (circle, triangle, cross, ring).
+fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    series: &[Series],
+    shown: &dyn Fn(&&(f64, f64)) -> bool,
+    y_range: (f64, f64),
+) -> Result<()> {
+    for (i, s) in series.iter().enumerate() {
+        let color = PALETTE[s.color.unwrap_or(i) % PALETTE.len()];
+        let points: Vec<(f64, f64)> = s.points.iter().filter(shown).copied().collect();
+        let style = color.stroke_width(2);
+        let annotation = if s.dashed || coincides(series, i, y_range) {
+            chart.draw_series(DashedLineSeries::new(points.iter().copied(), 7, 5, style)).map_err(draw_err)?
+        } else {
+            chart.draw_series(LineSeries::new(points.iter().copied(), style)).map_err(draw_err)?
+        };
+        let dashed = s.dashed || coincides(series, i, y_range);
+        annotation.label(&s.name).legend(move |(x, y)| {
+            let style = color.stroke_width(2);
+            let gap = if dashed { 5 } else { 0 };
+            EmptyElement::at((x, y)) + PathElement::new(vec![(0, 0), (7, 0)], style) + PathElement::new(vec![(7 + gap, 0), (18, 0)], style)
+        });
+        match i % 4 {
+            0 => chart.draw_series(points.iter().map(|&pt| Circle::new(pt, 3, color.filled()))).map(|_| ()),
+            1 => chart.draw_series(points.iter().map(|&pt| TriangleMarker::new(pt, 4, color.filled()))).map(|_| ()),
+            2 => chart.draw_series(points.iter().map(|&pt| Cross::new(pt, 4, color.stroke_width(2)))).map(|_| ()),
+            _ => chart.draw_series(points.iter().map(|&pt| Circle::new(pt, 4, color.stroke_width(1)))).map(|_| ()),
+        }
+        .map_err(draw_err)?;
+    }
+    Ok(())
+}
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()> {
     let mut builder = ChartBuilder::on(area);
     builder.caption(&p.title, ("sans-serif", 18)).margin(10).x_label_area_size(45).y_label_area_size(60);
     match &p.kind {
-        PanelKind::Lines(series) => {
-            let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-            let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
-            let (x0, x1) = padded(xs.clone().fold(f64::INFINITY, f64::min), xs.fold(f64::NEG_INFINITY, f64::max));
-            let (y0, y1) = padded(ys.clone().fold(f64::INFINITY, f64::min), ys.fold(f64::NEG_INFINITY, f64::max));
-            let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(draw_err)?;
-            chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
-            for (i, s) in series.iter().enumerate() {
-                let color = PALETTE[i % PALETTE.len()];
-                chart
-                    .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
-                    .map_err(draw_err)?
-                    .label(&s.name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-                chart.draw_series(s.points.iter().map(|&pt| Circle::new(pt, 2, color.filled()))).map_err(draw_err)?;
-            }
-            if series.len() > 1 || series.first().is_some_and(|s| !s.name.is_empty()) {
-                let (w, h) = area.dim_in_pixel();
-                // The plotting area: the panel less its caption, axis label areas and margins.
-                let position = legend_corner(series, (x0, x1), (y0, y1), (w as f64 - 80.0, h as f64 - 95.0));
-                chart
-                    .configure_series_labels()
-                    .label_font(("sans-serif", 13))
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .position(position)
-                    .draw()
-                    .map_err(draw_err)?;
-            }
-        }
+        PanelKind::Lines(series) => draw_lines(builder, area, p, series)?,
         PanelKind::Bars { labels, values } => {
             let y = padded(values.iter().copied().fold(0.0, f64::min), values.iter().copied().fold(0.0, f64::max));
             let mut chart = category_chart(builder, p, labels, y)?;
@@ -227,7 +373,16 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
             let (x0, x1) = padded(edges.first().copied().unwrap_or(0.0), edges.last().copied().unwrap_or(1.0));
             let y1 = counts.iter().copied().fold(0.0, f64::max).max(1.0) * 1.05;
             let mut chart = builder.build_cartesian_2d(x0..x1, 0.0..y1).map_err(draw_err)?;
-            chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+            let integer = whole(counts.iter().copied());
+            chart
+                .configure_mesh()
+                .x_desc(&p.x_label)
+                .y_desc(&p.y_label)
+                .x_label_formatter(&|x| tick_text(*x, x1 - x0, false))
+                .y_label_formatter(&|y| tick_text(*y, y1, integer))
+                .label_style(("sans-serif", 13))
+                .draw()
+                .map_err(draw_err)?;
             chart
                 .draw_series(counts.iter().enumerate().map(|(i, &c)| Rectangle::new([(edges[i], 0.0), (edges[i + 1], c)], PALETTE[0].mix(0.8).filled())))
                 .map_err(draw_err)?;
@@ -305,7 +460,7 @@ mod tests {
     use super::*;
 
     fn line(points: &[(f64, f64)]) -> Series {
-        Series { name: "a".into(), points: points.to_vec() }
+        Series::new("a", points.to_vec())
     }
 
     #[test]
