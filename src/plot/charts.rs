@@ -78,10 +78,13 @@ pub fn training_curves(runs: &[(&str, &[EpochRecord])]) -> Result<Figure> {
         // Train and valid of one run next to each other, so the legend reads run by run.
         series(f, " train", false).into_iter().zip(series(g, " valid", true)).flat_map(|(a, b)| [a, b]).collect()
     };
+    // Sparsity is a share: its axis starts at 0 (a dense run is a line along the bottom, not in the middle).
+    let most_sparse = runs.iter().flat_map(|(_, h)| h.iter().map(|r| 100.0 * r.counts.sparsity)).fold(0.0, f64::max);
     let panels = vec![
         Panel::new("Loss", "epoch", "cross-entropy", PanelKind::Lines(both(&|r| r.train.objective.loss, &|r| r.valid.loss))),
         Panel::new("Top-1 accuracy", "epoch", "top-1 (%)", PanelKind::Lines(both(&|r| r.train.objective.top1, &|r| r.valid.top1))),
-        Panel::new("Sparsity of 2-D/4-D weights", "epoch", "zeros (%)", PanelKind::Lines(series(&|r| 100.0 * r.counts.sparsity, "", false))),
+        Panel::new("Sparsity of 2-D/4-D weights", "epoch", "zeros (%)", PanelKind::Lines(series(&|r| 100.0 * r.counts.sparsity, "", false)))
+            .y_range(0.0, 1.05 * most_sparse.max(1.0)),
         Panel::new("Learning rate", "epoch", "lr", PanelKind::Lines(series(&|r| r.lr, "", false))),
     ];
     Ok(Figure::new("Training", shared_x(panels), 2))
