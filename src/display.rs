@@ -45,7 +45,8 @@ pub trait Rich {
     }
 }
 
-/// An HTML table of a DataFrame (every row).
+/// An HTML table of a DataFrame: every row up to 60, else the first and last 10 with an ellipsis row between
+/// and the frame's size below (as pandas shows a long frame).
 pub fn html_table(df: &DataFrame) -> Result<String> {
     let cols = df.columns();
     let mut html = String::from("<table><thead><tr>");
@@ -53,16 +54,36 @@ pub fn html_table(df: &DataFrame) -> Result<String> {
         html += &format!("<th>{}</th>", escape(c.name()));
     }
     html += "</tr></thead><tbody>";
-    for i in 0..df.height() {
-        html += "<tr>";
+    let row = |i: usize| -> Result<String> {
+        let mut tr = String::from("<tr>");
         for c in cols {
-            html += &format!("<td>{}</td>", escape(&cell(c, i)?));
+            tr += &format!("<td>{}</td>", escape(&cell(c, i)?));
         }
-        html += "</tr>";
+        Ok(tr + "</tr>")
+    };
+    let n = df.height();
+    if n > MAX_HTML_ROWS {
+        // As pandas does: the head and the tail, an ellipsis row between, and the frame's size below.
+        for i in (0..HEAD_TAIL_ROWS).chain(n - HEAD_TAIL_ROWS..n) {
+            if i == n - HEAD_TAIL_ROWS {
+                html += &format!("<tr>{}</tr>", "<td>…</td>".repeat(cols.len()));
+            }
+            html += &row(i)?;
+        }
+        html += &format!("</tbody></table><p>{n} rows × {} columns</p>", cols.len());
+    } else {
+        for i in 0..n {
+            html += &row(i)?;
+        }
+        html += "</tbody></table>";
     }
-    html += "</tbody></table>";
     Ok(html)
 }
+
+/// Frames longer than this show their head and tail only in HTML (pandas' `display.max_rows` is 60).
+const MAX_HTML_ROWS: usize = 60;
+/// Rows shown at each end of a long frame.
+const HEAD_TAIL_ROWS: usize = 10;
 
 impl Rich for DataFrame {
     fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
@@ -200,6 +221,15 @@ impl Rich for crate::export::deploy::DeployReport {
 mod tests {
     use super::*;
     use polars::prelude::*;
+
+    #[test]
+    fn long_frames_show_head_and_tail_in_html() {
+        let df = df!("i" => (0..100i64).collect::<Vec<_>>()).unwrap();
+        let html = html_table(&df).unwrap();
+        assert!(html.contains("<td>9</td></tr><tr><td>…</td></tr><tr><td>90</td>") && !html.contains("<td>50</td>"), "{html}");
+        assert!(html.ends_with("<p>100 rows × 1 columns</p>"));
+        assert!(!html_table(&df.head(Some(60))).unwrap().contains('…'));
+    }
 
     #[test]
     fn dataframes_render_as_html_and_text() {
