@@ -27,7 +27,7 @@ impl Rng {
 }
 
 fn corpus_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("the corpus in ../shared/distiller-schedules") {
+    for entry in std::fs::read_dir(dir).expect("the corpus in tests/distiller-schedules") {
         let p = entry.unwrap().path();
         if p.is_dir() {
             corpus_files(&p, out);
@@ -108,7 +108,7 @@ fn peak_rss_kib() -> Option<u64> {
 #[test]
 fn five_thousand_mutated_schedules_never_panic_hang_or_lose_their_position() {
     let mut files = Vec::new();
-    corpus_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/distiller-schedules"), &mut files);
+    corpus_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/distiller-schedules"), &mut files);
     files.sort();
     let texts: Vec<String> = files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).filter(|t| t.contains(':')).collect();
     assert!(texts.len() >= 80, "corpus: {} files", texts.len());
@@ -170,7 +170,7 @@ fn five_thousand_mutated_schedules_never_panic_hang_or_lose_their_position() {
 
 #[test]
 fn damaged_statistics_and_event_files_never_panic() {
-    let stats = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/distiller-schedules/examples/quantization/post_train_quant/stats/resnet18_quant_stats.yaml")).unwrap();
+    let stats = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/distiller-schedules/examples/quantization/post_train_quant/stats/resnet18_quant_stats.yaml")).unwrap();
     let dir = distill::io::TempDir::new().unwrap();
     let previous_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));

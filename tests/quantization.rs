@@ -209,7 +209,7 @@ fn statistics_roundtrip_and_checks() {
     assert_eq!(back.modules.len(), st.modules.len());
     assert!((back.get("fc1").unwrap().output.range.max - st.get("fc1").unwrap().output.range.max).abs() < 1e-12);
     // Distiller's own statistics file reads, and does not fit LeNet.
-    let distiller = ActivationStats::from_yaml_file(root().join("../shared/distiller-schedules/examples/quantization/post_train_quant/stats/resnet18_quant_stats.yaml")).unwrap();
+    let distiller = ActivationStats::from_yaml_file(root().join("tests/distiller-schedules/examples/quantization/post_train_quant/stats/resnet18_quant_stats.yaml")).unwrap();
     assert!(distiller.get("layer4.1.conv2").is_some());
     let err = distiller.check_model(&model).unwrap_err().to_string();
     assert!(err.contains("unknown module in calibration statistics 'bn1'"), "{err}");

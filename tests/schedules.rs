@@ -9,7 +9,7 @@ use distill::train::{fit, Progress, TrainConfig};
 use tch::{Device, Kind, Tensor};
 
 fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/distiller-schedules")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/distiller-schedules")
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -41,11 +41,11 @@ fn zoo_model(name: &str) -> Option<(&'static str, &'static str)> {
 #[test]
 fn distiller_corpus_loads_or_fails_precisely() {
     let dir = corpus();
-    assert!(dir.is_dir(), "Distiller's schedules are expected in {} (the project's shared/ folder)", dir.display());
+    assert!(dir.is_dir(), "Distiller's schedules are expected in {} (vendored from Distiller, Apache-2.0)", dir.display());
     let mut files = Vec::new();
     yaml_files(&dir, &mut files);
     files.sort();
-    assert_eq!(files.len(), 87, "the corpus in ../shared/distiller-schedules");
+    assert_eq!(files.len(), 87, "the corpus in tests/distiller-schedules");
     let (mut ok, mut thinning, mut stats, mut other) = (0, 0, 0, Vec::new());
     let mut thinning_validated = Vec::new();
     let mut validated = 0;
