@@ -11,7 +11,8 @@ rustup component add rust-src >/dev/null 2>&1 || echo "setup-notebooks: could no
 if ! cargo install --list 2>/dev/null | grep -q "^evcxr_jupyter v0.22.0:"; then
   echo "setup-notebooks: building evcxr_jupyter 0.22.0 (about 10 minutes on 2 cores)"
   start=$SECONDS
-  cargo install evcxr_jupyter --locked --version 0.22.0 --quiet
+  # From /, so that the project's .cargo/config.toml (its foldhash patch) does not meet evcxr's own lock file.
+  (cd / && cargo install evcxr_jupyter --locked --version 0.22.0 --quiet)
   echo "setup-notebooks: evcxr_jupyter built in $((SECONDS - start)) s"
 fi
 if ! .venv/bin/python -c "import nbclient, jupyterlab" 2>/dev/null; then
@@ -39,7 +40,7 @@ JSON
 echo "setup-notebooks: kernelspec $kernel (open notebooks/ with: .venv/bin/jupyter lab --notebook-dir notebooks)"
 
 # Build distill once inside evcxr's folder: the first `:dep distill` of a notebook then only relinks.
-if [ ! -f .evcxr/.distill-prebuilt ] || [ -n "$(find src Cargo.toml -newer .evcxr/.distill-prebuilt 2>/dev/null | head -1)" ]; then
+if [ ! -f .evcxr/.distill-prebuilt ] || [ -n "$(find src Cargo.toml vendor .cargo/config.toml -newer .evcxr/.distill-prebuilt 2>/dev/null | head -1)" ]; then
   echo "setup-notebooks: pre-building distill for the kernel (several minutes the first time)"
   .venv/bin/python scripts/notebooks.py prebuild
   touch .evcxr/.distill-prebuilt
