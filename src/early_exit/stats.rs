@@ -191,7 +191,7 @@ impl Tally {
 /// Per sample: cross-entropy, top-1 hit, top-5 hit of `logits` against `targets`.
 fn per_sample(logits: &Tensor, targets: &Tensor) -> Result<(Vec<f64>, Vec<bool>, Vec<bool>)> {
     let ce = logits.f_cross_entropy_loss(targets, None::<Tensor>, Reduction::None, -100, 0.0)?;
-    let k = 5.min(logits.size()[1]);
+    let k = 5.min(logits.size().get(1).copied().unwrap_or(1));
     let (_, idx) = logits.f_topk(k, 1, true, true)?;
     let hits = idx.f_eq_tensor(&targets.f_unsqueeze(1)?)?;
     let hit1 = hits.f_narrow(1, 0, 1)?.f_any_dim(1, false)?;
