@@ -332,12 +332,12 @@ fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
         let color = PALETTE[s.color.unwrap_or(i) % PALETTE.len()];
         let points: Vec<(f64, f64)> = s.points.iter().filter(shown).copied().collect();
         let style = color.stroke_width(2);
-        let annotation = if s.dashed || coincides(series, i, y_range) {
+        let dashed = s.dashed || coincides(series, i, y_range);
+        let annotation = if dashed {
             chart.draw_series(DashedLineSeries::new(points.iter().copied(), 7, 5, style)).map_err(draw_err)?
         } else {
             chart.draw_series(LineSeries::new(points.iter().copied(), style)).map_err(draw_err)?
         };
-        let dashed = s.dashed || coincides(series, i, y_range);
         annotation.label(&s.name).legend(move |(x, y)| {
             let style = color.stroke_width(2);
             let gap = if dashed { 5 } else { 0 };
