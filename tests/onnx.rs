@@ -90,6 +90,29 @@ fn every_zoo_model_exports_and_onnxruntime_agrees() {
     }
 }
 
+/// The ImageNet layers the CIFAR and MNIST zoos lack: ReLU6 (as Clip), adaptive and global average pooling,
+/// ceil-mode and padded max pooling, Fire's concatenation, depthwise and two-group convolutions, BatchNorm1d.
+/// The models' batch norms get non-trivial statistics so that a wrong BatchNormalization would show.
+#[test]
+fn imagenet_models_export_and_onnxruntime_agrees() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let mut models = Vec::new();
+    for arch in ["squeezenet1_1", "squeezenet1_0", "mobilenet_v2", "mobilenet", "resnet18", "preact_resnet18", "alexnet_bn"] {
+        tch::manual_seed(1);
+        let model = create_model(arch, "imagenet", Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            for (name, t) in model.named_buffers() {
+                let _ = if name.ends_with("running_var") { t.shallow_clone().uniform_(0.5, 2.0) } else { t.shallow_clone().uniform_(-0.2, 0.2) };
+            }
+        });
+        models.push((arch.to_string(), model));
+    }
+    for (label, diff) in compare(&mut models, dir.path()) {
+        println!("{label}: onnxruntime differs by {diff:.2e} of the output scale");
+        assert!(diff <= 1e-4, "{label}: onnxruntime differs by {diff:e} of the output scale");
+    }
+}
+
 #[test]
 fn masked_and_thinned_models_export_their_shapes() {
     let dir = distill::io::TempDir::new().unwrap();

@@ -104,7 +104,11 @@ fn module_rule(module: &dyn Module, inputs: &[&Tensor], output: &Tensor) -> Chan
     }
     match module.type_name() {
         "Flatten" => flatten_rule(input, output),
-        "BatchNorm2d" | "ReLU" | "MaxPool2d" | "AvgPool2d" | "Dropout" | "Identity" if keeps_channels => ChannelRule::Elementwise,
+        "BatchNorm2d" | "BatchNorm1d" | "ReLU" | "ReLU6" | "MaxPool2d" | "AvgPool2d" | "AdaptiveAvgPool2d" | "Dropout" | "Identity"
+            if keeps_channels =>
+        {
+            ChannelRule::Elementwise
+        }
         t => ChannelRule::Opaque(format!("{t} has no channel rule")),
     }
 }

@@ -4,18 +4,26 @@
 //! |---|---|
 //! | `mnist` | `simplenet_mnist`, `simplenet_v2_mnist`, `lenet` (LeNet-5), `mlp` (LeNet-300-100) |
 //! | `cifar10` | `simplenet_cifar`, `resnet20_cifar`, `resnet32_cifar`, `resnet44_cifar`, `resnet56_cifar`, `plain20_cifar`, `preact_resnet20_cifar`, `preact_resnet32_cifar`, `preact_resnet44_cifar`, `preact_resnet56_cifar`, `vgg11_cifar` … `vgg19_bn_cifar` |
+//! | `imagenet` | torchvision's `resnet18` … `resnet152` (with Distiller's blocks), `alexnet`, `vgg11` … `vgg19_bn`, `squeezenet1_0`, `squeezenet1_1`, `mobilenet_v2`; Distiller's `mobilenet` (v1), `alexnet_bn`, `preact_resnet18` … `preact_resnet152` |
+//!
+//! The ImageNet models have torchvision's (or Distiller's) parameter names and shapes, so their state dicts load
+//! unchanged; `tests/imagenet_zoo.rs` compares every name, shape, parameter count and MAC count with PyTorch's.
 //!
 //! ```
 //! let model = distill::models::create_model("resnet20_cifar", "cifar10", tch::Device::Cpu)?;
 //! assert_eq!(model.num_parameters(), 272_474);
 //! # Ok::<(), distill::Error>(())
 //! ```
+mod alexnet;
 mod mnist;
+mod mobilenet;
 mod plain_cifar;
 mod preact_resnet_cifar;
+mod resnet;
 mod resnet_cifar;
 mod simplenet_cifar;
-mod vgg_cifar;
+mod squeezenet;
+mod vgg;
 
 use tch::nn::{Path, VarStore};
 use tch::Device;
@@ -24,7 +32,9 @@ use crate::nn::{Model, ModelInfo, Sequential};
 use crate::{Error, Result};
 
 pub use preact_resnet_cifar::PreactBasicBlock;
+pub use resnet::ResidualBlock;
 pub use resnet_cifar::BasicBlock;
+pub use squeezenet::Fire;
 
 /// Hyper-parameters that train a zoo model from scratch: what `distill train` uses for flags left out.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,7 +93,7 @@ pub fn training_defaults(arch: &str, dataset: &str) -> TrainingDefaults {
 }
 
 /// The datasets the zoo has models for, with their input shape `[C, H, W]` and number of classes.
-pub const DATASETS: &[(&str, [i64; 3], i64)] = &[("mnist", [1, 28, 28], 10), ("cifar10", [3, 32, 32], 10)];
+pub const DATASETS: &[(&str, [i64; 3], i64)] = &[("mnist", [1, 28, 28], 10), ("cifar10", [3, 32, 32], 10), ("imagenet", [3, 224, 224], 1000)];
 
 type Builder = fn(&Path) -> Result<Sequential>;
 
@@ -109,14 +119,38 @@ const ZOO: &[Arch] = &[
     Arch { name: "preact_resnet32_cifar", dataset: "cifar10", build: |p| preact_resnet_cifar::preact_resnet_cifar(p, 5) },
     Arch { name: "preact_resnet44_cifar", dataset: "cifar10", build: |p| preact_resnet_cifar::preact_resnet_cifar(p, 7) },
     Arch { name: "preact_resnet56_cifar", dataset: "cifar10", build: |p| preact_resnet_cifar::preact_resnet_cifar(p, 9) },
-    Arch { name: "vgg11_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG11, false) },
-    Arch { name: "vgg11_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG11, true) },
-    Arch { name: "vgg13_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG13, false) },
-    Arch { name: "vgg13_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG13, true) },
-    Arch { name: "vgg16_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG16, false) },
-    Arch { name: "vgg16_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG16, true) },
-    Arch { name: "vgg19_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG19, false) },
-    Arch { name: "vgg19_bn_cifar", dataset: "cifar10", build: |p| vgg_cifar::vgg_cifar(p, vgg_cifar::VGG19, true) },
+    Arch { name: "vgg11_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG11, false) },
+    Arch { name: "vgg11_bn_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG11, true) },
+    Arch { name: "vgg13_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG13, false) },
+    Arch { name: "vgg13_bn_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG13, true) },
+    Arch { name: "vgg16_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG16, false) },
+    Arch { name: "vgg16_bn_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG16, true) },
+    Arch { name: "vgg19_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG19, false) },
+    Arch { name: "vgg19_bn_cifar", dataset: "cifar10", build: |p| vgg::vgg_cifar(p, vgg::VGG19, true) },
+    Arch { name: "resnet18", dataset: "imagenet", build: |p| resnet::resnet(p, resnet::Block::Basic, [2, 2, 2, 2]) },
+    Arch { name: "resnet34", dataset: "imagenet", build: |p| resnet::resnet(p, resnet::Block::Basic, [3, 4, 6, 3]) },
+    Arch { name: "resnet50", dataset: "imagenet", build: |p| resnet::resnet(p, resnet::Block::Bottleneck, [3, 4, 6, 3]) },
+    Arch { name: "resnet101", dataset: "imagenet", build: |p| resnet::resnet(p, resnet::Block::Bottleneck, [3, 4, 23, 3]) },
+    Arch { name: "resnet152", dataset: "imagenet", build: |p| resnet::resnet(p, resnet::Block::Bottleneck, [3, 8, 36, 3]) },
+    Arch { name: "preact_resnet18", dataset: "imagenet", build: |p| resnet::preact_resnet(p, resnet::Block::Basic, [2, 2, 2, 2]) },
+    Arch { name: "preact_resnet34", dataset: "imagenet", build: |p| resnet::preact_resnet(p, resnet::Block::Basic, [3, 4, 6, 3]) },
+    Arch { name: "preact_resnet50", dataset: "imagenet", build: |p| resnet::preact_resnet(p, resnet::Block::Bottleneck, [3, 4, 6, 3]) },
+    Arch { name: "preact_resnet101", dataset: "imagenet", build: |p| resnet::preact_resnet(p, resnet::Block::Bottleneck, [3, 4, 23, 3]) },
+    Arch { name: "preact_resnet152", dataset: "imagenet", build: |p| resnet::preact_resnet(p, resnet::Block::Bottleneck, [3, 8, 36, 3]) },
+    Arch { name: "mobilenet", dataset: "imagenet", build: mobilenet::mobilenet },
+    Arch { name: "mobilenet_v2", dataset: "imagenet", build: mobilenet::mobilenet_v2 },
+    Arch { name: "alexnet", dataset: "imagenet", build: alexnet::alexnet },
+    Arch { name: "alexnet_bn", dataset: "imagenet", build: alexnet::alexnet_bn },
+    Arch { name: "squeezenet1_0", dataset: "imagenet", build: |p| squeezenet::squeezenet(p, false) },
+    Arch { name: "squeezenet1_1", dataset: "imagenet", build: |p| squeezenet::squeezenet(p, true) },
+    Arch { name: "vgg11", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG11, false) },
+    Arch { name: "vgg11_bn", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG11, true) },
+    Arch { name: "vgg13", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG13, false) },
+    Arch { name: "vgg13_bn", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG13, true) },
+    Arch { name: "vgg16", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG16, false) },
+    Arch { name: "vgg16_bn", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG16, true) },
+    Arch { name: "vgg19", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG19, false) },
+    Arch { name: "vgg19_bn", dataset: "imagenet", build: |p| vgg::vgg(p, vgg::VGG19, true) },
 ];
 
 /// The architectures available for `dataset` (all of them for `None`), in the zoo's order.

@@ -127,8 +127,13 @@ impl Conv2d {
     pub fn init_kaiming_fan_out(self) -> Self {
         let c = &self.config;
         let n = (c.kernel_size[0] * c.kernel_size[1] * c.out_channels) as f64;
+        self.init_normal((2.0 / n).sqrt())
+    }
+
+    /// Re-initializes the weight as `normal(0, std)` and zeroes a bias.
+    pub fn init_normal(self, std: f64) -> Self {
         tch::no_grad(|| {
-            Init::Randn { mean: 0.0, stdev: (2.0 / n).sqrt() }.set(&mut self.weight.shallow_clone());
+            Init::Randn { mean: 0.0, stdev: std }.set(&mut self.weight.shallow_clone());
             if let Some(b) = &self.bias {
                 Init::Const(0.0).set(&mut b.shallow_clone());
             }
@@ -172,6 +177,7 @@ impl Module for Conv2d {
         s
     }
 }
+
 
 /// Fully connected layer (`weight` `[out, in]`, `bias` `[out]`).
 #[derive(Debug)]
@@ -266,6 +272,29 @@ impl BatchNorm2d {
             momentum: 0.1,
         })
     }
+
+    /// Sets eps and momentum (Distiller's AlexNet-BN uses 1e-4 and 0.9).
+    pub fn with(mut self, eps: f64, momentum: f64) -> Self {
+        (self.eps, self.momentum) = (eps, momentum);
+        self
+    }
+
+    fn normalize(&self, xs: &Tensor, training: bool) -> Result<Tensor> {
+        Ok(xs.f_batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            training,
+            self.momentum,
+            self.eps,
+            true,
+        )?)
+    }
+
+    fn repr(&self) -> String {
+        format!("{}, eps={:e}, momentum={}, affine=True, track_running_stats=True", self.num_features, self.eps, self.momentum)
+    }
 }
 
 impl Module for BatchNorm2d {
@@ -274,16 +303,7 @@ impl Module for BatchNorm2d {
     }
     fn forward(&self, xs: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         expect_dims("BatchNorm2d", xs, 4, 1, self.num_features)?;
-        Ok(xs.f_batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            ctx.is_training(),
-            self.momentum,
-            self.eps,
-            true,
-        )?)
+        self.normalize(xs, ctx.is_training())
     }
     fn parameters(&self) -> Vec<(&str, &Tensor)> {
         vec![("weight", &self.weight), ("bias", &self.bias)]
@@ -292,7 +312,39 @@ impl Module for BatchNorm2d {
         vec![("running_mean", &self.running_mean), ("running_var", &self.running_var)]
     }
     fn extra_repr(&self) -> String {
-        format!("{}, eps={:e}, momentum={}, affine=True, track_running_stats=True", self.num_features, self.eps, self.momentum)
+        self.repr()
+    }
+}
+
+/// Batch normalization over the features of `[N, C]` (a classifier's hidden layer in Distiller's AlexNet-BN):
+/// the same parameters, buffers and arithmetic as [`BatchNorm2d`], for 2-D input.
+#[derive(Debug)]
+pub struct BatchNorm1d(pub BatchNorm2d);
+
+impl BatchNorm1d {
+    /// Creates γ, β and the running statistics under `path` (momentum 0.1, eps 1e-5, as PyTorch).
+    pub fn new(path: Path, num_features: i64) -> Result<Self> {
+        check_positive("BatchNorm1d num_features", &[num_features])?;
+        Ok(BatchNorm1d(BatchNorm2d::new(path, num_features)?))
+    }
+}
+
+impl Module for BatchNorm1d {
+    fn type_name(&self) -> &str {
+        "BatchNorm1d"
+    }
+    fn forward(&self, xs: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
+        expect_dims("BatchNorm1d", xs, 2, 1, self.0.num_features)?;
+        self.0.normalize(xs, ctx.is_training())
+    }
+    fn parameters(&self) -> Vec<(&str, &Tensor)> {
+        self.0.parameters()
+    }
+    fn buffers(&self) -> Vec<(&str, &Tensor)> {
+        self.0.buffers()
+    }
+    fn extra_repr(&self) -> String {
+        self.0.repr()
     }
 }
 
@@ -309,6 +361,19 @@ impl Module for ReLU {
     }
 }
 
+/// `min(max(x, 0), 6)`, MobileNet-V2's activation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReLU6;
+
+impl Module for ReLU6 {
+    fn type_name(&self) -> &str {
+        "ReLU6"
+    }
+    fn forward(&self, xs: &Tensor, _: &mut Forward) -> Result<Tensor> {
+        Ok(xs.f_clamp(0.0, 6.0)?)
+    }
+}
+
 /// 2-D max pooling.
 #[derive(Debug, Clone, Copy)]
 pub struct MaxPool2d {
@@ -318,12 +383,24 @@ pub struct MaxPool2d {
     pub stride: i64,
     /// Implicit padding.
     pub padding: i64,
+    /// Round the output size up rather than down, so the last partial window is kept (SqueezeNet, AlexNet-BN).
+    pub ceil_mode: bool,
 }
 
 impl MaxPool2d {
     /// `kernel`×`kernel` windows every `stride` pixels, no padding.
     pub fn new(kernel_size: i64, stride: i64) -> Self {
-        MaxPool2d { kernel_size, stride, padding: 0 }
+        MaxPool2d { kernel_size, stride, padding: 0, ceil_mode: false }
+    }
+    /// Sets the implicit padding.
+    pub fn padding(mut self, padding: i64) -> Self {
+        self.padding = padding;
+        self
+    }
+    /// Rounds the output size up (PyTorch's `ceil_mode=True`).
+    pub fn ceil_mode(mut self) -> Self {
+        self.ceil_mode = true;
+        self
     }
 }
 
@@ -333,10 +410,41 @@ impl Module for MaxPool2d {
     }
     fn forward(&self, xs: &Tensor, _: &mut Forward) -> Result<Tensor> {
         let (k, s, p) = (self.kernel_size, self.stride, self.padding);
-        Ok(xs.f_max_pool2d([k, k], [s, s], [p, p], [1, 1], false)?)
+        Ok(xs.f_max_pool2d([k, k], [s, s], [p, p], [1, 1], self.ceil_mode)?)
     }
     fn extra_repr(&self) -> String {
-        format!("kernel_size={}, stride={}, padding={}, dilation=1, ceil_mode=False", self.kernel_size, self.stride, self.padding)
+        let (k, s, p, c) = (self.kernel_size, self.stride, self.padding, py_bool(self.ceil_mode));
+        format!("kernel_size={k}, stride={s}, padding={p}, dilation=1, ceil_mode={c}")
+    }
+}
+
+/// 2-D average pooling to a fixed output size, whatever the input's (`nn.AdaptiveAvgPool2d`): the global pooling
+/// that ends torchvision's ResNets, and the 7×7 / 6×6 pooling before VGG's and AlexNet's classifiers.
+#[derive(Debug, Clone, Copy)]
+pub struct AdaptiveAvgPool2d {
+    /// Output height and width.
+    pub output_size: [i64; 2],
+}
+
+impl AdaptiveAvgPool2d {
+    /// Pools to `height`×`width`.
+    pub fn new(height: i64, width: i64) -> Self {
+        AdaptiveAvgPool2d { output_size: [height, width] }
+    }
+}
+
+impl Module for AdaptiveAvgPool2d {
+    fn type_name(&self) -> &str {
+        "AdaptiveAvgPool2d"
+    }
+    fn forward(&self, xs: &Tensor, _: &mut Forward) -> Result<Tensor> {
+        if xs.dim() != 4 {
+            return Err(Error::Shape(format!("AdaptiveAvgPool2d expects input [N, C, H, W], got {:?}", xs.size())));
+        }
+        Ok(xs.f_adaptive_avg_pool2d(self.output_size)?)
+    }
+    fn extra_repr(&self) -> String {
+        format!("output_size=({}, {})", self.output_size[0], self.output_size[1])
     }
 }
 

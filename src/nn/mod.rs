@@ -39,8 +39,8 @@ mod sequential;
 pub use forward::Forward;
 pub(crate) use forward::{tensor_key, TensorKey};
 pub use layers::{
-    AvgPool2d, BatchNorm2d, ConstantPad3d, Conv2d, Conv2dConfig, Dropout, EltwiseAdd, Flatten, Identity, Linear,
-    MaxPool2d, ReLU,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ConstantPad3d, Conv2d, Conv2dConfig, Dropout, EltwiseAdd,
+    Flatten, Identity, Linear, MaxPool2d, ReLU, ReLU6,
 };
 pub use model::{Model, ModelInfo, ModuleInfo, Snapshot};
 pub use module::{BoxModule, Module};

@@ -525,6 +525,10 @@ fn load_data(dataset: &str, dir: Option<&PathBuf>) -> Result<DataSplits> {
         ("mnist", Some(d)) => data::mnist_idx(d),
         ("cifar10", Some(d)) => data::cifar10(d),
         ("cifar10", None) => Err(distill::Error::invalid("--data-dir", "cifar10 needs --data-dir pointing at the CIFAR-10 binary batches")),
+        ("imagenet", _) => Err(distill::Error::invalid(
+            "--dataset",
+            "imagenet: the ImageNet models build, load PyTorch weights, summarize and export, but image-folder data cannot be read yet, so train, eval, quantize and sensitivity need mnist or cifar10",
+        )),
         (other, _) => Err(distill::Error::unknown("dataset", other, models::DATASETS.iter().map(|(d, ..)| *d))),
     }
 }

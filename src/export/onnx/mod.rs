@@ -23,7 +23,7 @@ mod qdq;
 
 use crate::graph::{Graph, Node, NodeKind};
 use crate::quantization::q_utils::QParams;
-use crate::nn::{AvgPool2d, BatchNorm2d, ConstantPad3d, Conv2d, Dropout, Linear, MaxPool2d, Model, TensorOp};
+use crate::nn::{AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ConstantPad3d, Conv2d, Dropout, Linear, MaxPool2d, Model, TensorOp};
 use crate::{Error, Result};
 
 /// ONNX's protobuf messages, generated at build time from `proto/onnx.proto`.
@@ -231,6 +231,24 @@ impl<'m> Writer<'m> {
         }
     }
 
+    /// Global pooling for a 1×1 output; otherwise a plain average pool, which equals the adaptive one exactly
+    /// when the output size divides the input's (VGG's 7×7 from 224×224 input).
+    fn adaptive_avg_pool(&mut self, node: &Node, p: &AdaptiveAvgPool2d, inputs: Vec<String>, name: &str) -> Result<()> {
+        if p.output_size == [1, 1] {
+            self.node("GlobalAveragePool", name, inputs, name, vec![]);
+            return Ok(());
+        }
+        let input = &self.graph.tensors()[node.inputs[0]].shape;
+        let [h, w] = [input[input.len() - 2], input[input.len() - 1]];
+        let [oh, ow] = p.output_size;
+        if h % oh != 0 || w % ow != 0 {
+            return Err(Self::unsupported(node, &format!("pools {h}×{w} to {oh}×{ow}, which no fixed ONNX AveragePool computes")));
+        }
+        let (kh, kw) = (h / oh, w / ow);
+        self.node("AveragePool", name, inputs, name, vec![attr_ints("kernel_shape", &[kh, kw]), attr_ints("strides", &[kh, kw])]);
+        Ok(())
+    }
+
     /// Writes the floating-point module `module_name` (the node's own, or the one a quantization wrapper wraps).
     fn write_module(&mut self, node: &Node, module_name: &str, inputs: Vec<String>, name: &str) -> Result<()> {
         let module = self.model.module(module_name)?;
@@ -244,7 +262,7 @@ impl<'m> Writer<'m> {
             let weight = self.param(module_name, "weight", &l.weight)?;
             let bias = l.bias.as_ref().map(|b| self.param(module_name, "bias", b)).transpose()?;
             self.gemm(name, single(inputs)?, weight, bias);
-        } else if let Some(bn) = any.downcast_ref::<BatchNorm2d>() {
+        } else if let Some(bn) = any.downcast_ref::<BatchNorm2d>().or_else(|| any.downcast_ref::<BatchNorm1d>().map(|b| &b.0)) {
             let mut ins = inputs;
             for (leaf, t) in [("weight", &bn.weight), ("bias", &bn.bias), ("running_mean", &bn.running_mean), ("running_var", &bn.running_var)] {
                 ins.push(self.param(module_name, leaf, t)?);
@@ -252,8 +270,11 @@ impl<'m> Writer<'m> {
             self.node("BatchNormalization", name, ins, name, vec![attr_float("epsilon", bn.eps as f32)]);
         } else if let Some(p) = any.downcast_ref::<MaxPool2d>() {
             let (k, s, pad) = (p.kernel_size, p.stride, p.padding);
-            let attrs = vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[s, s]), attr_ints("pads", &[pad, pad, pad, pad])];
+            let mut attrs = vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[s, s]), attr_ints("pads", &[pad, pad, pad, pad])];
+            attrs.push(attr_int("ceil_mode", i64::from(p.ceil_mode)));
             self.node("MaxPool", name, inputs, name, attrs);
+        } else if let Some(p) = any.downcast_ref::<AdaptiveAvgPool2d>() {
+            self.adaptive_avg_pool(node, p, inputs, name)?;
         } else if let Some(p) = any.downcast_ref::<AvgPool2d>() {
             let (k, s) = (p.kernel_size, p.stride);
             self.node("AveragePool", name, inputs, name, vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[s, s])]);
@@ -271,6 +292,12 @@ impl<'m> Writer<'m> {
         } else {
             match module.type_name() {
                 "ReLU" => self.node("Relu", name, inputs, name, vec![]),
+                "ReLU6" => {
+                    let (lo, hi) = (self.param(module_name, "min", &Tensor::from(0f32))?, self.param(module_name, "max", &Tensor::from(6f32))?);
+                    let mut ins = inputs;
+                    ins.extend([lo, hi]);
+                    self.node("Clip", name, ins, name, vec![]);
+                }
                 "Flatten" => self.node("Flatten", name, inputs, name, vec![attr_int("axis", 1)]),
                 "EltwiseAdd" => self.add(name, inputs),
                 other => return Err(Self::unsupported(node, &format!("is a {other}"))),
