@@ -64,6 +64,46 @@ fn trains_and_writes_its_outputs() {
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["arch"], "mlp");
     assert!(summary["test"]["top1"].as_f64().unwrap() > 70.0, "{summary}");
+    // `eval` on the final checkpoint reproduces the run's test figures.
+    let (eval_dir, predictions) = (dir.path().join("eval"), dir.path().join("predictions.csv"));
+    let ckpt = out.join("checkpoint.safetensors");
+    let args = ["eval", "--arch", "mlp", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--out", eval_dir.to_str().unwrap(), "--predictions", predictions.to_str().unwrap()];
+    let o = distill(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let evaluated: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(eval_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(evaluated["top1"], summary["test"]["top1"], "{evaluated}");
+    assert_eq!(evaluated["top5"], summary["test"]["top5"], "{evaluated}");
+    assert!((evaluated["loss"].as_f64().unwrap() - summary["test"]["loss"].as_f64().unwrap()).abs() < 1e-5, "{evaluated} vs {summary}");
+    assert_eq!(evaluated["samples"], 500);
+    let per_class = std::fs::read_to_string(eval_dir.join("per_class.csv")).unwrap();
+    assert_eq!(per_class.lines().next().unwrap(), "Class,Samples,Correct,Top1 (%)");
+    assert_eq!(per_class.lines().count(), 11);
+    let rows = std::fs::read_to_string(&predictions).unwrap();
+    assert_eq!(rows.lines().next().unwrap(), "Sample,Label,Predicted,Top2,Top3,Top4,Top5,Confidence");
+    assert_eq!(rows.lines().count(), 501);
+    // The checkpoint's architecture is checked against --arch.
+    let o = distill(&["eval", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("checkpoint of 'mlp', the model is 'lenet'"), "{}", stderr(&o));
+}
+
+#[test]
+fn convert_reads_pytorch_and_distiller_checkpoints() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pytorch");
+    let out = dir.path().join("converted.safetensors");
+    let o = distill(&["convert", fixtures.join("resnet20_cifar_distiller.pth.tar").to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let converted = distill::train::Checkpoint::load(&out).unwrap();
+    assert_eq!(converted.format, distill::train::CheckpointFormat::Distill);
+    assert_eq!((converted.meta.arch.as_str(), converted.meta.epoch, converted.masks.len()), ("resnet20_cifar", 7, 1));
+    assert_eq!(converted.masks[0].0, "layer1.0.conv1.weight");
+    // A plain state dict needs --arch; with it, the dataset follows from the zoo.
+    let plain = fixtures.join("resnet20_cifar.pth");
+    let o = distill(&["convert", plain.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("give --arch"), "{}", stderr(&o));
+    let o = distill(&["convert", plain.to_str().unwrap(), out.to_str().unwrap(), "--arch", "resnet20_cifar"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(distill::models::load_checkpoint(&out, tch::Device::Cpu).unwrap().info().dataset, "cifar10");
 }
 
 #[test]

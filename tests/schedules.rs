@@ -30,13 +30,23 @@ fn zoo_model(name: &str) -> Option<(&'static str, &'static str)> {
         n if n.contains("resnet20") || n.starts_with("ssl_") => ("resnet20_cifar", "cifar10"),
         n if n.contains("resnet56") => ("resnet56_cifar", "cifar10"),
         n if n.contains("vgg16") => ("vgg16_cifar", "cifar10"),
-        // Distiller's ImageNet VGG-19 has the same feature layers (and names) as the CIFAR one.
-        n if n.contains("vgg19") => ("vgg19_cifar", "cifar10"),
+        n if n.contains("vgg19") => ("vgg19", "imagenet"),
+        n if n.contains("preact_resnet18") => ("preact_resnet18", "imagenet"),
+        n if n.contains("resnet18") => ("resnet18", "imagenet"),
+        n if n.contains("resnet50") => ("resnet50", "imagenet"),
+        n if n.contains("alexnet_bn") => ("alexnet_bn", "imagenet"),
+        n if n.contains("alexnet") => ("alexnet", "imagenet"),
+        n if n.contains("mobilenet") => ("mobilenet", "imagenet"),
         n if n.contains("plain20") => ("plain20_cifar", "cifar10"),
         n if n.contains("simplenet_mnist") => ("simplenet_mnist", "mnist"),
         _ => return None,
     })
 }
+
+/// Corpus schedules written for a zoo model and checked against it: 37 for MNIST and CIFAR-10 models, 29 for
+/// ImageNet ones (resnet50: 11, alexnet: 5, resnet18: 4, alexnet_bn: 3, preact_resnet18: 3, mobilenet: 2, vgg19: 1);
+/// the two ImageNet statistics files are checked by the next test.
+const VALIDATED: usize = 66;
 
 #[test]
 fn distiller_corpus_loads_or_fails_precisely() {
@@ -78,13 +88,29 @@ fn distiller_corpus_loads_or_fails_precisely() {
     }
     assert!(other.is_empty(), "unexpected failures:\n{}", other.join("\n"));
     assert_eq!((ok, thinning, stats), (81, 0, 6));
-    assert_eq!(validated, 38, "schedules written for zoo models, checked against their parameter names");
+    assert_eq!(validated, VALIDATED, "schedules written for zoo models, checked against their parameter names");
     thinning_validated.sort();
     assert_eq!(
         thinning_validated,
-        ["resnet20_filters.bn_fold.schedule_agp.yaml", "resnet20_filters.schedule_agp.yaml", "resnet20_filters.schedule_agp_2.yaml", "resnet20_filters.schedule_agp_3.yaml", "resnet20_filters.schedule_agp_4.yaml", "resnet56_cifar_activation_apoz.yaml", "resnet56_cifar_activation_apoz_v2.yaml", "resnet56_cifar_channel_rank.yaml", "resnet56_cifar_filter_rank.yaml", "resnet56_cifar_filter_rank_v2.yaml", "simplenet_mnist_pruning.yaml", "ssl_channels-removal_training.yaml", "ssl_channels-removal_training_x1.8.yaml", "ssl_filter-removal_training.yaml", "vgg16_cifar_ssl_channels_training.yaml", "vgg19.schedule_filter_rank.yaml"],
+        ["resnet20_filters.bn_fold.schedule_agp.yaml", "resnet20_filters.schedule_agp.yaml", "resnet20_filters.schedule_agp_2.yaml", "resnet20_filters.schedule_agp_3.yaml", "resnet20_filters.schedule_agp_4.yaml", "resnet50.filters.activation_apoz_agp.yaml", "resnet50.schedule_agp.filters.yaml", "resnet50.schedule_agp.filters_2.yaml", "resnet50.schedule_agp.filters_3.yaml", "resnet50.schedule_agp.filters_with_FC.yaml", "resnet56_cifar_activation_apoz.yaml", "resnet56_cifar_activation_apoz_v2.yaml", "resnet56_cifar_channel_rank.yaml", "resnet56_cifar_filter_rank.yaml", "resnet56_cifar_filter_rank_v2.yaml", "simplenet_mnist_pruning.yaml", "ssl_channels-removal_training.yaml", "ssl_channels-removal_training_x1.8.yaml", "ssl_filter-removal_training.yaml", "vgg16_cifar_ssl_channels_training.yaml", "vgg19.schedule_filter_rank.yaml"],
         "thinning schedules written for zoo models, checked and built"
     );
+}
+
+/// Distiller's activation statistics of its ResNet-18 and ResNet-50 name every module of ours, ours every one of
+/// theirs: the ImageNet ResNets have Distiller's module names (`relu1`, `relu2`, `add`), not only its parameters.
+#[test]
+fn distillers_imagenet_statistics_name_our_modules() {
+    for arch in ["resnet18", "resnet50"] {
+        let path = corpus().join(format!("examples/quantization/post_train_quant/stats/{arch}_quant_stats.yaml"));
+        let stats = distill::quantization::stats::ActivationStats::from_yaml_file(&path).unwrap();
+        let model = create_model(arch, "imagenet", Device::Cpu).unwrap();
+        let mut leaves: Vec<String> = model.named_modules().into_iter().filter(|m| m.is_leaf).map(|m| m.name).collect();
+        let mut theirs: Vec<String> = stats.modules.iter().map(|(n, _)| n.clone()).collect();
+        leaves.sort();
+        theirs.sort();
+        assert_eq!(leaves, theirs, "{arch}");
+    }
 }
 
 fn problems(text: &str) -> String {

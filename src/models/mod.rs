@@ -227,7 +227,19 @@ pub fn copy_model(model: &Model) -> Result<Model> {
 pub fn load_checkpoint(path: impl AsRef<std::path::Path>, device: Device) -> Result<Model> {
     let path = path.as_ref();
     let checkpoint = crate::train::Checkpoint::load(path)?;
-    let mut model = create_model(&checkpoint.meta.arch, &checkpoint.meta.dataset, device)?;
+    let arch = &checkpoint.meta.arch;
+    if arch.is_empty() {
+        return Err(Error::checkpoint(
+            path,
+            format!("a {} does not name its architecture: build the model with create_model and load it with Checkpoint::restore_model", checkpoint.format),
+        ));
+    }
+    // Older Distiller checkpoints do not record the dataset; each zoo architecture has one.
+    let dataset = match checkpoint.meta.dataset.as_str() {
+        "" => ZOO.iter().find(|a| a.name == arch).map_or("", |a| a.dataset),
+        d => d,
+    };
+    let mut model = create_model(arch, dataset, device)?;
     checkpoint.restore_model(&mut model, path)?;
     Ok(model)
 }

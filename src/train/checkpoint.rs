@@ -34,7 +34,7 @@ pub struct OptimizerMeta {
 }
 
 /// Everything in a checkpoint besides tensors.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CheckpointMeta {
     /// Format version of this file.
     pub version: u32,
@@ -62,7 +62,38 @@ pub struct CheckpointMeta {
     pub early_exits: Vec<ExitSpec>,
 }
 
-/// A checkpoint in memory.
+/// Which kind of file a checkpoint was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum CheckpointFormat {
+    /// distill's own safetensors checkpoint, with the whole training state.
+    #[default]
+    Distill,
+    /// A safetensors file holding a bare state dict (no architecture, no training state).
+    StateDict,
+    /// A `torch.save` file of a state dict or a whole model.
+    PyTorch,
+    /// A Distiller checkpoint dict (`.pth.tar`): weights, architecture, masks, the epoch and best top-1.
+    Distiller {
+        /// The last completed epoch, if saved.
+        epoch: Option<usize>,
+        /// The best validation top-1 of the run, if saved.
+        best_top1: Option<f64>,
+    },
+}
+
+impl std::fmt::Display for CheckpointFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckpointFormat::Distill => "distill checkpoint",
+            CheckpointFormat::StateDict => "safetensors state dict",
+            CheckpointFormat::PyTorch => "PyTorch state dict",
+            CheckpointFormat::Distiller { .. } => "Distiller checkpoint",
+        })
+    }
+}
+
+/// A checkpoint in memory: distill's own, or a foreign file's weights (and, from Distiller, masks) with the
+/// metadata it has; a foreign checkpoint that does not name its architecture has an empty `meta.arch`.
 #[derive(Debug)]
 pub struct Checkpoint {
     /// Metadata.
@@ -73,6 +104,8 @@ pub struct Checkpoint {
     pub masks: Vec<(String, Tensor)>,
     /// Optimizer state as [`Optimizer::state_tensors`] names it.
     pub optimizer: Vec<(String, Tensor)>,
+    /// The kind of file it came from.
+    pub format: CheckpointFormat,
 }
 
 /// A tensor copied to host memory, in the shape safetensors wants.
@@ -140,6 +173,7 @@ impl Checkpoint {
             model: model.state_dict(),
             masks: scheduler.map(|s| s.masks().tensors()).unwrap_or_default(),
             optimizer: optimizer.map(|o| o.state_tensors()).unwrap_or_default(),
+            format: CheckpointFormat::Distill,
         }
     }
 
@@ -163,17 +197,34 @@ impl Checkpoint {
         crate::io::write_atomic(path, &bytes)
     }
 
-    /// Reads a checkpoint written by [`Checkpoint::save`].
+    /// Reads a checkpoint: one written by [`Checkpoint::save`], a safetensors file holding a bare state dict, or a
+    /// PyTorch `torch.save` file (a state dict, a whole model, or a Distiller `.pth.tar` with its masks), told apart
+    /// by their contents. Foreign files give weights (and masks) only: see [`CheckpointFormat`].
+    ///
+    /// ```
+    /// # let dir = distill::io::TempDir::new()?;
+    /// let model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+    /// let path = dir.path().join("weights.safetensors");
+    /// tch::Tensor::write_safetensors(&model.state_dict(), &path)?;
+    /// let checkpoint = distill::train::Checkpoint::load(&path)?;
+    /// assert_eq!(checkpoint.format, distill::train::CheckpointFormat::StateDict);
+    /// let mut fresh = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+    /// checkpoint.restore_model(&mut fresh, &path)?;
+    /// # Ok::<(), distill::Error>(())
+    /// ```
     pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if !super::pytorch::looks_like_safetensors(&bytes) {
+            return super::pytorch::load(path);
+        }
         let bad = |m: String| Error::checkpoint(path, m);
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let meta_json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(META_KEY))
-            .ok_or_else(|| bad(format!("no '{META_KEY}' metadata: not a distill checkpoint")))?;
+        let Some(meta_json) = header.metadata().as_ref().and_then(|m| m.get(META_KEY)) else {
+            let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("corrupt tensors ({e})")))?;
+            let tensors = file.tensors().into_iter().map(|(n, v)| Ok((n, Tensor::try_from(v)?))).collect::<Result<Vec<_>>>()?;
+            return Ok(super::pytorch::bare_state_dict(tensors));
+        };
         let meta: CheckpointMeta = serde_json::from_str(meta_json).map_err(|e| bad(format!("bad metadata: {e}")))?;
         if meta.version != FORMAT_VERSION {
             return Err(bad(format!("format version {} is not supported (this build reads {FORMAT_VERSION})", meta.version)));
@@ -190,7 +241,7 @@ impl Checkpoint {
                 model.push((name, t));
             }
         }
-        Ok(Checkpoint { meta, model, masks, optimizer })
+        Ok(Checkpoint { meta, model, masks, optimizer, format: CheckpointFormat::Distill })
     }
 
     /// Brings `model` to the structure the checkpoint was saved with: replays the thinning recipes it has not
@@ -234,6 +285,13 @@ impl Checkpoint {
     /// saved tensor must then have the model's shape. For a checkpoint of another architecture the error names
     /// both and lists each differing tensor with shapes.
     pub fn restore_model(&self, model: &mut Model, path: &Path) -> Result<()> {
+        let info = model.info();
+        if !self.meta.arch.is_empty() && self.meta.arch != info.arch {
+            return Err(Error::checkpoint(
+                path,
+                format!("a {} of '{}', the model is '{}': build a '{}' (--arch {}) to load it", self.format, self.meta.arch, info.arch, self.meta.arch, self.meta.arch),
+            ));
+        }
         if self.meta.arch == model.info().arch {
             self.thin_like_saved(model, None, path)?;
         }

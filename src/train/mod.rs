@@ -9,6 +9,8 @@
 //! set is shuffled from the same pair, so a run is a function of its seed, and a run resumed from a checkpoint
 //! of epoch k continues exactly as the uninterrupted run would have.
 mod checkpoint;
+mod evaluation;
+mod pytorch;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +29,8 @@ use crate::scheduler::{CompressionScheduler, Minibatch};
 use crate::summary::{parameter_counts, ParameterCounts};
 use crate::{Error, Result};
 
-pub use checkpoint::{Checkpoint, CheckpointMeta, OptimizerMeta};
+pub use checkpoint::{Checkpoint, CheckpointFormat, CheckpointMeta, OptimizerMeta};
+pub use evaluation::{evaluate, Evaluation};
 pub(crate) use checkpoint::replay_structure;
 pub use progress::Progress;
 use progress::Reporter;
@@ -199,6 +202,11 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 
 /// Evaluates `model` on `data` in eval mode without gradients (the model's mode is restored afterwards).
 pub fn validate(model: &mut Model, data: &Dataset, batch_size: usize) -> Result<Metrics> {
+    eval_pass(model, data, batch_size, |_, _| Ok(()))
+}
+
+/// The evaluation loop of [`validate`] and [`evaluate`]: `on_batch` sees each batch's logits and labels.
+fn eval_pass(model: &mut Model, data: &Dataset, batch_size: usize, mut on_batch: impl FnMut(&Tensor, &Tensor) -> Result<()>) -> Result<Metrics> {
     let was_training = model.is_training();
     model.eval();
     let result = tch::no_grad(|| -> Result<Metrics> {
@@ -208,6 +216,7 @@ pub fn validate(model: &mut Model, data: &Dataset, batch_size: usize) -> Result<
             let logits = model.forward(&x)?;
             let loss = cross_entropy(&logits, &y)?.f_double_value(&[])?;
             acc.add(&logits, &y, loss)?;
+            on_batch(&logits, &y)?;
         }
         Ok(acc.metrics())
     });
@@ -372,6 +381,8 @@ pub struct Trainer<'a> {
     history: Vec<EpochRecord>,
     loggers: Vec<Box<dyn DataLogger>>,
     warnings: Vec<String>,
+    /// Where a resumed run starts when it has no history to tell (a Distiller checkpoint's epoch + 1).
+    resumed_at: usize,
 }
 
 impl<'a> Trainer<'a> {
@@ -388,7 +399,7 @@ impl<'a> Trainer<'a> {
             ee.check_model(model)?;
         }
         let optimizer = Optimizer::for_model(model, config.optimizer, config.lr)?;
-        Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new(), loggers: Vec::new(), warnings: Vec::new() })
+        Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new(), loggers: Vec::new(), warnings: Vec::new(), resumed_at: 0 })
     }
 
     /// Also reports to `logger` (with an output folder, TensorBoard and CSV loggers are added by [`Trainer::run`]).
@@ -419,12 +430,24 @@ impl<'a> Trainer<'a> {
         &self.history
     }
 
+    /// The epoch [`Trainer::run`] starts with: 0, or the one after a resumed checkpoint's.
+    pub fn next_epoch(&self) -> usize {
+        self.history.last().map_or(self.resumed_at, |r| r.epoch + 1)
+    }
+
     /// Continues from a checkpoint: weights, optimizer state and learning rates, masks, policy progress and
     /// history. Training resumes at the epoch after the saved one. The checkpoint must come from the same
     /// architecture (the error lists every tensor that differs).
     pub fn resume(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let ckpt = Checkpoint::load(path)?;
+        let distiller = matches!(ckpt.format, CheckpointFormat::Distiller { .. });
+        if !distiller && ckpt.format != CheckpointFormat::Distill {
+            return Err(Error::checkpoint(
+                path,
+                format!("a {} holds weights but no epoch or training state to resume: start a new run from its weights (--load-weights)", ckpt.format),
+            ));
+        }
         // The optimizer was built over the model's parameters, so exits cannot be added now.
         let saved: Vec<&str> = ckpt.meta.early_exits.iter().map(|e| e.at.as_str()).collect();
         let own: Vec<&str> = self.model.early_exits().iter().map(|e| e.at.as_str()).collect();
@@ -458,8 +481,13 @@ impl<'a> Trainer<'a> {
                 format!("the checkpoint already completed {} epochs, more than the {} asked for; ask for more epochs to continue", ckpt.meta.epoch + 1, self.config.epochs),
             ));
         }
-        self.config.seed = ckpt.meta.seed;
+        // A Distiller checkpoint resumes with its weights, masks and epoch; its optimizer state (momentum) is in
+        // PyTorch's form and is not carried over, and the run keeps its own seed.
+        if !distiller {
+            self.config.seed = ckpt.meta.seed;
+        }
         self.history = ckpt.meta.history;
+        self.resumed_at = ckpt.meta.epoch + 1;
         Ok(())
     }
 
@@ -476,7 +504,7 @@ impl<'a> Trainer<'a> {
             self.loggers.push(Box::new(TensorBoardLogger::new(dir)?));
             self.loggers.push(Box::new(CsvLogger::new(dir.clone())));
         }
-        let start_epoch = self.history.last().map_or(0, |r| r.epoch + 1);
+        let start_epoch = self.next_epoch();
         for epoch in start_epoch..self.config.epochs {
             self.run_epoch(data, epoch)?;
         }

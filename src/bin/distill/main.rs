@@ -24,6 +24,10 @@ enum Command {
     Train(TrainArgs),
     /// List the model zoo's architectures by dataset.
     Models,
+    /// Evaluate a checkpoint (distill's, PyTorch's or Distiller's) on a split: top-1, top-5, loss, per-class accuracy.
+    Eval(EvalArgs),
+    /// Convert a PyTorch or Distiller checkpoint (.pth, .pth.tar) or a bare state dict into a distill checkpoint.
+    Convert(ConvertArgs),
     /// Post-training quantization of a trained checkpoint, with calibration, integer export and evaluation.
     Quantize(QuantizeArgs),
     /// Print a model summary: weight sparsity, compute (MACs), modules, or masks.
@@ -93,6 +97,48 @@ struct QuantizeArgs {
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Split {
+    Train,
+    Valid,
+    Test,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Checkpoint: distill's .safetensors, a bare state dict, or PyTorch's/Distiller's .pth / .pth.tar.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Which split to evaluate.
+    #[arg(long, value_enum, default_value_t = Split::Test)]
+    split: Split,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Output folder: summary.json (top1, top5, loss, samples) and per_class.csv.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write each sample's label, prediction, next four classes and confidence to this CSV file.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The checkpoint to convert.
+    input: PathBuf,
+    /// The distill checkpoint to write (.safetensors).
+    output: PathBuf,
+    /// Architecture, for a file that does not name its own (a plain state dict).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Dataset, for a file that does not name its own.
+    #[arg(long)]
+    dataset: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -810,6 +856,69 @@ fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
+fn eval(args: EvalArgs) -> Result<()> {
+    let mut model = args.model.model()?;
+    let ckpt = distill::train::Checkpoint::load(&args.checkpoint)?;
+    ckpt.restore_model(&mut model, &args.checkpoint)?;
+    let data = args.model.data()?;
+    let (split, set) = match args.split {
+        Split::Train => ("train", &data.train),
+        Split::Valid => ("valid", &data.valid),
+        Split::Test => ("test", &data.test),
+    };
+    if set.is_empty() {
+        return Err(distill::Error::invalid("--split", format!("the {split} split of {} is empty", args.model.dataset)));
+    }
+    let evaluation = train::evaluate(&mut model, set, args.batch_size)?;
+    let m = &evaluation.metrics;
+    println!("{} on {split} ({} samples): {m}", args.model.arch, evaluation.samples());
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).map_err(|e| distill::Error::io(out, e))?;
+        let summary = serde_json::json!({
+            "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "format": ckpt.format.to_string(),
+            "split": split, "samples": evaluation.samples(), "top1": m.top1, "top5": m.top5, "loss": m.loss,
+        });
+        distill::io::write_atomic(out.join("summary.json"), (serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n").as_bytes())?;
+        distill::summary::tables::write_csv(&evaluation.per_class()?, out.join("per_class.csv"))?;
+    }
+    if let Some(path) = &args.predictions {
+        distill::summary::tables::write_csv(&evaluation.predictions(5)?, path)?;
+    }
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let ckpt = distill::train::Checkpoint::load(&args.input)?;
+    let arch = args.arch.clone().or_else(|| Some(ckpt.meta.arch.clone()).filter(|a| !a.is_empty()));
+    let Some(arch) = arch else {
+        return Err(distill::Error::invalid("--arch", format!("{} is a {} that does not name its architecture: give --arch and --dataset", args.input.display(), ckpt.format)));
+    };
+    let dataset = args.dataset.clone().or_else(|| Some(ckpt.meta.dataset.clone()).filter(|d| !d.is_empty()));
+    let dataset = match dataset {
+        Some(d) => d,
+        None => models::DATASETS
+            .iter()
+            .map(|(d, ..)| *d)
+            .find(|d| models::architectures(Some(d)).contains(&arch.as_str()))
+            .ok_or_else(|| distill::Error::unknown("architecture", &arch, models::architectures(None)))?
+            .to_string(),
+    };
+    let mut model = models::create_model(&arch, &dataset, tch::Device::Cpu)?;
+    ckpt.restore_model(&mut model, &args.input)?;
+    let mut out = distill::train::Checkpoint::capture(&model, None, None, ckpt.meta.epoch, 0, Vec::new());
+    out.masks = ckpt.masks.iter().map(|(n, t)| (distill::nn::normalize_name(n), t.shallow_clone())).collect();
+    out.save(&args.output)?;
+    println!(
+        "{}: {} of {arch} ({dataset}), {} tensors{} -> {}",
+        args.input.display(),
+        ckpt.format,
+        out.model.len(),
+        if out.masks.is_empty() { String::new() } else { format!(" and {} masks", out.masks.len()) },
+        args.output.display()
+    );
+    Ok(())
+}
+
 fn thin(args: ThinArgs) -> Result<()> {
     use distill::thinning::{Structure, Thinner};
     let device = tch::Device::Cpu;
@@ -986,6 +1095,8 @@ fn run() -> ExitCode {
             print!("{}", schedule.preview(epochs, lr, model.as_ref())?);
             Ok(())
         })(),
+        Command::Eval(args) => eval(args),
+        Command::Convert(args) => convert(args),
         Command::Quantize(args) => quantize(args),
         Command::Summary(args) => summary(args),
         Command::Thin(args) => thin(args),
