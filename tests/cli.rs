@@ -104,6 +104,15 @@ fn convert_reads_pytorch_and_distiller_checkpoints() {
     let o = distill(&["convert", plain.to_str().unwrap(), out.to_str().unwrap(), "--arch", "resnet20_cifar"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(distill::models::load_checkpoint(&out, tch::Device::Cpu).unwrap().info().dataset, "cifar10");
+    // `eval` takes the Distiller checkpoint as it is, and CIFAR-10's test file alone.
+    let cifar = dir.path().join("cifar");
+    std::fs::create_dir(&cifar).unwrap();
+    let records: Vec<u8> = (0..20u8).flat_map(|i| std::iter::once(i % 10).chain((0..3072).map(move |j| ((j as u32 * 7 + i as u32 * 13) % 256) as u8))).collect();
+    std::fs::write(cifar.join("test_batch.bin"), records).unwrap();
+    let distiller = fixtures.join("resnet20_cifar_distiller.pth.tar");
+    let o = distill(&["eval", "--arch", "resnet20_cifar", "--dataset", "cifar10", "--data-dir", cifar.to_str().unwrap(), "--checkpoint", distiller.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("resnet20_cifar on test (20 samples): top-1"), "{}", String::from_utf8_lossy(&o.stdout));
 }
 
 #[test]

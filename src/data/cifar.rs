@@ -12,7 +12,7 @@ const RECORD: usize = 1 + 3 * 32 * 32;
 /// normalized with mean 0.5 and std 0.5 per channel, and training passes use random 32×32 crops of the image
 /// padded by 4 and random horizontal flips, as Distiller's loader.
 pub fn cifar10(dir: impl AsRef<Path>) -> Result<DataSplits> {
-    let dir = locate(dir.as_ref())?;
+    let dir = locate(dir.as_ref(), "data_batch_1.bin")?;
     let mut train_parts = Vec::new();
     for i in 1..=5 {
         train_parts.push(read_batch(&dir.join(format!("data_batch_{i}.bin")))?);
@@ -32,9 +32,17 @@ pub fn cifar10(dir: impl AsRef<Path>) -> Result<DataSplits> {
     })
 }
 
-fn locate(dir: &Path) -> Result<PathBuf> {
+/// CIFAR-10's 10,000 test images alone, normalized as [`cifar10`] does: all that evaluating a trained model needs
+/// (`test_batch.bin` in `dir` or in `dir/cifar-10-batches-bin`).
+pub fn cifar10_test(dir: impl AsRef<Path>) -> Result<Dataset> {
+    let dir = locate(dir.as_ref(), "test_batch.bin")?;
+    let (x, y) = read_batch(&dir.join("test_batch.bin"))?;
+    Dataset::new("cifar10/test", normalize_pixels(&x, &[0.5; 3], &[0.5; 3])?, y, 10)
+}
+
+fn locate(dir: &Path, file: &str) -> Result<PathBuf> {
     for d in [dir.to_path_buf(), dir.join("cifar-10-batches-bin")] {
-        if d.join("data_batch_1.bin").is_file() {
+        if d.join(file).is_file() {
             return Ok(d);
         }
     }
@@ -79,5 +87,14 @@ mod tests {
         assert!(read_batch(&p).unwrap_err().to_string().contains("not a whole number"));
         let err = cifar10(dir.path()).unwrap_err().to_string();
         assert!(err.contains("CIFAR-10 binary batches not found"), "{err}");
+        // The test file alone is enough to evaluate, in the folder or in cifar-10-batches-bin/.
+        let sub = dir.path().join("cifar-10-batches-bin");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("test_batch.bin"), &bytes).unwrap();
+        let test = cifar10_test(dir.path()).unwrap();
+        assert_eq!(test.len(), 2);
+        // 10 → (10/255 − 0.5)/0.5
+        assert!((test.images().double_value(&[0, 0, 0, 0]) - (10.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6);
+        assert!(cifar10(dir.path()).unwrap_err().to_string().contains("not found"));
     }
 }

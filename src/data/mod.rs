@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
-pub use cifar::cifar10;
+pub use cifar::{cifar10, cifar10_test};
 pub use mnist::{mnist_bundled, mnist_csv, mnist_idx, MNIST_MEAN, MNIST_STD};
 pub use rng::{epoch_seed, SplitMix64};
 

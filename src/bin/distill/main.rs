@@ -860,12 +860,19 @@ fn eval(args: EvalArgs) -> Result<()> {
     let mut model = args.model.model()?;
     let ckpt = distill::train::Checkpoint::load(&args.checkpoint)?;
     ckpt.restore_model(&mut model, &args.checkpoint)?;
-    let data = args.model.data()?;
-    let (split, set) = match args.split {
-        Split::Train => ("train", &data.train),
-        Split::Valid => ("valid", &data.valid),
-        Split::Test => ("test", &data.test),
+    let (split, set) = match (args.split, args.model.dataset.as_str(), &args.model.data_dir) {
+        // Evaluating on CIFAR-10's test set needs its test file only.
+        (Split::Test, "cifar10", Some(dir)) => ("test", data::cifar10_test(dir)?),
+        (split, ..) => {
+            let data = args.model.data()?;
+            match split {
+                Split::Train => ("train", data.train),
+                Split::Valid => ("valid", data.valid),
+                Split::Test => ("test", data.test),
+            }
+        }
     };
+    let set = &set;
     if set.is_empty() {
         return Err(distill::Error::invalid("--split", format!("the {split} split of {} is empty", args.model.dataset)));
     }
