@@ -426,3 +426,32 @@ fn deploy_report_measures_the_variants_and_refuses_bad_ones() {
     let o = distill(&["deploy-report", "--arch", "lenet", "--dataset", "mnist", "--dense", c, "--quantized", "/nonexistent/q", "--out", out.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("/nonexistent/q"), "{}", stderr(&o));
 }
+
+#[test]
+fn imagenet_models_evaluate_on_an_image_folder() {
+    use image::{ImageBuffer, Rgb};
+    let dir = distill::io::TempDir::new().unwrap();
+    let val = dir.path().join("val");
+    for c in 0..1000 {
+        std::fs::create_dir_all(val.join(format!("n{c:08}"))).unwrap();
+    }
+    for (c, shade) in [(3, 40u8), (500, 120), (999, 220)] {
+        for i in 0..2u32 {
+            let img: ImageBuffer<Rgb<u8>, Vec<u8>> = ImageBuffer::from_fn(240 + i * 30, 260, |x, y| Rgb([shade, (x % 256) as u8, (y % 256) as u8]));
+            img.save(val.join(format!("n{c:08}")).join(format!("{i}.jpg"))).unwrap();
+        }
+    }
+    let weights = dir.path().join("resnet18.safetensors");
+    let model = distill::models::create_model("resnet18", "imagenet", tch::Device::Cpu).unwrap();
+    tch::Tensor::write_safetensors(&model.state_dict(), &weights).unwrap();
+    let out = dir.path().join("eval");
+    let o = distill(&["eval", "--arch", "resnet18", "--dataset", "imagenet", "--data-dir", dir.path().to_str().unwrap(), "--checkpoint", weights.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["samples"], 6);
+    assert_eq!(std::fs::read_to_string(out.join("per_class.csv")).unwrap().lines().count(), 1001);
+    // A folder without all 1,000 classes would number them wrongly.
+    std::fs::remove_dir(val.join("n00000001")).unwrap();
+    let o = distill(&["eval", "--arch", "resnet18", "--dataset", "imagenet", "--data-dir", dir.path().to_str().unwrap(), "--checkpoint", weights.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("999 class folders"), "{}", stderr(&o));
+}

@@ -9,6 +9,7 @@
 //! A [`Dataset`] keeps all samples in one tensor; [`Dataset::batches`] walks it in order or in a seeded random
 //! order. Images are normalized as Distiller's loaders do (MNIST: mean 0.1307, std 0.3081; CIFAR-10: 0.5, 0.5).
 mod cifar;
+mod image_folder;
 mod mnist;
 mod rng;
 
@@ -17,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 use crate::{Error, Result};
 
 pub use cifar::{cifar10, cifar10_test};
+pub use image_folder::{image_folder, list_images, preprocess, ImageFolderOptions, IMAGENET_MEAN, IMAGENET_STD};
 pub use mnist::{mnist_bundled, mnist_csv, mnist_idx, MNIST_MEAN, MNIST_STD};
 pub use rng::{epoch_seed, SplitMix64};
 
@@ -28,6 +30,19 @@ pub struct Dataset {
     labels: Tensor,
     num_classes: i64,
     augmentation: Option<RandomCrop>,
+}
+
+/// Datasets are never changed in place, so a clone shares the image and label storage.
+impl Clone for Dataset {
+    fn clone(&self) -> Self {
+        Dataset {
+            name: self.name.clone(),
+            images: self.images.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+            num_classes: self.num_classes,
+            augmentation: self.augmentation,
+        }
+    }
 }
 
 /// Training-time augmentation: pad each image by `padding` pixels of value `fill`, crop it back at a random

@@ -54,15 +54,20 @@ struct ModelArgs {
     /// Architecture (see `distill models`).
     #[arg(long)]
     arch: String,
-    /// Dataset: mnist (the bundled 5,000 digits unless --data-dir is given) or cifar10 (needs --data-dir).
+    /// Dataset: mnist (the bundled 5,000 digits unless --data-dir is given), cifar10 or imagenet (both need --data-dir).
     #[arg(long)]
     dataset: String,
-    /// Folder with the full MNIST IDX files or the CIFAR-10 binary batches.
+    /// Folder with the full MNIST IDX files, the CIFAR-10 binary batches, or ImageNet's validation images as an image
+    /// folder (DIR/val/<class>/<image>.jpg).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// imagenet: read at most this many validation images (spread over the classes); they are held in memory,
+    /// 150 KB each.
+    #[arg(long)]
+    data_limit: Option<usize>,
 }
 
 impl ModelArgs {
@@ -73,7 +78,7 @@ impl ModelArgs {
 
     /// The dataset's splits.
     fn data(&self) -> Result<DataSplits> {
-        load_data(&self.dataset, self.data_dir.as_ref())
+        load_data(&self.dataset, self.data_dir.as_ref(), self.data_limit)
     }
 }
 
@@ -565,16 +570,28 @@ impl KdArgs {
     }
 }
 
-fn load_data(dataset: &str, dir: Option<&PathBuf>) -> Result<DataSplits> {
+fn load_data(dataset: &str, dir: Option<&PathBuf>, limit: Option<usize>) -> Result<DataSplits> {
     match (dataset, dir) {
         ("mnist", None) => data::mnist_bundled(),
         ("mnist", Some(d)) => data::mnist_idx(d),
         ("cifar10", Some(d)) => data::cifar10(d),
         ("cifar10", None) => Err(distill::Error::invalid("--data-dir", "cifar10 needs --data-dir pointing at the CIFAR-10 binary batches")),
-        ("imagenet", _) => Err(distill::Error::invalid(
-            "--dataset",
-            "imagenet: the ImageNet models build, load PyTorch weights, summarize and export, but image-folder data cannot be read yet, so train, eval, quantize and sensitivity need mnist or cifar10",
-        )),
+        ("imagenet", Some(d)) => {
+            // ImageNet's validation images (DIR/val, or DIR itself) serve as validation and test split; training from
+            // an image folder needs a streaming loader distill does not have yet.
+            let val = if d.join("val").is_dir() { d.join("val") } else { d.clone() };
+            let options = data::ImageFolderOptions { limit, ..Default::default() };
+            let set = data::image_folder(&val, &options)?;
+            if set.num_classes() != 1000 {
+                return Err(distill::Error::data(
+                    &val,
+                    format!("{} class folders: ImageNet models number their 1,000 classes by the sorted folder names, so all 1,000 folders must be there (empty ones will do)", set.num_classes()),
+                ));
+            }
+            let train = set.subset("imagenet/train (not read)", &[])?;
+            Ok(DataSplits { train, valid: set.clone(), test: set })
+        }
+        ("imagenet", None) => Err(distill::Error::invalid("--data-dir", "imagenet needs --data-dir pointing at an image folder (DIR/val/<class>/<image>.jpg, or DIR/<class>/...)")),
         (other, _) => Err(distill::Error::unknown("dataset", other, models::DATASETS.iter().map(|(d, ..)| *d))),
     }
 }
