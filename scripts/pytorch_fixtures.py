@@ -93,6 +93,9 @@ def resnet20_fixtures(out):
     with torch.no_grad():
         torch.save({"input": x, "output": model(x)}, os.path.join(out, "resnet20_cifar_io.pth"))
     torch.save({"config": Unknown()}, os.path.join(out, "unknown_class.pth"))
+    # A whole model rather than its state dict.
+    torch.manual_seed(1)
+    torch.save(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), os.path.join(out, "whole_model.pt"))
 
 
 def resnet18_fixture(out):

@@ -76,6 +76,17 @@ fn a_distiller_checkpoint_resumes_with_its_masks_and_epoch() {
 }
 
 #[test]
+fn a_whole_saved_model_reads_as_its_state_dict() {
+    let checkpoint = Checkpoint::load(fixture("whole_model.pt")).unwrap();
+    let mut names: Vec<&str> = checkpoint.model.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["0.bias", "0.weight", "1.bias", "1.running_mean", "1.running_var", "1.weight"]);
+    let w = &checkpoint.model.iter().find(|(n, _)| n == "0.weight").unwrap().1;
+    assert_eq!(w.size(), [3, 4]);
+    assert!((w.double_value(&[0, 0]) - 0.2576315999031067).abs() < 1e-7);
+}
+
+#[test]
 fn a_safetensors_state_dict_without_metadata_loads() {
     let dir = distill::io::TempDir::new().unwrap();
     let source = distill::models::load_checkpoint(fixture("resnet20_cifar_distiller.pth.tar"), Device::Cpu).unwrap();

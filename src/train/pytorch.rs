@@ -55,8 +55,11 @@ fn text(v: Option<&PickleValue>) -> Option<String> {
 pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
     let bad = |m: String| Error::checkpoint(path, m);
     let root = PytorchReader::read_pickle_data(path, None).map_err(|e| bad(format!("not a PyTorch checkpoint either: {e}")))?;
-    let PickleValue::Dict(top) = &root else {
-        return Err(bad("the pickle holds no dictionary: save the model's state_dict() (torch.save(model.state_dict(), path))".into()));
+    // A whole model (`torch.save(model)`) is no dictionary here; the reader below still finds its state dict.
+    let empty = std::collections::HashMap::new();
+    let top = match &root {
+        PickleValue::Dict(top) => top,
+        _ => &empty,
     };
     let key = STATE_DICT_KEYS.iter().find(|k| matches!(top.get(**k), Some(PickleValue::Dict(_)))).copied();
     if let Some(PickleValue::List(recipes)) = top.get("thinning_recipes") {
@@ -91,7 +94,8 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
         target.push((name.to_string(), to_tch(path, t)?));
     }
     if model.is_empty() {
-        let keys: Vec<&String> = top.keys().collect();
+        let mut keys: Vec<&String> = top.keys().collect();
+        keys.sort();
         return Err(bad(format!("no tensors found (top-level keys: {keys:?}); a state dict is expected, alone or under one of {STATE_DICT_KEYS:?}")));
     }
     let distiller = key == Some("state_dict") && top.contains_key("arch");
