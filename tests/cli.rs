@@ -83,7 +83,7 @@ fn trains_and_writes_its_outputs() {
     assert_eq!(rows.lines().count(), 501);
     // The checkpoint's architecture is checked against --arch.
     let o = distill(&["eval", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap()]);
-    assert!(!o.status.success() && stderr(&o).contains("checkpoint of 'mlp', the model is 'lenet'"), "{}", stderr(&o));
+    assert!(!o.status.success() && stderr(&o).contains("checkpoint saved from 'mlp' (mnist), the model is 'lenet'"), "{}", stderr(&o));
 }
 
 #[test]

@@ -125,7 +125,7 @@ fn broken_and_foreign_checkpoints_are_clear_errors() {
     let path = fixture("resnet20_cifar_distiller.pth.tar");
     let mut other = create_model("resnet32_cifar", "cifar10", Device::Cpu).unwrap();
     let err = Checkpoint::load(&path).unwrap().restore_model(&mut other, &path).unwrap_err().to_string();
-    assert!(err.contains("a Distiller checkpoint of 'resnet20_cifar', the model is 'resnet32_cifar'"), "{err}");
+    assert!(err.contains("Distiller checkpoint saved from 'resnet20_cifar' (cifar10), the model is 'resnet32_cifar'"), "{err}");
     // A plain state dict into the wrong model: every differing tensor is listed.
     let path = fixture("resnet20_cifar.pth");
     let err = Checkpoint::load(&path).unwrap().restore_model(&mut other, &path).unwrap_err().to_string();

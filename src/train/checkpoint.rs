@@ -289,7 +289,16 @@ impl Checkpoint {
         if !self.meta.arch.is_empty() && self.meta.arch != info.arch {
             return Err(Error::checkpoint(
                 path,
-                format!("a {} of '{}', the model is '{}': build a '{}' (--arch {}) to load it", self.format, self.meta.arch, info.arch, self.meta.arch, self.meta.arch),
+                format!(
+                    "{} saved from '{}'{}, the model is '{}' ({}): build a '{}' (--arch {}) to load it",
+                    self.format,
+                    self.meta.arch,
+                    if self.meta.dataset.is_empty() { String::new() } else { format!(" ({})", self.meta.dataset) },
+                    info.arch,
+                    info.dataset,
+                    self.meta.arch,
+                    self.meta.arch
+                ),
             ));
         }
         if self.meta.arch == model.info().arch {
