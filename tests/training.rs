@@ -203,7 +203,7 @@ fn resume_refuses_foreign_or_finished_checkpoints() {
     assert!(err.contains("missing.safetensors"), "{err}");
     std::fs::write(dir.path().join("junk.safetensors"), b"not a checkpoint").unwrap();
     let err = Trainer::new(&mut same, quiet(3, 8)).unwrap().resume(dir.path().join("junk.safetensors")).unwrap_err().to_string();
-    assert!(err.contains("not a safetensors file"), "{err}");
+    assert!(err.contains("neither a safetensors checkpoint nor a PyTorch one"), "{err}");
 }
 
 #[test]

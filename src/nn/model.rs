@@ -427,6 +427,27 @@ impl Model {
     /// with its shape; the error lists every missing or mismatched name with both shapes. Extra tensors are
     /// ignored when `strict` is false and rejected otherwise.
     pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)], strict: bool) -> Result<()> {
+        let problems = self.state_dict_problems(tensors, strict);
+        if !problems.is_empty() {
+            return Err(Error::Shape(format!(
+                "state does not fit {} ({} problem(s)): {}",
+                self.info.arch,
+                problems.len(),
+                problems.join("; ")
+            )));
+        }
+        let given: HashMap<String, &Tensor> = tensors.iter().map(|(n, t)| (normalize_name(n), t)).collect();
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in &self.state_dict() {
+                t.shallow_clone().f_copy_(given[name])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// What keeps `tensors` from loading into this model, tensor by tensor (missing, shape or type mismatch, and
+    /// with `strict` unexpected names); empty when they fit.
+    pub(crate) fn state_dict_problems(&self, tensors: &[(String, Tensor)], strict: bool) -> Vec<String> {
         let given: HashMap<String, &Tensor> = tensors.iter().map(|(n, t)| (normalize_name(n), t)).collect();
         let own = self.state_dict();
         let mut problems = Vec::new();
@@ -450,20 +471,7 @@ impl Model {
             extra.sort();
             problems.extend(extra.into_iter().map(|n| format!("unexpected '{n}'")));
         }
-        if !problems.is_empty() {
-            return Err(Error::Shape(format!(
-                "state does not fit {} ({} problem(s)): {}",
-                self.info.arch,
-                problems.len(),
-                problems.join("; ")
-            )));
-        }
-        tch::no_grad(|| -> Result<()> {
-            for (name, t) in &own {
-                t.shallow_clone().f_copy_(given[name])?;
-            }
-            Ok(())
-        })
+        problems
     }
 
     fn fmt_module(f: &mut fmt::Formatter<'_>, m: &dyn Module, indent: usize) -> fmt::Result {

@@ -290,14 +290,18 @@ impl Checkpoint {
             return Err(Error::checkpoint(
                 path,
                 format!(
-                    "{} saved from '{}'{}, the model is '{}' ({}): build a '{}' (--arch {}) to load it",
+                    "{} saved from '{}'{}, the model is '{}' ({}): build a '{}' (--arch {}) to load it{}",
                     self.format,
                     self.meta.arch,
                     if self.meta.dataset.is_empty() { String::new() } else { format!(" ({})", self.meta.dataset) },
                     info.arch,
                     info.dataset,
                     self.meta.arch,
-                    self.meta.arch
+                    self.meta.arch,
+                    match model.state_dict_problems(&self.model, true) {
+                        p if p.is_empty() => String::new(),
+                        p => format!(" ({} difference(s): {})", p.len(), p.join("; ")),
+                    }
                 ),
             ));
         }

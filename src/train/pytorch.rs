@@ -54,7 +54,7 @@ fn text(v: Option<&PickleValue>) -> Option<String> {
 /// `meta.arch` and `meta.dataset` are empty and the model to load it into must be named).
 pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
     let bad = |m: String| Error::checkpoint(path, m);
-    let root = PytorchReader::read_pickle_data(path, None).map_err(|e| bad(format!("not a PyTorch checkpoint either: {e}")))?;
+    let root = PytorchReader::read_pickle_data(path, None).map_err(|e| bad(format!("neither a safetensors checkpoint nor a PyTorch one ({e})")))?;
     // A whole model (`torch.save(model)`) is no dictionary here; the reader below still finds its state dict.
     let empty = std::collections::HashMap::new();
     let top = match &root {
