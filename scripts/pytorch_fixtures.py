@@ -93,6 +93,11 @@ def resnet20_fixtures(out):
     with torch.no_grad():
         torch.save({"input": x, "output": model(x)}, os.path.join(out, "resnet20_cifar_io.pth"))
     torch.save({"config": Unknown()}, os.path.join(out, "unknown_class.pth"))
+    # Distiller checkpoints distill refuses: a thinned model's and a quantized model's (tiny stand-ins).
+    small = {"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2)}
+    recipe = {"parameters": {"fc.weight": [(1, torch.tensor([0, 1, 2]))]}}
+    torch.save({"arch": "mlp", "state_dict": small, "thinning_recipes": [recipe]}, os.path.join(out, "distiller_thinned.pth.tar"))
+    torch.save({"arch": "mlp", "state_dict": small, "quantizer_metadata": {"type": "PostTrainLinearQuantizer", "params": {"bits_activations": 8}}}, os.path.join(out, "distiller_quantized.pth.tar"))
     # A whole model rather than its state dict.
     torch.manual_seed(1)
     torch.save(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), os.path.join(out, "whole_model.pt"))

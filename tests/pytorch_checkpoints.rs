@@ -118,6 +118,11 @@ fn broken_and_foreign_checkpoints_are_clear_errors() {
     std::fs::write(&garbage, b"this is not a checkpoint at all").unwrap();
     let err = Checkpoint::load(&garbage).unwrap_err().to_string();
     assert!(err.contains("garbage.pth") && err.contains("not a PyTorch checkpoint"), "{err}");
+    // Distiller checkpoints of thinned and of quantized models.
+    let err = Checkpoint::load(fixture("distiller_thinned.pth.tar")).unwrap_err().to_string();
+    assert!(err.contains("thinned model (1 thinning recipe(s))"), "{err}");
+    let err = Checkpoint::load(fixture("distiller_quantized.pth.tar")).unwrap_err().to_string();
+    assert!(err.contains("quantized model: load the floating-point checkpoint"), "{err}");
     // A pickle of an object the reader does not know holds no tensors.
     let err = Checkpoint::load(fixture("unknown_class.pth")).unwrap_err().to_string();
     assert!(err.contains("no tensors found"), "{err}");

@@ -308,16 +308,12 @@ impl Checkpoint {
         if self.meta.arch == model.info().arch {
             self.thin_like_saved(model, None, path)?;
         }
-        let result = model.load_state_dict(&self.model, true);
-        let info = model.info();
-        match result {
-            Err(e) if self.meta.arch != info.arch => Err(Error::checkpoint(
-                path,
-                format!("saved from '{}' ({}), the model is '{}' ({}): {e}", self.meta.arch, self.meta.dataset, info.arch, info.dataset),
-            )),
-            Err(e) => Err(Error::checkpoint(path, e.to_string())),
-            Ok(()) => Ok(()),
-        }
+        let format = self.format;
+        model.load_state_dict(&self.model, true).map_err(|e| match format {
+            CheckpointFormat::Distill => Error::checkpoint(path, e.to_string()),
+            // A foreign file that does not name its architecture: say what it is.
+            _ => Error::checkpoint(path, format!("a {format}: {e}")),
+        })
     }
 
     /// [`Checkpoint::restore_model`] for a checkpoint of a run compressed by `scheduler`'s schedule: its
