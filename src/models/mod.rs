@@ -158,6 +158,17 @@ pub fn architectures(dataset: Option<&str>) -> Vec<&'static str> {
     ZOO.iter().filter(|a| dataset.is_none_or(|d| a.dataset == d)).map(|a| a.name).collect()
 }
 
+/// The dataset architecture `arch` is built for (each zoo architecture has exactly one), or `None` for a name the
+/// zoo does not know.
+///
+/// ```
+/// assert_eq!(distill::models::dataset_of("resnet18"), Some("imagenet"));
+/// assert_eq!(distill::models::dataset_of("resnet19"), None);
+/// ```
+pub fn dataset_of(arch: &str) -> Option<&'static str> {
+    ZOO.iter().find(|a| a.name == arch).map(|a| a.dataset)
+}
+
 /// Input shape `[C, H, W]` and number of classes of a dataset the zoo knows.
 pub fn dataset_shape(dataset: &str) -> Result<([i64; 3], i64)> {
     DATASETS
@@ -175,10 +186,10 @@ pub fn dataset_shape(dataset: &str) -> Result<([i64; 3], i64)> {
 pub fn create_model(arch: &str, dataset: &str, device: Device) -> Result<Model> {
     let (input_shape, num_classes) = dataset_shape(dataset)?;
     let Some(spec) = ZOO.iter().find(|a| a.name == arch && a.dataset == dataset) else {
-        if let Some(other) = ZOO.iter().find(|a| a.name == arch) {
+        if let Some(other) = dataset_of(arch) {
             return Err(Error::invalid(
                 "architecture",
-                format!("'{arch}' is a {} model, not a {dataset} one (for {dataset}: {})", other.dataset, architectures(Some(dataset)).join(", ")),
+                format!("'{arch}' is a {other} model, not a {dataset} one (for {dataset}: {})", architectures(Some(dataset)).join(", ")),
             ));
         }
         return Err(Error::unknown("architecture", arch, architectures(Some(dataset))));
@@ -236,7 +247,7 @@ pub fn load_checkpoint(path: impl AsRef<std::path::Path>, device: Device) -> Res
     }
     // Older Distiller checkpoints do not record the dataset; each zoo architecture has one.
     let dataset = match checkpoint.meta.dataset.as_str() {
-        "" => ZOO.iter().find(|a| a.name == arch).map_or("", |a| a.dataset),
+        "" => dataset_of(arch).unwrap_or_default(),
         d => d,
     };
     let mut model = create_model(arch, dataset, device)?;

@@ -305,7 +305,8 @@ impl Checkpoint {
                 ),
             ));
         }
-        if self.meta.arch == model.info().arch {
+        // Past the check above, a named architecture is the model's own.
+        if !self.meta.arch.is_empty() {
             self.thin_like_saved(model, None, path)?;
         }
         let format = self.format;

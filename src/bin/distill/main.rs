@@ -920,12 +920,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
     let dataset = args.dataset.clone().or_else(|| Some(ckpt.meta.dataset.clone()).filter(|d| !d.is_empty()));
     let dataset = match dataset {
         Some(d) => d,
-        None => models::DATASETS
-            .iter()
-            .map(|(d, ..)| *d)
-            .find(|d| models::architectures(Some(d)).contains(&arch.as_str()))
-            .ok_or_else(|| distill::Error::unknown("architecture", &arch, models::architectures(None)))?
-            .to_string(),
+        None => models::dataset_of(&arch).ok_or_else(|| distill::Error::unknown("architecture", &arch, models::architectures(None)))?.to_string(),
     };
     let mut model = models::create_model(&arch, &dataset, tch::Device::Cpu)?;
     ckpt.restore_model(&mut model, &args.input)?;
