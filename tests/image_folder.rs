@@ -60,6 +60,8 @@ fn unreadable_images_and_empty_folders_are_clear() {
     assert!(err.contains("broken.jpg") && err.contains("cannot decode"), "{err}");
     let set = image_folder(dir.path(), &ImageFolderOptions { skip_unreadable: true, ..Default::default() }).unwrap();
     assert_eq!(set.len(), 9);
+    let err = image_folder(dir.path(), &ImageFolderOptions { limit: Some(0), ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("limit") && err.contains("at least 1"), "{err}");
     let empty = distill::io::TempDir::new().unwrap();
     let err = image_folder(empty.path(), &ImageFolderOptions::default()).unwrap_err().to_string();
     assert!(err.contains("no class folders"), "{err}");

@@ -104,6 +104,9 @@ pub fn preprocess(path: &Path, resize: u32, crop: u32) -> Result<Vec<u8>> {
 /// ```
 pub fn image_folder(root: impl AsRef<Path>, options: &ImageFolderOptions) -> Result<Dataset> {
     let root = root.as_ref();
+    if options.limit == Some(0) {
+        return Err(Error::invalid("image folder limit", "must be at least 1"));
+    }
     let (mut samples, classes) = list_images(root)?;
     if let Some(limit) = options.limit.filter(|&l| l < samples.len()) {
         let n = samples.len();

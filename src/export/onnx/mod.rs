@@ -238,8 +238,8 @@ impl<'m> Writer<'m> {
             self.node("GlobalAveragePool", name, inputs, name, vec![]);
             return Ok(());
         }
-        let input = &self.graph.tensors()[node.inputs[0]].shape;
-        let [h, w] = [input[input.len() - 2], input[input.len() - 1]];
+        let input = node.inputs.first().map(|&t| self.graph.tensors()[t].shape.as_slice()).unwrap_or_default();
+        let &[.., h, w] = input else { return Err(Self::unsupported(node, &format!("pools a {}-D input", input.len()))) };
         let [oh, ow] = p.output_size;
         if h % oh != 0 || w % ow != 0 {
             return Err(Self::unsupported(node, &format!("pools {h}×{w} to {oh}×{ow}, which no fixed ONNX AveragePool computes")));
