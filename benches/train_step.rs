@@ -7,8 +7,9 @@
 //! step that recomputes all masks at an epoch's start.
 //!
 //! A third table reports quantization: the per-step cost of quantization-aware training (8-bit range-linear
-//! fake quantization with STE on weights and ReLU outputs) against the float step, and the time of a
-//! post-training calibration (two passes over the calibration batches) plus quantization.
+//! fake quantization with STE on weights and ReLU outputs) against the float step, timed in alternating rounds
+//! with the ratio taken round by round, and the time of a post-training calibration (two passes over the
+//! calibration batches) plus quantization.
 //!
 //! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratios. Run by `cargo test
 //! --all-targets` (without cargo bench's `--bench` flag) it makes a four-step smoke run instead (the calibration takes four batches).
@@ -127,8 +128,23 @@ fn time_agp(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usiz
     (per_step(base), per_step(agp), update_ms)
 }
 
-/// (float ms/step, QAT ms/step, calibration + PTQ ms) for one model.
-fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usize) -> (f64, f64, f64) {
+/// What QAT costs on one model: the float and QAT ms/step (medians over rounds), the QAT/float ratio's median,
+/// minimum and maximum over rounds, and the calibration + PTQ time in ms.
+struct QuantTiming {
+    float_ms: f64,
+    qat_ms: f64,
+    ratio: (f64, f64, f64),
+    ptq_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times float and QAT training in alternating rounds of `steps` steps each (which goes first alternates too),
+/// so that the machine's drift and noise hit both alike; the ratio is taken round by round.
+fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usize, rounds: usize) -> QuantTiming {
     let timed = data.subset("timed", &(0..(steps * batch) as i64).collect::<Vec<_>>()).unwrap();
     let mut plain = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
     let mut model = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
@@ -137,27 +153,46 @@ fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, st
     let mut opt_plain = Optimizer::for_model(&plain, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
     let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
     scheduler.on_epoch_begin(&mut model, 0, Some(&mut opt)).unwrap();
-    let (mut base, mut qat) = (0.0, 0.0);
-    for round in 0..3 {
+    let mut float_epoch = |round: usize| {
         let t = Instant::now();
         train_epoch(&mut plain, &timed, &mut opt_plain, None, round, EpochSettings::quiet(batch, round as u64)).unwrap();
-        base += t.elapsed().as_secs_f64();
+        t.elapsed().as_secs_f64() * 1e3 / steps as f64
+    };
+    let mut qat_epoch = |round: usize| {
         let t = Instant::now();
         train_epoch(&mut model, &timed, &mut opt, Some(&mut scheduler), 0, EpochSettings::quiet(batch, round as u64)).unwrap();
-        qat += t.elapsed().as_secs_f64();
+        t.elapsed().as_secs_f64() * 1e3 / steps as f64
+    };
+    // Warm-up, not reported.
+    float_epoch(0);
+    qat_epoch(0);
+    let (mut base, mut qat, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (b, q) = if round % 2 == 0 {
+            let b = float_epoch(round);
+            (b, qat_epoch(round))
+        } else {
+            let q = qat_epoch(round);
+            (float_epoch(round), q)
+        };
+        base.push(b);
+        qat.push(q);
+        ratios.push(q / b);
     }
-    let per_step = |s: f64| s * 1e3 / (3 * steps) as f64;
+    let spread = (ratios.iter().copied().fold(f64::MAX, f64::min), ratios.iter().copied().fold(f64::MIN, f64::max));
     let calib = data.subset("calib", &(0..(4 * batch) as i64).collect::<Vec<_>>()).unwrap();
     let t = Instant::now();
     let stats = distill::quantization::stats::collect_activation_stats(&mut plain, &calib, 4, batch).unwrap();
     let config = distill::quantization::range_linear::PostTrainConfig { stats: Some(stats), ..Default::default() };
     distill::quantization::range_linear::PostTrainLinearQuantizer::new(config).prepare_model(&mut plain).unwrap();
-    (per_step(base), per_step(qat), t.elapsed().as_secs_f64() * 1e3)
+    let ptq_ms = t.elapsed().as_secs_f64() * 1e3;
+    QuantTiming { float_ms: median(base), qat_ms: median(qat), ratio: (median(ratios), spread.0, spread.1), ptq_ms }
 }
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let steps: usize = if full { std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30) } else { 4 };
+    let rounds = if full { 9 } else { 1 };
     if !full {
         println!("smoke run (figures are not measurements; `cargo bench --bench train_step` for those)");
     }
@@ -182,11 +217,14 @@ fn main() {
         println!("{arch:<16} {batch:>6} {base:>16.2} {agp:>14.2} {:>9.1}% {update:>18.2}", 100.0 * (agp / base - 1.0));
     }
     println!();
-    println!("Quantization: 8-bit QAT step against the float step; calibration (4 batches, two passes) + PTQ:");
-    println!("{:<16} {:>6} {:>16} {:>14} {:>10} {:>18}", "model", "batch", "float ms/step", "QAT ms/step", "overhead", "calib+PTQ ms");
+    println!("Quantization: 8-bit QAT step against the float step ({rounds} alternating rounds of {steps} steps; medians, and the");
+    println!("overhead's range over rounds); calibration (4 batches, two passes) + PTQ:");
+    println!("{:<16} {:>6} {:>14} {:>12} {:>10} {:>18} {:>14}", "model", "batch", "float ms/step", "QAT ms/step", "overhead", "range over rounds", "calib+PTQ ms");
     for (arch, dataset, shape, batch, _) in cases {
         let data = Dataset::synthetic(steps * batch, shape, 10, 3).unwrap();
-        let (base, qat, ptq) = time_quantization(arch, dataset, &data, batch, steps);
-        println!("{arch:<16} {batch:>6} {base:>16.2} {qat:>14.2} {:>9.1}% {ptq:>18.1}", 100.0 * (qat / base - 1.0));
+        let t = time_quantization(arch, dataset, &data, batch, steps, rounds);
+        let pct = |r: f64| 100.0 * (r - 1.0);
+        let range = format!("{:.1}% .. {:.1}%", pct(t.ratio.1), pct(t.ratio.2));
+        println!("{arch:<16} {batch:>6} {:>14.2} {:>12.2} {:>9.1}% {range:>18} {:>14.1}", t.float_ms, t.qat_ms, pct(t.ratio.0), t.ptq_ms);
     }
 }

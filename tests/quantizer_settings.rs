@@ -275,6 +275,39 @@ fn qat_tracks_ranges_in_checkpointed_buffers_and_quantizes_the_input() {
 
 
 #[test]
+fn qat_ranges_continue_from_a_loaded_state_not_from_the_steps_run_before_the_load() {
+    // The step count behind the EMA's bias correction is mirrored on the host; a load must replace it.
+    let yaml = "quantizers:\n  q:\n    class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: 8\n    bits_weights: 8\n    ema_decay: 0.9\n";
+    let prepared = || {
+        let mut m = lenet();
+        Schedule::from_yaml_str(yaml, "q.yaml").unwrap().quantizers[0].1.qat().unwrap().prepare_model(&mut m).unwrap();
+        m.train();
+        m
+    };
+    let batch = |i: usize| Tensor::from_slice(&(0..2 * 784).map(|j| ((j * 7 + i * 13) % 17) as f32 / (1.0 + i as f32)).collect::<Vec<_>>()).reshape([2, 1, 28, 28]);
+    let ranges = |m: &distill::nn::Model| -> Vec<(String, f64)> {
+        m.state_dict().into_iter().filter(|(n, _)| n.contains("tracked") || n.ends_with("iter_count")).map(|(n, t)| (n, t.double_value(&[0]))).collect()
+    };
+    let mut a = prepared();
+    let mut b = prepared();
+    b.load_state_dict(&a.state_dict().into_iter().map(|(n, t)| (n, t.copy())).collect::<Vec<_>>(), true).unwrap();
+    for i in 0..3 {
+        let _ = a.forward(&batch(i)).unwrap();
+    }
+    let saved: Vec<(String, Tensor)> = a.state_dict().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let _ = a.forward(&batch(3)).unwrap();
+    // b has run five steps of its own before it loads a's state after three.
+    for i in 10..15 {
+        let _ = b.forward(&batch(i)).unwrap();
+    }
+    b.load_state_dict(&saved, true).unwrap();
+    let _ = b.forward(&batch(3)).unwrap();
+    let (ra, rb) = (ranges(&a), ranges(&b));
+    assert!(ra.iter().any(|(n, v)| n == "inputs_quant.iter_count" && *v == 4.0), "{ra:?}");
+    assert_eq!(ra, rb);
+}
+
+#[test]
 fn statistics_files_with_nan_inverted_ranges_or_nothing_are_refused() {
     let dir = distill::io::TempDir::new().unwrap();
     let good = "conv1:\n  inputs:\n    0: {min: -1.0, max: 1.0, avg_min: -0.5, avg_max: 0.5, mean: 0.0, std: 0.3, b: 0.2}\n  output: {min: -2.0, max: 2.0, avg_min: -1.0, avg_max: 1.0, mean: 0.0, std: 0.5, b: 0.4}\n";

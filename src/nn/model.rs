@@ -437,12 +437,15 @@ impl Model {
             )));
         }
         let given: HashMap<String, &Tensor> = tensors.iter().map(|(n, t)| (normalize_name(n), t)).collect();
-        tch::no_grad(|| -> Result<()> {
+        let copied = tch::no_grad(|| -> Result<()> {
             for (name, t) in &self.state_dict() {
                 t.shallow_clone().f_copy_(given[name])?;
             }
             Ok(())
-        })
+        });
+        // Even after a failed copy, some buffers may hold new values.
+        self.for_each_module(|_, m| m.buffers_loaded());
+        copied
     }
 
     /// What keeps `tensors` from loading into this model, tensor by tensor (missing, shape or type mismatch, and

@@ -67,6 +67,10 @@ pub trait Module: Any + Debug + Send {
         None
     }
 
+    /// Called after values were copied into this module's buffers (a checkpoint or a snapshot was loaded), so a
+    /// module that keeps a host-side copy of a buffer's value, to spare the device a read every step, drops it.
+    fn buffers_loaded(&self) {}
+
     /// The text inside the parentheses when the tree is printed PyTorch-style, e.g. `1, 20, kernel_size=(5, 5)`.
     fn extra_repr(&self) -> String {
         String::new()

@@ -177,37 +177,81 @@ fn asymmetric_span_unchecked(bits: u32, min: &Tensor, max: &Tensor, integral_zer
     Ok((n, span, zp))
 }
 
-/// Scale and zero point for the range `[min, max]` (tensors) without validation or host synchronization, in
-/// the tensors' dtype: symmetric over `max(|min|, |max|)`, else asymmetric over the range widened to include 0
-/// (Distiller's formulas; a zero range gives scale 1).
+/// Distiller's QAT scale for a saturation `sat` ≥ 0 (any shape, on the device, no validation and no host
+/// synchronization): `n / sat` as PyTorch evaluates it for a tensor, `sat.reciprocal() · n`, which can differ
+/// from a true division in the last bit; a zero saturation gives scale 1.
+pub fn symmetric_scale_fast(bits: u32, restrict: bool, sat: &Tensor) -> Result<Tensor> {
+    let (n, mut span) = symmetric_span_unchecked(bits, sat, restrict)?;
+    let _ = span.f_reciprocal_()?;
+    let _ = span.f_mul_scalar_(n)?;
+    Ok(span)
+}
+
+/// Distiller's QAT scale and zero point for the range `[min, max]` widened to include 0 (tensors of one shape,
+/// no validation and no host synchronization): `scale = n / (max − min)` evaluated as in
+/// [`symmetric_scale_fast`], `zero_point = round(scale · min)`, plus `2^(b−1)` when signed.
+pub fn asymmetric_scale_fast(bits: u32, signed: bool, min: &Tensor, max: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = 2f64.powi(bits as i32) - 1.0;
+    let min = min.f_clamp_max(0.0)?;
+    let diff = max.f_clamp_min(0.0)?.f_sub(&min)?;
+    let mut scale = diff.f_masked_fill(&diff.f_eq(0.0)?, n)?;
+    let _ = scale.f_reciprocal_()?;
+    let _ = scale.f_mul_scalar_(n)?;
+    let mut zp = scale.f_mul(&min)?;
+    let _ = zp.f_round_()?;
+    if signed {
+        let _ = zp.f_add_scalar_(2f64.powi(bits as i32 - 1))?;
+    }
+    Ok((scale, zp))
+}
+
+/// Distiller's QAT scale and zero point for the range `[min, max]` (tensors): symmetric over
+/// `max(|min|, |max|)` ([`symmetric_scale_fast`], zero point 0), else [`asymmetric_scale_fast`].
 pub fn range_scale_fast(bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor) -> Result<(Tensor, Tensor)> {
     if mode.symmetric() {
-        let (n, span) = symmetric_span_unchecked(bits, &min.f_abs()?.f_maximum(&max.f_abs()?)?, mode.restricted())?;
-        Ok((span.f_reciprocal()?.f_mul_scalar(n)?, span.f_zeros_like()?))
+        let scale = symmetric_scale_fast(bits, mode.restricted(), &min.f_abs()?.f_maximum(&max.f_abs()?)?)?;
+        let zp = scale.f_zeros_like()?;
+        Ok((scale, zp))
     } else {
-        let (n, span, zp) = asymmetric_span_unchecked(bits, min, max, true, mode == LinearQuantMode::AsymmetricSigned)?;
-        Ok((span.f_reciprocal()?.f_mul_scalar(n)?, zp))
+        asymmetric_scale_fast(bits, mode == LinearQuantMode::AsymmetricSigned, min, max)
+    }
+}
+
+/// Distiller's QAT scale and zero point of a weight tensor's own range, per tensor (0-d) or per output
+/// channel (`[C]`, along dimension 0): symmetric over `max |w|`, else asymmetric over `[min w, max w]`. The zero
+/// point is `None` when symmetric (it is 0). One pass over the weights (`aminmax`; libtorch's infinity norm is
+/// an order of magnitude slower on the CPU), no host synchronization.
+pub fn weight_scale_fast(w: &Tensor, bits: u32, mode: LinearQuantMode, per_channel: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let _guard = tch::no_grad_guard();
+    let (min, max) = if per_channel && w.dim() >= 2 { w.f_reshape([w.size()[0], -1])?.f_aminmax(1, false)? } else { w.f_aminmax(None, false)? };
+    if mode.symmetric() {
+        let max_abs = min.f_abs()?.f_maximum(&max.f_abs()?)?;
+        Ok((symmetric_scale_fast(bits, mode.restricted(), &max_abs)?, None))
+    } else {
+        let (scale, zp) = asymmetric_scale_fast(bits, mode == LinearQuantMode::AsymmetricSigned, &min, &max)?;
+        Ok((scale, Some(zp)))
     }
 }
 
 /// Fake quantization of `x` over the range `[min, max]` (0-d tensors, or `[C]` along `axis` for per-channel
-/// weights, on `x`'s device), with no host synchronization: Distiller's `(round(scale·x − zp) + zp) / scale` with
-/// `scale` and `zp` from the range ([`range_scale_fast`]) and a straight-through gradient.
+/// weights): [`fake_quantize`] with the scale and zero point of [`range_scale_fast`].
+pub fn fake_quantize_range(x: &Tensor, bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor, axis: Option<usize>, clip: bool) -> Result<Tensor> {
+    let (scale, zp) = range_scale_fast(bits, mode, min, max)?;
+    fake_quantize(x, bits, mode, &scale, (!mode.symmetric()).then_some(&zp), axis, clip)
+}
+
+/// Fake quantization of `x` with a known scale and zero point (0-d, or `[C]` along `axis`; the zero point is
+/// `None` for 0), on `x`'s device and with no host synchronization: Distiller's `(round(scale·x − zp) + zp) /
+/// scale` with a straight-through gradient.
 ///
 /// With `clip` (activations, Distiller's `FakeLinearQuantization`) values beyond the range saturate at the
 /// integer range's ends and get no gradient. The saturation and the gradient mask are taken on the integers, as
 /// PyTorch's fused fake quantization does: an input less than half a level beyond the range still gets its
 /// gradient, where Distiller's `clamp` of the input stops it at the range's ends. Without `clip` (weights, whose
-/// range is their own) nothing saturates and the gradient is the identity. Three full-size tensors per call
-/// (the zero point's passes are skipped when symmetric): `clamp`'s own backward pass and libtorch's fused kernel
-/// are each several times slower on the CPU.
-pub fn fake_quantize_range(x: &Tensor, bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor, axis: Option<usize>, clip: bool) -> Result<Tensor> {
-    let (scale, zp) = range_scale_fast(bits, mode, min, max)?;
-    fake_quantize(x, bits, mode, &scale, &zp, axis, clip)
-}
-
-/// [`fake_quantize_range`] with the scale and zero point already known (0-d, or `[C]` along `axis`).
-pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tensor, zp: &Tensor, axis: Option<usize>, clip: bool) -> Result<Tensor> {
+/// range is their own) nothing saturates and the gradient is the identity. Every full-size pass and every
+/// small operation counts on the CPU: `clamp`'s own backward pass and libtorch's fused kernel are each several
+/// times slower, so the mask is built in place and the zero point's passes are skipped when it is 0.
+pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tensor, zp: Option<&Tensor>, axis: Option<usize>, clip: bool) -> Result<Tensor> {
     let kind = x.kind();
     let shaped = |t: &Tensor| -> Result<Tensor> {
         let t = match axis {
@@ -217,11 +261,10 @@ pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tenso
         if t.kind() == kind { Ok(t) } else { Ok(t.f_to_kind(kind)?) }
     };
     let scale = shaped(scale)?;
-    // A symmetric zero point is 0: its passes are skipped.
-    let zp = if mode.symmetric() { None } else { Some(shaped(zp)?) };
-    let xd = x.f_detach()?;
+    let zp = zp.map(shaped).transpose()?;
+    // Inside no_grad, x serves as its own detached copy.
     let mut q = tch::no_grad(|| -> Result<Tensor> {
-        let mut q = xd.f_mul(&scale)?;
+        let mut q = x.f_mul(&scale)?;
         if let Some(zp) = &zp {
             let _ = q.f_sub_(zp)?;
         }
@@ -229,14 +272,16 @@ pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tenso
         Ok(q)
     })?;
     if !clip {
-        let dq = tch::no_grad(|| -> Result<Tensor> {
+        // Value x + (dq − x) = dq, gradient the identity.
+        let dq_minus_x = tch::no_grad(|| -> Result<Tensor> {
             if let Some(zp) = &zp {
                 let _ = q.f_add_(zp)?;
             }
             let _ = q.f_div_(&scale)?;
+            let _ = q.f_sub_(x)?;
             Ok(q)
         })?;
-        return straight_through(x, &dq);
+        return Ok(x.f_add(&dq_minus_x)?);
     }
     let (qmin, mut qmax) = quantized_range(bits, mode.signed(), mode.restricted());
     if mode == LinearQuantMode::Symmetric {
@@ -253,10 +298,9 @@ pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tenso
         let _ = dq.f_div_(&scale)?;
         Ok(dq)
     })?;
-    // Value: x·mask + (dq − x·mask) = dq; gradient: the mask. In place where autograd allows, since every
-    // full-size pass counts on the CPU.
+    // Value: x·mask + (dq − x·mask) = dq; gradient: the mask.
     let mut y = x.f_mul(&q)?;
-    let _ = tch::no_grad(|| dq.f_sub_(&y.f_detach()?))?;
+    let _ = tch::no_grad(|| dq.f_sub_(&y))?;
     let _ = y.f_add_(&dq)?;
     Ok(y)
 }
@@ -641,6 +685,23 @@ mod tests {
         assert_eq!(v(&q), expected);
         q.sum(Kind::Float).backward();
         assert_eq!(v(&w.grad()), [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn qat_zero_point_is_distillers_scale_times_min() {
+        // Distiller's QAT computes zero_point = round(scale·min) with scale = (1/span)·255 in float32; here that
+        // is −238.50002 → −239, where min·255/span is the tie −238.5 → −238 (what the PTQ parameters use).
+        let (min, max) = (Tensor::from(-2.3841906f32), Tensor::from(0.16494401f32));
+        let (scale, zp) = asymmetric_scale_fast(8, false, &min, &max).unwrap();
+        let span = 0.16494401f32 - -2.3841906f32;
+        assert_eq!(scale.double_value(&[]) as f32, (1.0 / span) * 255.0);
+        assert_eq!(zp.double_value(&[]), -239.0);
+        let (_, exact) = asymmetric_params(8, &min, &max, true, false).unwrap();
+        assert_eq!(exact.double_value(&[]), -238.0);
+        // Signed: shifted by 128; symmetric QAT scale: (1/sat)·127.5, a zero saturation giving 1.
+        assert_eq!(asymmetric_scale_fast(8, true, &min, &max).unwrap().1.double_value(&[]), -111.0);
+        let s = symmetric_scale_fast(8, false, &Tensor::from_slice(&[0.0f32, 3.7])).unwrap();
+        assert_eq!(v(&s), [1.0, ((1.0 / 3.7f32) * 127.5) as f64]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use tch::nn::Init;
 use tch::Tensor;
 
-use super::q_utils::{fake_quantize, fake_quantize_range, fake_quantize_ste, straight_through, symmetric_params, LinearQuantMode};
+use super::q_utils::{fake_quantize, fake_quantize_ste, straight_through, symmetric_params, weight_scale_fast, LinearQuantMode};
 use super::quantizer::{resolve_settings, ModeSpec, ModuleQuantSettings, Overrides, QBits, QuantDefaults, ReplaceFactory, Replaced, CLIPPED_OVERRIDE_KEYS, QAT_OVERRIDE_KEYS};
 use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module, Rollback};
 use crate::{Error, Result};
@@ -61,14 +61,9 @@ impl WeightQuant {
                 fake_quantize_ste(&c, &s.f_to_kind(w.kind())?, &z.f_to_kind(w.kind())?)
             }
             WeightQuant::RangeLinear { bits, mode, per_channel } => {
-                let wd = w.f_detach()?;
-                if per_channel && wd.dim() >= 2 {
-                    let (min, max) = wd.f_reshape([wd.size()[0], -1])?.f_aminmax(1, false)?;
-                    fake_quantize_range(w, bits, mode, &min, &max, Some(0), false)
-                } else {
-                    let (min, max) = wd.f_aminmax(None, false)?;
-                    fake_quantize_range(w, bits, mode, &min, &max, None, false)
-                }
+                let (scale, zp) = weight_scale_fast(w, bits, mode, per_channel)?;
+                let axis = (scale.dim() == 1 && w.dim() >= 2).then_some(0);
+                fake_quantize(w, bits, mode, &scale, zp.as_ref(), axis, false)
             }
         }
     }
@@ -85,8 +80,12 @@ impl WeightQuant {
             WeightQuant::Dorefa(k) => per_tensor(2f64.powi(k as i32) - 1.0),
             WeightQuant::Wrpn(k) => per_tensor((2f64.powi(k as i32) - 1.0) / 2.0),
             WeightQuant::RangeLinear { bits, mode, per_channel } => {
-                let (min, max) = if per_channel && w.dim() >= 2 { w.f_reshape([w.size()[0], -1])?.f_aminmax(1, false)? } else { w.f_aminmax(None, false)? };
-                super::q_utils::range_scale_fast(bits, mode, &min, &max)
+                let (scale, zp) = weight_scale_fast(&w, bits, mode, per_channel)?;
+                let zp = match zp {
+                    Some(zp) => zp,
+                    None => scale.f_zeros_like()?,
+                };
+                Ok((scale, zp))
             }
         }
     }
@@ -243,28 +242,55 @@ impl Module for LearnedClippedLinearQuantization {
 }
 
 /// Distiller's `FakeLinearQuantization`: range-linear fake quantization with ranges tracked by a bias-corrected
-/// exponential moving average of each training batch's min and max. The state lives in buffers on the model's
-/// device (Distiller's names: `tracked_min_biased`, `tracked_min`, `tracked_max_biased`, `tracked_max`,
-/// `iter_count`, `scale`, `zero_point`), so a training step never waits for the device and checkpoints carry
-/// the ranges.
+/// exponential moving average of each training batch's min and max. The state lives on the model's device in
+/// Distiller's buffers (`tracked_min_biased`, `tracked_min`, `tracked_max_biased`, `tracked_max`, `iter_count`,
+/// `scale`, `zero_point`), so a training step never waits for the device and checkpoints carry the ranges.
+///
+/// The buffers are views of one tensor, so that a step updates them in a handful of small operations (each
+/// costs microseconds on the CPU, whatever its size); the step count is also kept on the host, where the bias
+/// correction `1 − decay^step` is computed in single precision, as Distiller's tensor arithmetic does.
 #[derive(Debug)]
 pub struct FakeLinearQuantization {
     bits: u32,
     mode: LinearQuantMode,
     ema_decay: f64,
+    /// Views of one tensor `[min_biased, max_biased, min, max, iter_count, scale, zero_point]`: the biased and
+    /// the tracked `[min, max]` pairs.
+    biased: Tensor,
+    tracked: Tensor,
+    /// Views of the same tensor in Distiller's buffer order.
     buffers: [Tensor; 7],
-    /// Known to hold a tracked range (set by training; a loaded checkpoint is checked once).
-    tracking: std::sync::atomic::AtomicBool,
+    /// The last batch's `[min, max]` and 0-d views of its two entries, written in place every step.
+    batch: Tensor,
+    batch_ends: [Tensor; 2],
+    /// `iter_count` as the host knows it; `UNKNOWN_STEPS` until read from the device (after construction or a
+    /// checkpoint load).
+    steps: std::sync::atomic::AtomicU64,
 }
 
 const EMA_BUFFERS: [&str; 7] = ["tracked_min_biased", "tracked_min", "tracked_max_biased", "tracked_max", "iter_count", "scale", "zero_point"];
+const UNKNOWN_STEPS: u64 = u64::MAX;
 
 impl FakeLinearQuantization {
     /// `bits`-bit `mode` quantization with EMA decay `ema_decay`, its state on `device`.
     pub fn new(bits: u32, mode: LinearQuantMode, ema_decay: f64, device: tch::Device) -> Result<Self> {
-        let zero = || Tensor::f_zeros([1], (tch::Kind::Float, device));
-        let buffers = [zero()?, zero()?, zero()?, zero()?, zero()?, Tensor::f_ones([1], (tch::Kind::Float, device))?, zero()?];
-        Ok(FakeLinearQuantization { bits, mode, ema_decay, buffers, tracking: std::sync::atomic::AtomicBool::new(false) })
+        let state = Tensor::f_zeros([7], (tch::Kind::Float, device))?;
+        let view = |i: i64| state.f_narrow(0, i, 1);
+        let buffers = [view(0)?, view(2)?, view(1)?, view(3)?, view(4)?, view(5)?, view(6)?];
+        let _ = buffers[5].shallow_clone().f_fill_(1.0)?;
+        let batch = Tensor::f_zeros([2], (tch::Kind::Float, device))?;
+        let batch_ends = [batch.f_select(0, 0)?, batch.f_select(0, 1)?];
+        Ok(FakeLinearQuantization {
+            bits,
+            mode,
+            ema_decay,
+            biased: state.f_narrow(0, 0, 2)?,
+            tracked: state.f_narrow(0, 2, 2)?,
+            buffers,
+            batch,
+            batch_ends,
+            steps: std::sync::atomic::AtomicU64::new(UNKNOWN_STEPS),
+        })
     }
 
     /// The tracked (bias-corrected) range.
@@ -275,7 +301,7 @@ impl FakeLinearQuantization {
     /// The scale and zero point in use (Distiller's convention), with the integer range values saturate at;
     /// `None` before any range was tracked (the quantizer then passes its input through).
     pub fn quant_params(&self) -> Result<Option<super::q_utils::QParams>> {
-        if !self.has_range()? {
+        if self.steps()? == 0 {
             return Ok(None);
         }
         let [.., scale, zero_point] = &self.buffers;
@@ -288,35 +314,47 @@ impl FakeLinearQuantization {
         Ok(Some(super::q_utils::QParams::from_scale(squeeze(scale)?, squeeze(zero_point)?, (lo, hi))))
     }
 
+    /// Distiller's training-time update: `iter += 1`; `biased = biased·decay + (1 − decay)·batch` for min and
+    /// max; `tracked = biased / (1 − decay^iter)`; scale and zero point from the tracked range.
     fn update(&self, y: &Tensor) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let [min_biased, min, max_biased, max, iter, scale, zero_point] = &self.buffers;
+        let y = if y.kind() == tch::Kind::Float { y.shallow_clone() } else { y.f_to_kind(tch::Kind::Float)? };
+        let [lo, hi] = &self.batch_ends;
+        let _ = y.f_aminmax_out(lo, hi, None, false)?;
         let d = self.ema_decay;
-        let (lo, hi) = y.f_detach()?.f_aminmax(None, false)?;
-        let _ = iter.shallow_clone().f_add_scalar_(1.0)?;
-        let _ = min_biased.shallow_clone().f_mul_scalar_(d)?.f_add_(&lo.f_to_kind(tch::Kind::Float)?.f_mul_scalar(1.0 - d)?)?;
-        let _ = max_biased.shallow_clone().f_mul_scalar_(d)?.f_add_(&hi.f_to_kind(tch::Kind::Float)?.f_mul_scalar(1.0 - d)?)?;
-        // Bias correction 1 − d^iter, on the device.
-        let correction = Tensor::f_pow_scalar(d, iter)?.f_neg()?.f_add_scalar(1.0)?;
-        min.shallow_clone().f_copy_(&min_biased.f_div(&correction)?)?;
-        max.shallow_clone().f_copy_(&max_biased.f_div(&correction)?)?;
-        let (s, z) = super::q_utils::range_scale_fast(self.bits, self.mode, min, max)?;
-        scale.shallow_clone().f_copy_(&s)?;
-        zero_point.shallow_clone().f_copy_(&z)?;
-        self.tracking.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.biased.shallow_clone().f_mul_scalar_(d)?;
+        let _ = self.batch.shallow_clone().f_mul_scalar_(1.0 - d)?;
+        let _ = self.biased.shallow_clone().f_add_(&self.batch)?;
+        let step = self.steps()?.saturating_add(1);
+        let _ = self.buffers[4].shallow_clone().f_fill_(step as f64)?;
+        let correction = 1.0 - (d as f32).powf(step as f32);
+        let _ = self.biased.f_div_scalar_out(&self.tracked, correction as f64)?;
+        let [.., scale, zero_point] = &self.buffers;
+        if self.mode.symmetric() {
+            let max_abs = self.tracked.f_abs()?.f_amax([0], true)?;
+            scale.shallow_clone().f_copy_(&super::q_utils::symmetric_scale_fast(self.bits, self.mode.restricted(), &max_abs)?)?;
+        } else {
+            let signed = self.mode == LinearQuantMode::AsymmetricSigned;
+            let (min, max) = (self.tracked.f_narrow(0, 0, 1)?, self.tracked.f_narrow(0, 1, 1)?);
+            let (s, z) = super::q_utils::asymmetric_scale_fast(self.bits, signed, &min, &max)?;
+            scale.shallow_clone().f_copy_(&s)?;
+            zero_point.shallow_clone().f_copy_(&z)?;
+        }
+        self.steps.store(step, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Whether a range has been tracked; asks the device only while the answer is not known to be yes (before
-    /// the first training batch, or after its buffers were loaded from a checkpoint).
-    fn has_range(&self) -> Result<bool> {
+    /// `iter_count`, read from the device only when the host does not know it.
+    fn steps(&self) -> Result<u64> {
         use std::sync::atomic::Ordering;
-        if self.tracking.load(Ordering::Relaxed) {
-            return Ok(true);
+        let known = self.steps.load(Ordering::Relaxed);
+        if known != UNKNOWN_STEPS {
+            return Ok(known);
         }
-        let yes = self.buffers[4].f_double_value(&[0])? > 0.0;
-        self.tracking.store(yes, Ordering::Relaxed);
-        Ok(yes)
+        // A negative or NaN count from a foreign checkpoint reads as 0 (nothing tracked).
+        let read = self.buffers[4].f_double_value(&[0])?.max(0.0) as u64;
+        self.steps.store(read, Ordering::Relaxed);
+        Ok(read)
     }
 }
 
@@ -327,15 +365,18 @@ impl Module for FakeLinearQuantization {
     fn forward(&self, y: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         if ctx.is_training() {
             self.update(y)?;
-        } else if !self.has_range()? {
+        } else if self.steps()? == 0 {
             // No range has been seen yet: pass the input through.
             return Ok(y.shallow_clone());
         }
         let [.., scale, zero_point] = &self.buffers;
-        fake_quantize(y, self.bits, self.mode, scale, zero_point, None, true)
+        fake_quantize(y, self.bits, self.mode, scale, (!self.mode.symmetric()).then_some(zero_point), None, true)
     }
     fn buffers(&self) -> Vec<(&str, &Tensor)> {
         EMA_BUFFERS.iter().copied().zip(self.buffers.iter()).collect()
+    }
+    fn buffers_loaded(&self) {
+        self.steps.store(UNKNOWN_STEPS, std::sync::atomic::Ordering::Relaxed);
     }
     fn extra_repr(&self) -> String {
         format!("mode={:?}, num_bits={}, ema_decay={:.4}", self.mode, self.bits, self.ema_decay)
@@ -601,6 +642,47 @@ mod tests {
 
     fn close(a: &[f64], b: &[f64]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9)
+    }
+
+    /// Distiller's `FakeLinearQuantization` update in single precision, written out independently: the float
+    /// tensors' arithmetic (`biased·decay + (1 − decay)·value`, `1 − decay^iter` with `iter` a float tensor,
+    /// `scale = sat.reciprocal() · n` as PyTorch evaluates `n / sat`, `zero_point = round(scale · min)`).
+    fn distiller_ema(batches: &[(f32, f32)], decay: f64, symmetric: bool) -> Vec<[f32; 4]> {
+        let (d, one_minus_d) = (decay as f32, (1.0 - decay) as f32);
+        let (mut lo_b, mut hi_b) = (0.0f32, 0.0f32);
+        let mut out = Vec::new();
+        for (step, &(lo, hi)) in batches.iter().enumerate() {
+            lo_b = lo_b * d + one_minus_d * lo;
+            hi_b = hi_b * d + one_minus_d * hi;
+            let correction = 1.0f32 - d.powf((step + 1) as f32);
+            let (lo_t, hi_t) = (lo_b / correction, hi_b / correction);
+            let (scale, zp) = if symmetric {
+                let sat = lo_t.abs().max(hi_t.abs());
+                ((1.0 / sat) * 127.5, 0.0)
+            } else {
+                let (min, max) = (lo_t.min(0.0), hi_t.max(0.0));
+                let scale = (1.0 / (max - min)) * 255.0;
+                (scale, (scale * min).round_ties_even())
+            };
+            out.push([lo_t, hi_t, scale, zp]);
+        }
+        out
+    }
+
+    #[test]
+    fn ema_ranges_scale_and_zero_point_match_distillers_float_arithmetic_bit_for_bit() {
+        let batches = [(-0.3f32, 1.7f32), (-1.1, 2.9), (0.2, 0.9), (-2.6, 0.4), (-0.05, 3.3)];
+        for (mode, symmetric) in [(LinearQuantMode::Symmetric, true), (LinearQuantMode::AsymmetricUnsigned, false)] {
+            let q = FakeLinearQuantization::new(8, mode, 0.999, tch::Device::Cpu).unwrap();
+            let mut ctx = Forward::new(true, &[]);
+            for (&(lo, hi), expected) in batches.iter().zip(distiller_ema(&batches, 0.999, symmetric)) {
+                let _ = q.forward(&Tensor::from_slice(&[lo, (lo + hi) / 2.0, hi]), &mut ctx).unwrap();
+                let buffer = |name: &str| q.buffers().into_iter().find(|(n, _)| *n == name).unwrap().1.double_value(&[0]) as f32;
+                let got = [buffer("tracked_min"), buffer("tracked_max"), buffer("scale"), buffer("zero_point")];
+                assert_eq!(got.map(f32::to_bits), expected.map(f32::to_bits), "{mode:?}: got {got:?}, Distiller {expected:?}");
+            }
+            assert_eq!(q.buffers()[4].1.double_value(&[0]), 5.0, "iter_count");
+        }
     }
 
     #[test]
