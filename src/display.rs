@@ -1,7 +1,7 @@
 //! Rich output in Jupyter cells through the evcxr kernel. A cell whose last expression is a DataFrame, tensor,
-//! model, schedule preview, run summary or figure shows an HTML (or SVG) view with a text fallback once
-//! `use distill::prelude::*;` brought [`Rich`] into scope. evcxr keeps one output per MIME type per cell, so
-//! every value renders as one bundle.
+//! model, schedule, schedule preview, run summary, error or figure shows an HTML (or SVG) view with a text
+//! fallback once `use distill::prelude::*;` brought [`Rich`] into scope. evcxr keeps one output per MIME type per
+//! cell, so every value renders as one bundle.
 use std::io::Write;
 
 use polars::prelude::DataFrame;
@@ -159,6 +159,22 @@ impl Rich for Preview {
     }
 }
 
+impl Rich for crate::config::Schedule {
+    /// The schedule as Distiller's YAML.
+    fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
+        let yaml = self.to_yaml()?;
+        Ok(vec![("text/html", format!("<pre>{}</pre>", escape(&yaml))), ("text/plain", yaml)])
+    }
+}
+
+impl Rich for crate::Error {
+    /// An error as a styled block (a cell that shows what goes wrong, e.g. `from_yaml_str(..).unwrap_err()`).
+    fn mime_bundle(&self) -> Result<Vec<(&'static str, String)>> {
+        let style = "border-left:4px solid #c0392b;background:#fdecea;padding:6px 10px;font-family:monospace;white-space:pre-wrap";
+        Ok(vec![("text/html", format!("<div style=\"{style}\">error: {}</div>", escape(&self.to_string()))), ("text/plain", format!("error: {self}"))])
+    }
+}
+
 /// A two-column table (`name | value`) with a caption, as HTML and as aligned text.
 fn key_value_bundle(caption: &str, rows: &[(&str, String)]) -> Vec<(&'static str, String)> {
     let text = rows.iter().map(|(k, v)| format!("{k:<30} {v}")).collect::<Vec<_>>().join("\n");
@@ -257,5 +273,16 @@ mod tests {
         let b = Metrics { loss: 0.25, top1: 97.4, top5: 100.0 }.mime_bundle().unwrap();
         assert!(b[0].1.contains("<tr><th>top-1</th><td>97.40%</td></tr>"), "{}", b[0].1);
         assert!(b[1].1.contains("top-5                          100.00%"), "{}", b[1].1);
+    }
+
+    #[test]
+    fn schedules_show_their_yaml_and_errors_a_styled_block() {
+        let s = crate::config::Schedule::from_yaml_str("pruners:\n  p:\n    class: AutomatedGradualPruner\n    initial_sparsity: 0.05\n    final_sparsity: 0.5\n    weights: [fc1.weight]\n", "s.yaml").unwrap();
+        let b = s.mime_bundle().unwrap();
+        assert!(b[0].1.starts_with("<pre>") && b[0].1.contains("class: AutomatedGradualPruner"), "{}", b[0].1);
+        let e = crate::config::Schedule::from_yaml_str("pruners:\n  p:\n    class: Nope\n", "bad.yaml").unwrap_err();
+        let b = e.mime_bundle().unwrap();
+        assert!(b[0].1.starts_with("<div style=") && b[0].1.contains("error: bad.yaml:3:"), "{}", b[0].1);
+        assert!(b[1].1.starts_with("error: bad.yaml:3:"), "{}", b[1].1);
     }
 }

@@ -69,7 +69,8 @@ pub mod prelude {
     pub use crate::nn::{Model, Module};
     pub use crate::optim::{Optimizer, OptimizerConfig};
     pub use crate::scheduler::{CompressionScheduler, Policy, PolicyLoss, PolicySchedule};
-    pub use crate::train::{Progress, TrainConfig, TrainSummary};
+    pub use crate::config::Schedule;
+    pub use crate::train::{evaluate, fit, Progress, TrainConfig, TrainSummary};
     pub use crate::{plotters, polars, tch};
     pub use crate::{Error, Result};
     pub use tch::{Device, Kind, Tensor};

@@ -175,6 +175,8 @@ fn a_schedule_configures_distillation_and_reports_mistakes_where_they_are() {
     let frame = distill::train::history_frame(&run.history).unwrap();
     let kd: Vec<Option<f64>> = distill::summary::tables::column(&frame, "train_distill_loss").unwrap().f64().unwrap().iter().collect();
     assert_eq!(kd.len(), 2);
+    let epochs = distill::summary::tables::column(&frame, "epoch").unwrap();
+    assert_eq!(epochs.i64().unwrap().iter().collect::<Vec<_>>(), [Some(0), Some(1)], "epochs are integers");
     assert!(kd.iter().all(|v| v.is_some_and(|v| v > 0.0 && v.is_finite())), "{kd:?}");
 
     // Each mistake at its line and column.

@@ -715,9 +715,18 @@ fn history_columns(history: &[EpochRecord]) -> Vec<(String, Vec<Option<f64>>)> {
     columns
 }
 
-/// The run's history as a DataFrame, one row per epoch, with the columns of `metrics.csv`.
+/// The run's history as a DataFrame, one row per epoch, with the columns of `metrics.csv`; the epoch and the
+/// parameter counts are integers.
 pub fn history_frame(history: &[EpochRecord]) -> Result<polars::prelude::DataFrame> {
-    let columns = history_columns(history).into_iter().map(|(name, values)| polars::prelude::Column::new(name.into(), values)).collect();
+    use polars::prelude::Column;
+    const COUNTS: [&str; 5] = ["epoch", "params", "nnz_params", "weights", "nnz_weights"];
+    let columns = history_columns(history)
+        .into_iter()
+        .map(|(name, values)| match COUNTS.contains(&name.as_str()) {
+            true => Column::new(name.into(), values.into_iter().map(|v| v.map(|v| v as i64)).collect::<Vec<_>>()),
+            false => Column::new(name.into(), values),
+        })
+        .collect();
     Ok(polars::prelude::DataFrame::new(history.len(), columns)?)
 }
 
