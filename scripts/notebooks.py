@@ -30,10 +30,34 @@ def execute(nb, cwd):
     return nb
 
 
-def problems(nb):
-    """Error outputs, panics and errors returned through `?`: evcxr writes the last two to stderr without failing
-    the cell."""
+# A cell's value that shows Rust's debug formatting instead of a result a reader can use: a unit, an Ok/Err/Some
+# wrapper, a quoted string, a tuple or a list of tuples.
+DEBUG_VALUE = re.compile(r'^(\(\)$|Ok\(|Err\(|Some\(|None$|"|\(|\[\()')
+MAX_LINE = 100
+
+
+def style(nb):
+    """What a reader should not see in a notebook: code lines over MAX_LINE characters and debug-formatted cell
+    values."""
     found = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        for line in cell.source.splitlines():
+            if len(line) > MAX_LINE:
+                found.append(f"cell {i}: a code line of {len(line)} characters (at most {MAX_LINE}): {line.strip()[:60]}...")
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "execute_result":
+                text = out.get("data", {}).get("text/plain", "").strip()
+                if DEBUG_VALUE.match(text):
+                    found.append(f"cell {i}: a debug-formatted value: {text[:60]}")
+    return found
+
+
+def problems(nb):
+    """Error outputs, panics and errors returned through `?` (evcxr writes the last two to stderr without failing
+    the cell), and style problems."""
+    found = style(nb)
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             text = out.get("text", "") or "\n".join(out.get("traceback", []))
