@@ -205,39 +205,32 @@ pub fn asymmetric_scale_fast(bits: u32, signed: bool, min: &Tensor, max: &Tensor
     Ok((scale, zp))
 }
 
-/// Distiller's QAT scale and zero point for the range `[min, max]` (tensors): symmetric over
-/// `max(|min|, |max|)` ([`symmetric_scale_fast`], zero point 0), else [`asymmetric_scale_fast`].
-pub fn range_scale_fast(bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor) -> Result<(Tensor, Tensor)> {
+/// Distiller's QAT scale and zero point for the range `[min, max]` (tensors of one shape): symmetric over
+/// `max(|min|, |max|)` ([`symmetric_scale_fast`]; the zero point is `None`, it is 0), else
+/// [`asymmetric_scale_fast`].
+pub fn range_scale_fast(bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
     if mode.symmetric() {
-        let scale = symmetric_scale_fast(bits, mode.restricted(), &min.f_abs()?.f_maximum(&max.f_abs()?)?)?;
-        let zp = scale.f_zeros_like()?;
-        Ok((scale, zp))
+        Ok((symmetric_scale_fast(bits, mode.restricted(), &min.f_abs()?.f_maximum(&max.f_abs()?)?)?, None))
     } else {
-        asymmetric_scale_fast(bits, mode == LinearQuantMode::AsymmetricSigned, min, max)
+        let (scale, zp) = asymmetric_scale_fast(bits, mode == LinearQuantMode::AsymmetricSigned, min, max)?;
+        Ok((scale, Some(zp)))
     }
 }
 
-/// Distiller's QAT scale and zero point of a weight tensor's own range, per tensor (0-d) or per output
-/// channel (`[C]`, along dimension 0): symmetric over `max |w|`, else asymmetric over `[min w, max w]`. The zero
-/// point is `None` when symmetric (it is 0). One pass over the weights (`aminmax`; libtorch's infinity norm is
-/// an order of magnitude slower on the CPU), no host synchronization.
+/// Distiller's QAT scale and zero point of a weight tensor's own range ([`range_scale_fast`]), per tensor (0-d)
+/// or per output channel (`[C]`, along dimension 0). One pass over the weights (`aminmax`; libtorch's infinity
+/// norm is an order of magnitude slower on the CPU), no host synchronization.
 pub fn weight_scale_fast(w: &Tensor, bits: u32, mode: LinearQuantMode, per_channel: bool) -> Result<(Tensor, Option<Tensor>)> {
     let _guard = tch::no_grad_guard();
     let (min, max) = if per_channel && w.dim() >= 2 { w.f_reshape([w.size()[0], -1])?.f_aminmax(1, false)? } else { w.f_aminmax(None, false)? };
-    if mode.symmetric() {
-        let max_abs = min.f_abs()?.f_maximum(&max.f_abs()?)?;
-        Ok((symmetric_scale_fast(bits, mode.restricted(), &max_abs)?, None))
-    } else {
-        let (scale, zp) = asymmetric_scale_fast(bits, mode == LinearQuantMode::AsymmetricSigned, &min, &max)?;
-        Ok((scale, Some(zp)))
-    }
+    range_scale_fast(bits, mode, &min, &max)
 }
 
 /// Fake quantization of `x` over the range `[min, max]` (0-d tensors, or `[C]` along `axis` for per-channel
 /// weights): [`fake_quantize`] with the scale and zero point of [`range_scale_fast`].
 pub fn fake_quantize_range(x: &Tensor, bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Tensor, axis: Option<usize>, clip: bool) -> Result<Tensor> {
     let (scale, zp) = range_scale_fast(bits, mode, min, max)?;
-    fake_quantize(x, bits, mode, &scale, (!mode.symmetric()).then_some(&zp), axis, clip)
+    fake_quantize(x, bits, mode, &scale, zp.as_ref(), axis, clip)
 }
 
 /// Fake quantization of `x` with a known scale and zero point (0-d, or `[C]` along `axis`; the zero point is

@@ -329,15 +329,10 @@ impl FakeLinearQuantization {
         let _ = self.buffers[4].shallow_clone().f_fill_(step as f64)?;
         let correction = 1.0 - (d as f32).powf(step as f32);
         let _ = self.biased.f_div_scalar_out(&self.tracked, correction as f64)?;
-        let [.., scale, zero_point] = &self.buffers;
-        if self.mode.symmetric() {
-            let max_abs = self.tracked.f_abs()?.f_amax([0], true)?;
-            scale.shallow_clone().f_copy_(&super::q_utils::symmetric_scale_fast(self.bits, self.mode.restricted(), &max_abs)?)?;
-        } else {
-            let signed = self.mode == LinearQuantMode::AsymmetricSigned;
-            let (min, max) = (self.tracked.f_narrow(0, 0, 1)?, self.tracked.f_narrow(0, 1, 1)?);
-            let (s, z) = super::q_utils::asymmetric_scale_fast(self.bits, signed, &min, &max)?;
-            scale.shallow_clone().f_copy_(&s)?;
+        let [_, tracked_min, _, tracked_max, _, scale, zero_point] = &self.buffers;
+        let (s, z) = super::q_utils::range_scale_fast(self.bits, self.mode, tracked_min, tracked_max)?;
+        scale.shallow_clone().f_copy_(&s)?;
+        if let Some(z) = z {
             zero_point.shallow_clone().f_copy_(&z)?;
         }
         self.steps.store(step, std::sync::atomic::Ordering::Relaxed);
