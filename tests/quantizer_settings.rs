@@ -288,7 +288,7 @@ fn qat_ranges_continue_from_a_loaded_state_not_from_the_steps_run_before_the_loa
     let ranges = |m: &distill::nn::Model| -> Vec<(String, f64)> {
         m.state_dict().into_iter().filter(|(n, _)| n.contains("tracked") || n.ends_with("iter_count")).map(|(n, t)| (n, t.double_value(&[0]))).collect()
     };
-    let mut a = prepared();
+    let a = prepared();
     let mut b = prepared();
     b.load_state_dict(&a.state_dict().into_iter().map(|(n, t)| (n, t.copy())).collect::<Vec<_>>(), true).unwrap();
     for i in 0..3 {

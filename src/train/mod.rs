@@ -722,9 +722,12 @@ pub fn history_frame(history: &[EpochRecord]) -> Result<polars::prelude::DataFra
     const COUNTS: [&str; 5] = ["epoch", "params", "nnz_params", "weights", "nnz_weights"];
     let columns = history_columns(history)
         .into_iter()
-        .map(|(name, values)| match COUNTS.contains(&name.as_str()) {
-            true => Column::new(name.into(), values.into_iter().map(|v| v.map(|v| v as i64)).collect::<Vec<_>>()),
-            false => Column::new(name.into(), values),
+        .map(|(name, values)| {
+            if COUNTS.contains(&name.as_str()) {
+                Column::new(name.into(), values.into_iter().map(|v| v.map(|v| v as i64)).collect::<Vec<_>>())
+            } else {
+                Column::new(name.into(), values)
+            }
         })
         .collect();
     Ok(polars::prelude::DataFrame::new(history.len(), columns)?)
