@@ -6,6 +6,7 @@ pub mod stats;
 pub mod bn_fold;
 pub mod export;
 pub mod qat;
+mod fused;
 mod policy;
 
 pub use policy::QuantizationPolicy;

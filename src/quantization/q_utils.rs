@@ -217,6 +217,28 @@ pub fn range_scale_fast(bits: u32, mode: LinearQuantMode, min: &Tensor, max: &Te
     }
 }
 
+/// [`range_scale_fast`] of one range, computed on the host in single precision with the same operations in the
+/// same order, so bit-identical (the CPU path of QAT, where each libtorch operation costs microseconds).
+pub(crate) fn range_scale_f32(bits: u32, mode: LinearQuantMode, min: f32, max: f32) -> (f32, Option<f32>) {
+    let span_scale = |span: f32, n: f32| (1.0 / if span == 0.0 { n } else { span }) * n;
+    if mode.symmetric() {
+        let n = if mode.restricted() { 2f32.powi(bits as i32 - 1) - 1.0 } else { (2f32.powi(bits as i32) - 1.0) / 2.0 };
+        // libtorch's maximum propagates NaN; f32::max drops it.
+        let sat = if min.is_nan() || max.is_nan() { f32::NAN } else { min.abs().max(max.abs()) };
+        (span_scale(sat, n), None)
+    } else {
+        let n = 2f32.powi(bits as i32) - 1.0;
+        // libtorch's clamps keep a NaN and the sign of a zero: comparisons, not f32::min and f32::max.
+        let (min, max) = (if min > 0.0 { 0.0 } else { min }, if max < 0.0 { 0.0 } else { max });
+        let scale = span_scale(max - min, n);
+        let mut zp = (scale * min).round_ties_even();
+        if mode == LinearQuantMode::AsymmetricSigned {
+            zp += 2f32.powi(bits as i32 - 1);
+        }
+        (scale, Some(zp))
+    }
+}
+
 /// Distiller's QAT scale and zero point of a weight tensor's own range ([`range_scale_fast`]), per tensor (0-d)
 /// or per output channel (`[C]`, along dimension 0). One pass over the weights (`aminmax`; libtorch's infinity
 /// norm is an order of magnitude slower on the CPU), no host synchronization.
@@ -241,9 +263,11 @@ pub fn fake_quantize_range(x: &Tensor, bits: u32, mode: LinearQuantMode, min: &T
 /// integer range's ends and get no gradient. The saturation and the gradient mask are taken on the integers, as
 /// PyTorch's fused fake quantization does: an input less than half a level beyond the range still gets its
 /// gradient, where Distiller's `clamp` of the input stops it at the range's ends. Without `clip` (weights, whose
-/// range is their own) nothing saturates and the gradient is the identity. Every full-size pass and every
-/// small operation counts on the CPU: `clamp`'s own backward pass and libtorch's fused kernel are each several
-/// times slower, so the mask is built in place and the zero point's passes are skipped when it is 0.
+/// range is their own) nothing saturates and the gradient is the identity. The value is exactly the dequantized
+/// one, as Distiller's STE returns it. A contiguous `f32` CPU tensor is quantized in single passes over its
+/// memory (`fused.rs`; on the CPU, each libtorch pass and operation costs more than the arithmetic, and
+/// `clamp`'s backward pass and libtorch's own fused kernel are several times slower); other tensors by libtorch
+/// operations, with bit-identical results.
 pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tensor, zp: Option<&Tensor>, axis: Option<usize>, clip: bool) -> Result<Tensor> {
     let kind = x.kind();
     let shaped = |t: &Tensor| -> Result<Tensor> {
@@ -253,49 +277,48 @@ pub fn fake_quantize(x: &Tensor, bits: u32, mode: LinearQuantMode, scale: &Tenso
         };
         if t.kind() == kind { Ok(t) } else { Ok(t.f_to_kind(kind)?) }
     };
+    let levels = clip.then(|| {
+        let (qmin, qmax) = quantized_range(bits, mode.signed(), mode.restricted());
+        // The full symmetric range's ends map to ±(2^b − 1)/2, which round (to even) to ±2^(b−1).
+        if mode == LinearQuantMode::Symmetric { (qmin, -qmin) } else { (qmin, qmax) }
+    });
+    if let Some(grid) = super::fused::Grid::new(x, scale, zp, axis, levels)? {
+        return grid.fake_quantize(x);
+    }
     let scale = shaped(scale)?;
     let zp = zp.map(shaped).transpose()?;
-    // Inside no_grad, x serves as its own detached copy.
-    let mut q = tch::no_grad(|| -> Result<Tensor> {
+    tch::no_grad(|| -> Result<(Tensor, Option<Tensor>)> {
+        // Inside no_grad, x serves as its own detached copy; q becomes the dequantized value.
         let mut q = x.f_mul(&scale)?;
         if let Some(zp) = &zp {
             let _ = q.f_sub_(zp)?;
         }
         let _ = q.f_round_()?;
-        Ok(q)
-    })?;
-    if !clip {
-        // Value x + (dq − x) = dq, gradient the identity.
-        let dq_minus_x = tch::no_grad(|| -> Result<Tensor> {
-            if let Some(zp) = &zp {
-                let _ = q.f_add_(zp)?;
+        let mask = match levels {
+            Some((qmin, qmax)) => {
+                let clamped = q.f_clamp(qmin, qmax)?;
+                let mask = q.f_eq_tensor(&clamped)?.f_to_kind(kind)?;
+                q = clamped;
+                Some(mask)
             }
-            let _ = q.f_div_(&scale)?;
-            let _ = q.f_sub_(x)?;
-            Ok(q)
-        })?;
-        return Ok(x.f_add(&dq_minus_x)?);
-    }
-    let (qmin, mut qmax) = quantized_range(bits, mode.signed(), mode.restricted());
-    if mode == LinearQuantMode::Symmetric {
-        // The full symmetric range's ends map to ±(2^b − 1)/2, which round (to even) to ±2^(b−1).
-        qmax = -qmin;
-    }
-    // q becomes the mask (1 where nothing saturated), dq the saturated, dequantized value.
-    let mut dq = tch::no_grad(|| -> Result<Tensor> {
-        let mut dq = q.f_clamp(qmin, qmax)?;
-        let _ = q.f_eq_tensor_(&dq)?;
+            None => None,
+        };
         if let Some(zp) = &zp {
-            let _ = dq.f_add_(zp)?;
+            let _ = q.f_add_(zp)?;
         }
-        let _ = dq.f_div_(&scale)?;
-        Ok(dq)
-    })?;
-    // Value: x·mask + (dq − x·mask) = dq; gradient: the mask.
-    let mut y = x.f_mul(&q)?;
-    let _ = tch::no_grad(|| dq.f_sub_(&y))?;
-    let _ = y.f_add_(&dq)?;
-    Ok(y)
+        let _ = q.f_div_(&scale)?;
+        Ok((q, mask))
+    })
+    .and_then(|(dq, mask)| {
+        // One autograd operation gives the gradient (the mask, or the identity); its output, which nothing
+        // in the graph saved, then takes the dequantized values.
+        let y = match &mask {
+            Some(mask) => x.f_mul(mask)?,
+            None => x.f_add_scalar(0.0)?,
+        };
+        tch::no_grad(|| y.f_detach()?.f_copy_(&dq))?;
+        Ok(y)
+    })
 }
 
 /// `round(scale·x − zero_point)`.
@@ -566,6 +589,67 @@ mod tests {
 
     fn v(t: &Tensor) -> Vec<f64> {
         Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    }
+
+    /// The host twin of the QAT scale against libtorch's tensor arithmetic, bit for bit, over ranges with
+    /// signed zeros, ties, tiny, huge and non-finite ends.
+    #[test]
+    fn host_and_tensor_qat_scales_agree_bit_for_bit() {
+        let ends = [0.0f32, -0.0, 1.0, -1.0, 0.3, -2.3841906, 0.16494401, 1e-30, -1e-38, 3e38, -3e38, 127.5, f32::INFINITY, f32::NAN];
+        let modes = [LinearQuantMode::Symmetric, LinearQuantMode::SymmetricRestricted, LinearQuantMode::AsymmetricUnsigned, LinearQuantMode::AsymmetricSigned];
+        let bits = |v: f32| if v.is_nan() { u32::MAX } else { v.to_bits() };
+        for mode in modes {
+            for b in [2u32, 4, 8] {
+                for &lo in &ends {
+                    for &hi in &ends {
+                        let (scale, zp) = range_scale_fast(b, mode, &Tensor::from(lo), &Tensor::from(hi)).unwrap();
+                        let tensor = (bits(scale.double_value(&[]) as f32), zp.map(|z| bits(z.double_value(&[]) as f32)));
+                        let (hs, hz) = range_scale_f32(b, mode, lo, hi);
+                        assert_eq!((bits(hs), hz.map(bits)), tensor, "{mode:?} {b} bits [{lo}, {hi}]");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The single-pass CPU path (contiguous input) against the libtorch path (the same values through a
+    /// transposed, non-contiguous view): values and gradients bit for bit, ties and saturation included.
+    #[test]
+    fn single_pass_and_libtorch_fake_quantization_agree_bit_for_bit() {
+        let bits32 = |t: &Tensor| -> Vec<u32> {
+            Vec::<f32>::try_from(&t.contiguous().flatten(0, -1)).unwrap().iter().map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect()
+        };
+        // [3, 40]: level ties (k + 0.5)/4 with scale 4, values beyond the range, signed zeros, a NaN, and noise.
+        let mut data: Vec<f32> = (-20..20).map(|k| (k as f32 + 0.5) / 4.0).collect();
+        data.extend((0..40).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 0.37));
+        data.extend((0..40).map(|i| (i as f32 * 0.61).sin() * 3.0));
+        data[3] = f32::NAN;
+        data[4] = -0.0;
+        data[5] = -0.01;
+        let base = Tensor::from_slice(&data).reshape([3, 40]);
+        let scale = Tensor::from(4.0f32);
+        let channel_scale = Tensor::from_slice(&[4.0f32, 2.5, 7.3]);
+        let zp = Tensor::from(-3.0f32);
+        let channel_zp = Tensor::from_slice(&[-3.0f32, 0.0, 5.0]);
+        let cases: [(&Tensor, Option<&Tensor>, Option<usize>, LinearQuantMode); 4] = [
+            (&scale, None, None, LinearQuantMode::Symmetric),
+            (&scale, Some(&zp), None, LinearQuantMode::AsymmetricUnsigned),
+            (&channel_scale, None, Some(0), LinearQuantMode::Symmetric),
+            (&channel_scale, Some(&channel_zp), Some(0), LinearQuantMode::AsymmetricSigned),
+        ];
+        for (scale, zp, axis, mode) in cases {
+            for clip in [false, true] {
+                let run = |x: &Tensor| {
+                    let x = x.set_requires_grad(true);
+                    let y = fake_quantize(&x, 4, mode, scale, zp, axis, clip).unwrap();
+                    y.sum(Kind::Float).backward();
+                    (bits32(&y), bits32(&x.grad()))
+                };
+                let single_pass = run(&base.copy());
+                let libtorch = run(&base.t_copy().t_());
+                assert_eq!(single_pass, libtorch, "{mode:?} axis {axis:?} clip {clip}");
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use tch::nn::Init;
 use tch::Tensor;
 
+use super::fused::{with_host_values, Grid};
 use super::q_utils::{fake_quantize, fake_quantize_ste, straight_through, symmetric_params, weight_scale_fast, LinearQuantMode};
 use super::quantizer::{resolve_settings, ModeSpec, ModuleQuantSettings, Overrides, QBits, QuantDefaults, ReplaceFactory, Replaced, CLIPPED_OVERRIDE_KEYS, QAT_OVERRIDE_KEYS};
 use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module, Rollback};
@@ -61,6 +62,9 @@ impl WeightQuant {
                 fake_quantize_ste(&c, &s.f_to_kind(w.kind())?, &z.f_to_kind(w.kind())?)
             }
             WeightQuant::RangeLinear { bits, mode, per_channel } => {
+                if let Some(grid) = Grid::for_weights(w, bits, mode, per_channel)? {
+                    return grid.fake_quantize(w);
+                }
                 let (scale, zp) = weight_scale_fast(w, bits, mode, per_channel)?;
                 let axis = (scale.dim() == 1 && w.dim() >= 2).then_some(0);
                 fake_quantize(w, bits, mode, &scale, zp.as_ref(), axis, false)
@@ -260,6 +264,8 @@ pub struct FakeLinearQuantization {
     tracked: Tensor,
     /// Views of the same tensor in Distiller's buffer order.
     buffers: [Tensor; 7],
+    /// The tensor itself.
+    state: Tensor,
     /// The last batch's `[min, max]` and 0-d views of its two entries, written in place every step.
     batch: Tensor,
     batch_ends: [Tensor; 2],
@@ -287,6 +293,7 @@ impl FakeLinearQuantization {
             biased: state.f_narrow(0, 0, 2)?,
             tracked: state.f_narrow(0, 2, 2)?,
             buffers,
+            state,
             batch,
             batch_ends,
             steps: std::sync::atomic::AtomicU64::new(UNKNOWN_STEPS),
@@ -315,25 +322,43 @@ impl FakeLinearQuantization {
     }
 
     /// Distiller's training-time update: `iter += 1`; `biased = biased·decay + (1 − decay)·batch` for min and
-    /// max; `tracked = biased / (1 − decay^iter)`; scale and zero point from the tracked range.
-    fn update(&self, y: &Tensor) -> Result<()> {
+    /// max; `tracked = biased / (1 − decay^iter)`; scale and zero point from the tracked range. On the CPU the
+    /// arithmetic runs on the host (`on_host`), on other devices as tensor operations, with identical results.
+    fn update(&self, y: &Tensor, on_host: bool) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let y = if y.kind() == tch::Kind::Float { y.shallow_clone() } else { y.f_to_kind(tch::Kind::Float)? };
         let [lo, hi] = &self.batch_ends;
         let _ = y.f_aminmax_out(lo, hi, None, false)?;
-        let d = self.ema_decay;
-        let _ = self.biased.shallow_clone().f_mul_scalar_(d)?;
-        let _ = self.batch.shallow_clone().f_mul_scalar_(1.0 - d)?;
-        let _ = self.biased.shallow_clone().f_add_(&self.batch)?;
         let step = self.steps()?.saturating_add(1);
-        let _ = self.buffers[4].shallow_clone().f_fill_(step as f64)?;
+        let d = self.ema_decay;
         let correction = 1.0 - (d as f32).powf(step as f32);
-        let _ = self.biased.f_div_scalar_out(&self.tracked, correction as f64)?;
-        let [_, tracked_min, _, tracked_max, _, scale, zero_point] = &self.buffers;
-        let (s, z) = super::q_utils::range_scale_fast(self.bits, self.mode, tracked_min, tracked_max)?;
-        scale.shallow_clone().f_copy_(&s)?;
-        if let Some(z) = z {
-            zero_point.shallow_clone().f_copy_(&z)?;
+        let batch = if on_host { super::fused::host_values(&self.batch) } else { None };
+        let updated = batch.and_then(|batch| {
+            with_host_values(&self.state, |state| {
+                let [min_biased, max_biased, min, max, iter_count, scale, zero_point] = state else { return };
+                *min_biased = *min_biased * d as f32 + batch[0] * (1.0 - d) as f32;
+                *max_biased = *max_biased * d as f32 + batch[1] * (1.0 - d) as f32;
+                (*min, *max) = (*min_biased / correction, *max_biased / correction);
+                *iter_count = step as f64 as f32;
+                let (s, z) = super::q_utils::range_scale_f32(self.bits, self.mode, *min, *max);
+                *scale = s;
+                if let Some(z) = z {
+                    *zero_point = z;
+                }
+            })
+        });
+        if updated.is_none() {
+            let _ = self.biased.shallow_clone().f_mul_scalar_(d)?;
+            let _ = self.batch.shallow_clone().f_mul_scalar_(1.0 - d)?;
+            let _ = self.biased.shallow_clone().f_add_(&self.batch)?;
+            let _ = self.buffers[4].shallow_clone().f_fill_(step as f64)?;
+            let _ = self.biased.f_div_scalar_out(&self.tracked, correction as f64)?;
+            let [_, tracked_min, _, tracked_max, _, scale, zero_point] = &self.buffers;
+            let (s, z) = super::q_utils::range_scale_fast(self.bits, self.mode, tracked_min, tracked_max)?;
+            scale.shallow_clone().f_copy_(&s)?;
+            if let Some(z) = z {
+                zero_point.shallow_clone().f_copy_(&z)?;
+            }
         }
         self.steps.store(step, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -359,7 +384,7 @@ impl Module for FakeLinearQuantization {
     }
     fn forward(&self, y: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         if ctx.is_training() {
-            self.update(y)?;
+            self.update(y, true)?;
         } else if self.steps()? == 0 {
             // No range has been seen yet: pass the input through.
             return Ok(y.shallow_clone());
@@ -667,16 +692,46 @@ mod tests {
     #[test]
     fn ema_ranges_scale_and_zero_point_match_distillers_float_arithmetic_bit_for_bit() {
         let batches = [(-0.3f32, 1.7f32), (-1.1, 2.9), (0.2, 0.9), (-2.6, 0.4), (-0.05, 3.3)];
-        for (mode, symmetric) in [(LinearQuantMode::Symmetric, true), (LinearQuantMode::AsymmetricUnsigned, false)] {
+        let cases = [(LinearQuantMode::Symmetric, true), (LinearQuantMode::AsymmetricUnsigned, false)];
+        // Through a training forward pass (the host arithmetic on the CPU), and the tensor arithmetic of other
+        // devices.
+        for ((mode, symmetric), on_host) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
             let q = FakeLinearQuantization::new(8, mode, 0.999, tch::Device::Cpu).unwrap();
             let mut ctx = Forward::new(true, &[]);
             for (&(lo, hi), expected) in batches.iter().zip(distiller_ema(&batches, 0.999, symmetric)) {
-                let _ = q.forward(&Tensor::from_slice(&[lo, (lo + hi) / 2.0, hi]), &mut ctx).unwrap();
+                let y = Tensor::from_slice(&[lo, (lo + hi) / 2.0, hi]);
+                if on_host {
+                    let _ = q.forward(&y, &mut ctx).unwrap();
+                } else {
+                    q.update(&y, false).unwrap();
+                }
                 let buffer = |name: &str| q.buffers().into_iter().find(|(n, _)| *n == name).unwrap().1.double_value(&[0]) as f32;
                 let got = [buffer("tracked_min"), buffer("tracked_max"), buffer("scale"), buffer("zero_point")];
-                assert_eq!(got.map(f32::to_bits), expected.map(f32::to_bits), "{mode:?}: got {got:?}, Distiller {expected:?}");
+                assert_eq!(got.map(f32::to_bits), expected.map(f32::to_bits), "{mode:?} on host {on_host}: got {got:?}, Distiller {expected:?}");
             }
             assert_eq!(q.buffers()[4].1.double_value(&[0]), 5.0, "iter_count");
+        }
+    }
+
+    /// Range-linear weight quantization on the CPU's host path (contiguous weights) against the tensor path
+    /// (the same values through a transposed view), bit for bit, per tensor and per channel in every mode.
+    #[test]
+    fn host_and_tensor_weight_quantization_agree_bit_for_bit() {
+        let bits32 = |t: &Tensor| -> Vec<u32> { Vec::<f32>::try_from(&t.contiguous().flatten(0, -1)).unwrap().iter().map(|v| v.to_bits()).collect() };
+        let data: Vec<f32> = (0..120).map(|i| ((i * 37 % 53) as f32 - 26.0) * 0.173 + if i % 40 == 0 { 0.0 } else { 0.01 }).collect();
+        let base = Tensor::from_slice(&data).reshape([3, 40]);
+        let modes = [LinearQuantMode::Symmetric, LinearQuantMode::SymmetricRestricted, LinearQuantMode::AsymmetricUnsigned, LinearQuantMode::AsymmetricSigned];
+        for mode in modes {
+            for per_channel in [false, true] {
+                let quant = WeightQuant::RangeLinear { bits: 4, mode, per_channel };
+                let run = |w: &Tensor| {
+                    let w = w.set_requires_grad(true);
+                    let q = quant.apply(&w).unwrap();
+                    (&q * Tensor::from_slice(&[1.0f32, -2.0, 3.0]).reshape([3, 1])).sum(tch::Kind::Float).backward();
+                    (bits32(&q), bits32(&w.grad()))
+                };
+                assert_eq!(run(&base.copy()), run(&base.t_copy().t_()), "{mode:?} per channel {per_channel}");
+            }
         }
     }
 

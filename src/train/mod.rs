@@ -8,6 +8,7 @@
 //! Determinism: at the start of each epoch libtorch's generator is seeded from (seed, epoch) and the training
 //! set is shuffled from the same pair, so a run is a function of its seed, and a run resumed from a checkpoint
 //! of epoch k continues exactly as the uninterrupted run would have.
+mod allocator;
 mod checkpoint;
 mod evaluation;
 mod pytorch;
@@ -29,6 +30,7 @@ use crate::scheduler::{CompressionScheduler, Minibatch};
 use crate::summary::{parameter_counts, ParameterCounts};
 use crate::{Error, Result};
 
+pub use allocator::retain_freed_memory;
 pub use checkpoint::{Checkpoint, CheckpointFormat, CheckpointMeta, OptimizerMeta};
 pub use evaluation::{evaluate, Evaluation};
 pub(crate) use checkpoint::replay_structure;
@@ -264,6 +266,7 @@ pub fn train_epoch(
     settings: EpochSettings,
 ) -> Result<TrainEpochMetrics> {
     let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers, early_exit } = settings;
+    retain_freed_memory();
     if let Some(ee) = early_exit {
         ee.check_model(model)?;
     }
