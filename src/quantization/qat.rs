@@ -718,7 +718,11 @@ mod tests {
     #[test]
     fn host_and_tensor_weight_quantization_agree_bit_for_bit() {
         let bits32 = |t: &Tensor| -> Vec<u32> { Vec::<f32>::try_from(&t.contiguous().flatten(0, -1)).unwrap().iter().map(|v| v.to_bits()).collect() };
-        let data: Vec<f32> = (0..120).map(|i| ((i * 37 % 53) as f32 - 26.0) * 0.173 + if i % 40 == 0 { 0.0 } else { 0.01 }).collect();
+        let mut data: Vec<f32> = (0..120).map(|i| ((i * 37 % 53) as f32 - 26.0) * 0.173 + if i % 40 == 0 { 0.0 } else { 0.01 }).collect();
+        // A pruned channel: zeros of both signs (a mask zeroes negative weights to -0.0).
+        for (i, v) in data[40..80].iter_mut().enumerate() {
+            *v = if i % 3 == 0 { -0.0 } else { 0.0 };
+        }
         let base = Tensor::from_slice(&data).reshape([3, 40]);
         let modes = [LinearQuantMode::Symmetric, LinearQuantMode::SymmetricRestricted, LinearQuantMode::AsymmetricUnsigned, LinearQuantMode::AsymmetricSigned];
         for mode in modes {
