@@ -218,17 +218,20 @@ fn main() {
         println!("{arch:<16} {batch:>6} {base:>16.2} {agp:>14.2} {:>9.1}% {update:>18.2}", 100.0 * (agp / base - 1.0));
     }
     println!();
-    // LeNet's rounds are short (about 0.1 s), so it gets more of them: a burst of other work on the machine
-    // then moves fewer of the per-round ratios.
-    let qat_rounds = |arch: &str| if arch == "lenet" { 3 * rounds + 4 } else { rounds };
-    println!("Quantization: 8-bit QAT step against the float step (alternating rounds of {steps} steps, {} for LeNet and", qat_rounds("lenet"));
-    println!("{} for ResNet-20; medians, and the overhead's quartiles over rounds); calibration (4 batches, two passes) + PTQ:", qat_rounds(""));
+    // Short rounds, many of them: the machine's speed drifts within seconds, and the closer in time a QAT round
+    // and its float round are, the less the drift moves their ratio. ResNet-20's steps are long enough alone.
+    let qat_plan = |arch: &str| if arch == "lenet" { (12 * rounds + 1, steps.div_ceil(6)) } else { (rounds, steps) };
+    let ((lenet_rounds, lenet_steps), (resnet_rounds, resnet_steps)) = (qat_plan("lenet"), qat_plan(""));
+    println!("Quantization: 8-bit QAT step against the float step (alternating rounds: {lenet_rounds} of {lenet_steps} steps for LeNet,");
+    println!("{resnet_rounds} of {resnet_steps} for ResNet-20; medians, and the overhead's quartiles over rounds); calibration (4 batches, two");
+    println!("passes) + PTQ:");
     let allocator = if std::env::var_os("DISTILL_MALLOC_DEFAULTS").is_some_and(|v| v != "0") { "glibc's defaults" } else { "retained (distill::train::retain_freed_memory)" };
     println!("freed memory: {allocator}");
     println!("{:<16} {:>6} {:>14} {:>12} {:>10} {:>18} {:>14}", "model", "batch", "float ms/step", "QAT ms/step", "overhead", "quartiles", "calib+PTQ ms");
     for (arch, dataset, shape, batch, _) in cases {
+        let (qat_rounds, qat_steps) = qat_plan(arch);
         let data = Dataset::synthetic(steps * batch, shape, 10, 3).unwrap();
-        let t = time_quantization(arch, dataset, &data, batch, steps, qat_rounds(arch));
+        let t = time_quantization(arch, dataset, &data, batch, qat_steps, qat_rounds);
         let pct = |r: f64| 100.0 * (r - 1.0);
         let range = format!("{:.1}% .. {:.1}%", pct(t.ratio.1), pct(t.ratio.2));
         println!("{arch:<16} {batch:>6} {:>14.2} {:>12.2} {:>9.1}% {range:>18} {:>14.1}", t.float_ms, t.qat_ms, pct(t.ratio.0), t.ptq_ms);

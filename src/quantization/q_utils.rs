@@ -591,6 +591,21 @@ mod tests {
         Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
     }
 
+    /// Every 8-bit level and tie dequantized by the single-pass path against the libtorch path, over 60 scales.
+    #[test]
+    fn single_pass_dequantization_matches_libtorchs_division_at_every_level() {
+        let bits32 = |t: &Tensor| -> Vec<u32> { Vec::<f32>::try_from(&t.contiguous().flatten(0, -1)).unwrap().iter().map(|v| v.to_bits()).collect() };
+        for k in 0..60 {
+            let s = 0.37f32 * 1.113f32.powi(k);
+            let x: Vec<f32> = (-300..300).map(|i| i as f32 * 0.5 / s).collect();
+            let base = Tensor::from_slice(&x).reshape([2, 300]);
+            for (mode, zp) in [(LinearQuantMode::Symmetric, None), (LinearQuantMode::AsymmetricUnsigned, Some(Tensor::from(-77.0f32)))] {
+                let run = |x: &Tensor| bits32(&fake_quantize(x, 8, mode, &Tensor::from(s), zp.as_ref(), None, true).unwrap());
+                assert_eq!(run(&base.copy()), run(&base.t_copy().t_()), "scale {s} {mode:?}");
+            }
+        }
+    }
+
     /// The host twin of the QAT scale against libtorch's tensor arithmetic, bit for bit, over ranges with
     /// signed zeros, ties, tiny, huge and non-finite ends.
     #[test]
