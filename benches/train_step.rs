@@ -9,7 +9,8 @@
 //! A third table reports quantization: the per-step cost of quantization-aware training (8-bit range-linear
 //! fake quantization with STE on weights and ReLU outputs) against the float step, timed in alternating rounds
 //! with the ratio taken round by round, and the time of a post-training calibration (two passes over the
-//! calibration batches) plus quantization.
+//! calibration batches) plus quantization. A last table splits LeNet's step into forward, backward and optimizer
+//! step for float, QAT, and QAT of activations or weights alone, interleaved step by step.
 //!
 //! `cargo bench --bench train_step [-- STEPS]` prints milliseconds per step and the ratios. Run by `cargo test
 //! --all-targets` (without cargo bench's `--bench` flag) it makes a four-step smoke run instead (the calibration takes four batches).
@@ -148,8 +149,7 @@ fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, st
     let timed = data.subset("timed", &(0..(steps * batch) as i64).collect::<Vec<_>>()).unwrap();
     let mut plain = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
     let mut model = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
-    let yaml = "quantizers:\n  q:\n    class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: 8\n    bits_weights: 8\npolicies:\n  - quantizer: {instance_name: q}\n    starting_epoch: 0\n    ending_epoch: 10\n    frequency: 1\n";
-    let mut scheduler = Schedule::from_yaml_str(yaml, "qat.yaml").unwrap().build(&model).unwrap();
+    let mut scheduler = Schedule::from_yaml_str(&qat_yaml("8", "8"), "qat.yaml").unwrap().build(&model).unwrap();
     let mut opt_plain = Optimizer::for_model(&plain, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
     let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
     scheduler.on_epoch_begin(&mut model, 0, Some(&mut opt)).unwrap();
@@ -188,6 +188,57 @@ fn time_quantization(arch: &str, dataset: &str, data: &Dataset, batch: usize, st
     distill::quantization::range_linear::PostTrainLinearQuantizer::new(config).prepare_model(&mut plain).unwrap();
     let ptq_ms = t.elapsed().as_secs_f64() * 1e3;
     QuantTiming { float_ms: median(base), qat_ms: median(qat), ratio: (median(ratios), spread.0, spread.1), ptq_ms }
+}
+
+/// The YAML of 8-bit range-linear QAT, with `null` for what is not quantized.
+fn qat_yaml(activations: &str, weights: &str) -> String {
+    format!(
+        "quantizers:\n  q:\n    class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: {activations}\n    bits_weights: {weights}\n\
+         policies:\n  - quantizer: {{instance_name: q}}\n    starting_epoch: 0\n    ending_epoch: 10\n    frequency: 1\n"
+    )
+}
+
+/// LeNet's training step in its phases (forward with the loss, backward, optimizer step) for float and three QAT
+/// variants, interleaved step by step on one fixed batch so that the machine's drift hits all alike; medians.
+fn qat_phases_lenet(steps: usize) {
+    let variants = [("float", None), ("QAT", Some(("8", "8"))), ("activations only", Some(("8", "null"))), ("weights only", Some(("null", "8")))];
+    let mut runs = Vec::new();
+    for (name, bits) in variants {
+        let mut model = distill::models::create_model("lenet", "mnist", Device::Cpu).unwrap();
+        let mut scheduler = bits.map(|(a, w)| Schedule::from_yaml_str(&qat_yaml(a, w), "qat.yaml").unwrap().build(&model).unwrap());
+        let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+        if let Some(s) = scheduler.as_mut() {
+            s.on_epoch_begin(&mut model, 0, Some(&mut opt)).unwrap();
+        }
+        model.train();
+        runs.push((name, model, opt, Vec::new()));
+    }
+    distill::train::retain_freed_memory();
+    let x = Tensor::randn([64, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let y = Tensor::randint(10, [64], (Kind::Int64, Device::Cpu));
+    for step in 0..steps + 10 {
+        for (_, model, opt, times) in runs.iter_mut() {
+            let t0 = Instant::now();
+            let loss = model.forward(&x).unwrap().cross_entropy_for_logits(&y);
+            let t1 = Instant::now();
+            opt.zero_grad();
+            loss.backward();
+            let t2 = Instant::now();
+            opt.step().unwrap();
+            let t3 = Instant::now();
+            if step >= 10 {
+                times.push([t1 - t0, t2 - t1, t3 - t2].map(|d| d.as_secs_f64() * 1e3));
+            }
+        }
+    }
+    let total = |times: &[[f64; 3]]| median(times.iter().map(|t| t.iter().sum()).collect());
+    let float = total(&runs[0].3);
+    println!("{:<18} {:>10} {:>10} {:>10} {:>10} {:>9}", "LeNet, batch 64", "forward", "backward", "opt step", "total", "overhead");
+    for (name, _, _, times) in &runs {
+        let phase = |i: usize| median(times.iter().map(|t| t[i]).collect());
+        let t = total(times);
+        println!("{name:<18} {:>10.3} {:>10.3} {:>10.3} {t:>10.3} {:>8.1}%", phase(0), phase(1), phase(2), 100.0 * (t / float - 1.0));
+    }
 }
 
 fn main() {
@@ -236,4 +287,7 @@ fn main() {
         let range = format!("{:.1}% .. {:.1}%", pct(t.ratio.1), pct(t.ratio.2));
         println!("{arch:<16} {batch:>6} {:>14.2} {:>12.2} {:>9.1}% {range:>18} {:>14.1}", t.float_ms, t.qat_ms, pct(t.ratio.0), t.ptq_ms);
     }
+    println!();
+    println!("QAT's cost by phase, steps interleaved (ms, medians of {} steps):", 20 * steps);
+    qat_phases_lenet(20 * steps);
 }
