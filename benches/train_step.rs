@@ -272,11 +272,11 @@ fn main() {
     // Short rounds, many of them: the machine's speed drifts within seconds, and the closer in time a QAT round
     // and its float round are, the less the drift moves their ratio. ResNet-20's steps are long enough alone.
     let qat_plan = |arch: &str| if arch == "lenet" { (12 * rounds + 1, steps.div_ceil(6)) } else { (rounds, steps) };
-    let ((lenet_rounds, lenet_steps), (resnet_rounds, resnet_steps)) = (qat_plan("lenet"), qat_plan(""));
+    let ((lenet_rounds, lenet_steps), (resnet_rounds, resnet_steps)) = (qat_plan("lenet"), qat_plan("resnet20_cifar"));
     println!("Quantization: 8-bit QAT step against the float step (alternating rounds: {lenet_rounds} of {lenet_steps} steps for LeNet,");
     println!("{resnet_rounds} of {resnet_steps} for ResNet-20; medians, and the overhead's quartiles over rounds); calibration (4 batches, two");
     println!("passes) + PTQ:");
-    let allocator = if std::env::var_os("DISTILL_MALLOC_DEFAULTS").is_some_and(|v| v != "0") { "glibc's defaults" } else { "retained (distill::train::retain_freed_memory)" };
+    let allocator = if distill::train::retain_freed_memory() { "retained (distill::train::retain_freed_memory)" } else { "glibc's defaults" };
     println!("freed memory: {allocator}");
     println!("{:<16} {:>6} {:>14} {:>12} {:>10} {:>18} {:>14}", "model", "batch", "float ms/step", "QAT ms/step", "overhead", "quartiles", "calib+PTQ ms");
     for (arch, dataset, shape, batch, _) in cases {

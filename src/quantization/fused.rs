@@ -10,7 +10,7 @@
 //! arithmetic is libtorch's, operation for operation, in single precision: the results are bit-identical to
 //! the libtorch path of [`super::q_utils::fake_quantize`] (tests compare both).
 use crate::{Error, Result};
-use super::q_utils::{range_scale_f32, LinearQuantMode};
+use super::q_utils::{range_scale_f32, weight_range, LinearQuantMode};
 use tch::{Device, Kind, Tensor};
 
 /// The quantization grid of one tensor: a scale and zero point per channel (one channel when per tensor) and,
@@ -69,8 +69,7 @@ impl Grid {
         if w.device() != Device::Cpu || w.kind() != Kind::Float || !w.is_contiguous() || w.numel() == 0 {
             return Ok(None);
         }
-        let _guard = tch::no_grad_guard();
-        let (min, max) = if per_channel && w.dim() >= 2 { w.f_reshape([w.size()[0], -1])?.f_aminmax(1, false)? } else { w.f_aminmax(None, false)? };
+        let (min, max) = weight_range(w, per_channel)?;
         let (Some(min), Some(max)) = (host_values(&min), host_values(&max)) else { return Ok(None) };
         let (scale, zero_point): (Vec<f32>, Vec<Option<f32>>) = min.iter().zip(&max).map(|(&lo, &hi)| range_scale_f32(bits, mode, lo, hi)).unzip();
         let zero_point = zero_point.into_iter().collect::<Option<Vec<f32>>>();

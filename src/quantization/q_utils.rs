@@ -243,9 +243,15 @@ pub(crate) fn range_scale_f32(bits: u32, mode: LinearQuantMode, min: f32, max: f
 /// or per output channel (`[C]`, along dimension 0). One pass over the weights (`aminmax`; libtorch's infinity
 /// norm is an order of magnitude slower on the CPU), no host synchronization.
 pub fn weight_scale_fast(w: &Tensor, bits: u32, mode: LinearQuantMode, per_channel: bool) -> Result<(Tensor, Option<Tensor>)> {
-    let _guard = tch::no_grad_guard();
-    let (min, max) = if per_channel && w.dim() >= 2 { w.f_reshape([w.size()[0], -1])?.f_aminmax(1, false)? } else { w.f_aminmax(None, false)? };
+    let (min, max) = weight_range(w, per_channel)?;
     range_scale_fast(bits, mode, &min, &max)
+}
+
+/// A weight tensor's `(min, max)`: 0-d, or `[C]` per output channel (dimension 0) when `per_channel` and `w` has
+/// two or more dimensions; one `aminmax` pass.
+pub(crate) fn weight_range(w: &Tensor, per_channel: bool) -> Result<(Tensor, Tensor)> {
+    let _guard = tch::no_grad_guard();
+    Ok(if per_channel && w.dim() >= 2 { w.f_reshape([w.size()[0], -1])?.f_aminmax(1, false)? } else { w.f_aminmax(None, false)? })
 }
 
 /// Fake quantization of `x` over the range `[min, max]` (0-d tensors, or `[C]` along `axis` for per-channel
