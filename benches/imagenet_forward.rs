@@ -4,8 +4,10 @@
 //! 2.13.0 and torchvision 0.28.0 named by `DISTILL_TORCH_PYTHON` (the project's CPU set-up cannot import torch in
 //! Python); without it only distill's figures are printed.
 //!
-//! Then the image-folder loader's throughput: 200 generated 500×375 JPEGs decoded, resized and cropped, in images/s
-//! with one thread and with all of them.
+//! Then the image-folder loaders' throughput, in images/s with one thread and with all of them, on 200 generated
+//! 500×375 JPEGs: `image_folder` (decoded, resized and center-cropped into memory) and a training pass over
+//! `image_folder_streamed` (random-resized crops and flips, batches of 32 decoded ahead on the worker threads and
+//! normalized into tensors).
 //!
 //! `cargo bench --bench imagenet_forward`. Run by `cargo test --all-targets` (without `--bench`) it makes a short
 //! smoke run instead.
@@ -67,6 +69,22 @@ fn folder_throughput(root: &std::path::Path, images: usize, threads: usize, roun
     images as f64 / best
 }
 
+/// Images per second of one training pass over the streamed folder, batches of 32, best of `rounds`.
+fn streamed_throughput(root: &std::path::Path, images: usize, threads: usize, rounds: usize) -> f64 {
+    let options = distill::data::ImageFolderOptions { threads, ..Default::default() };
+    let set = distill::data::image_folder_streamed(root, &options, Some(distill::data::RandomResizedCrop::imagenet(224))).unwrap();
+    let best = (0..rounds)
+        .map(|round| {
+            let t = Instant::now();
+            for batch in set.train_batches(32, round as u64, Device::Cpu).unwrap() {
+                drop(batch.unwrap());
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    images as f64 / best
+}
+
 fn image_folder_benchmark(images: usize, rounds: usize) {
     use image::{ImageBuffer, Rgb};
     let dir = distill::io::TempDir::new().unwrap();
@@ -78,6 +96,11 @@ fn image_folder_benchmark(images: usize, rounds: usize) {
     }
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("image folder, {images} JPEGs of 500×375 to 224×224: {:.0} images/s with 1 thread, {:.0} with {all}", folder_throughput(dir.path(), images, 1, rounds), folder_throughput(dir.path(), images, all, rounds));
+    println!(
+        "streamed training pass, same JPEGs, random-resized crops: {:.0} images/s with 1 thread, {:.0} with {all}",
+        streamed_throughput(dir.path(), images, 1, rounds),
+        streamed_throughput(dir.path(), images, all, rounds)
+    );
 }
 
 fn main() {

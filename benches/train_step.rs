@@ -69,7 +69,7 @@ fn time_tch(build: fn(&nn::Path) -> nn::SequentialT, data: &Dataset, batch: i64,
     let mut run = |count: usize| {
         for i in 0..count {
             let start = (i as i64 * batch) % (n - batch + 1);
-            let x = data.images().narrow(0, start, batch);
+            let x = data.images().unwrap().narrow(0, start, batch);
             let y = data.labels().narrow(0, start, batch);
             let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
             opt.backward_step(&loss);

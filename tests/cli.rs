@@ -113,6 +113,21 @@ fn convert_reads_pytorch_and_distiller_checkpoints() {
     let o = distill(&["eval", "--arch", "resnet20_cifar", "--dataset", "cifar10", "--data-dir", cifar.to_str().unwrap(), "--checkpoint", distiller.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("resnet20_cifar on test (20 samples): top-1"), "{}", String::from_utf8_lossy(&o.stdout));
+    // So does `quantize` when it calibrates on the test split, with a calibration batch size of its own.
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_ptq8.yaml");
+    let q = dir.path().join("q");
+    let quantize = |split: &str| {
+        let args = ["quantize", "--arch", "resnet20_cifar", "--dataset", "cifar10", "--data-dir", cifar.to_str().unwrap(), "--checkpoint"];
+        let rest = ["--config", config, "--calibrate", "2", "--calibrate-split", split, "--calibration-batch-size", "8", "--out", q.to_str().unwrap()];
+        distill(&[&args[..], &[distiller.to_str().unwrap()], &rest[..]].concat())
+    };
+    let o = quantize("test");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("calibrated on 2 batches of 8 from the test split (16 samples)"), "{}", String::from_utf8_lossy(&o.stdout));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(q.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["calibration"], serde_json::json!({"split": "test", "batches": 2, "batch_size": 8, "samples": 16}));
+    let o = quantize("valid");
+    assert!(!o.status.success() && stderr(&o).contains("expected data_batch_1 … data_batch_5 and test_batch"), "{}", stderr(&o));
 }
 
 #[test]
@@ -243,7 +258,9 @@ fn default_flags_train_and_a_diverging_run_is_reported() {
 #[test]
 fn every_mnist_model_trains_with_default_flags() {
     // The README's table: seed 1 of each MNIST model, 10 epochs, no hyper-parameter flags (seeds 2 and 3 are
-    // in the README; 500 test digits, so one digit is 0.2 points).
+    // in the README; 500 test digits, so one digit is 0.2 points). Runs are deterministic per CPU type, not
+    // across them: simplenet_v2_mnist's seed 1 gives 97.0% on one machine and 96.6% on another, so the bar is
+    // 96% (chance is 10%), below the spread of every model's seeds on both.
     let dir = distill::io::TempDir::new().unwrap();
     for arch in ["lenet", "simplenet_mnist", "simplenet_v2_mnist", "mlp"] {
         let out = dir.path().join(arch);
@@ -251,7 +268,7 @@ fn every_mnist_model_trains_with_default_flags() {
         assert!(o.status.success(), "{arch}: {}", stderr(&o));
         let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
         let top1 = summary["test"]["top1"].as_f64().unwrap();
-        assert!(top1 >= 97.0, "{arch}: test top-1 {top1}");
+        assert!(top1 >= 96.0, "{arch}: test top-1 {top1}");
         assert!(summary.get("warnings").is_none(), "{arch}: {summary}");
     }
 }

@@ -41,7 +41,7 @@ fn the_policy_weighs_and_scales_as_distiller_and_only_in_its_epochs() {
     let mut student = create_model("mlp", "mnist", Device::Cpu).unwrap();
     let teacher = create_model("lenet", "mnist", Device::Cpu).unwrap();
     let mut s = scheduler_with(&student, copy_model(&teacher).unwrap(), 4.0, PolicySchedule::range(1, 2, 1).unwrap());
-    let x = Dataset::synthetic(4, [1, 28, 28], 10, 1).unwrap().images().shallow_clone();
+    let x = Dataset::synthetic(4, [1, 28, 28], 10, 1).unwrap().images().unwrap().shallow_clone();
     let mb = Minibatch { index: 0, per_epoch: 1 };
     let loss = Tensor::from(1.5f32);
     // Epoch 0 is not scheduled: the loss passes unchanged.

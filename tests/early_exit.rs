@@ -94,7 +94,7 @@ impl Observer for Rows {
 #[test]
 fn samples_that_leave_skip_the_rest_and_get_the_answers_of_the_full_pass() {
     let mut model = lenet_with_exit();
-    let x = Dataset::synthetic(16, [1, 28, 28], 10, 3).unwrap().images().shallow_clone();
+    let x = Dataset::synthetic(16, [1, 28, 28], 10, 3).unwrap().images().unwrap().shallow_clone();
     let full = tch::no_grad(|| forward_exits(&model, &x, false)).unwrap();
     let entropy = ExitCriterion::Entropy.scores(&full.exits[0], None).unwrap();
     // A threshold between the scores lets some samples leave and keeps the others.

@@ -238,7 +238,7 @@ fn the_qdq_export_of_the_ptq_model_computes_what_distill_simulates() {
     let data = distill::data::mnist_bundled().unwrap();
     let trained = readme_pruned_lenet(&data);
     let dir = distill::io::TempDir::new().unwrap();
-    let (x, labels) = (data.test.images(), data.test.labels());
+    let (x, labels) = (data.test.images().unwrap(), data.test.labels());
     let input = dir.path().join("test.in");
     write_f32(&input, x);
     let dims: Vec<String> = x.size().iter().map(|d| d.to_string()).collect();
@@ -298,8 +298,10 @@ fn deterministic_weights(model: &Model) {
 /// exported with distill's per-input rounding of quantized adds: onnxruntime, its optimizations off, computes
 /// what distill simulates. Layer by layer the two agree exactly until a float32 sum in onnxruntime lands on the
 /// other side of a rounding boundary than distill's exact integer sum; in plain stacks that stays a level or two
-/// at the output, while residual networks carry each flip through every later block (measured: mean 0.9–3.0
-/// levels, max 7–16 levels of a 235-level output span on these untrained weights).
+/// at the output, while residual networks carry each flip through every later block, chaotically on these
+/// untrained weights: on the machine of earlier sessions mean 0.9–3.0 levels and max 7–16 of a 235-level span; on
+/// an AMD EPYC, mean 0.7–4.7 and max 6–36 with Distiller's net-aware ReLU fusion (0.7–4.0 and 6–17 without it).
+/// A semantic error (a missing ReLU, a wrong scale) moves every output by tens of levels.
 #[test]
 fn every_zoo_model_exports_to_qdq_and_onnxruntime_agrees() {
     use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
@@ -316,7 +318,7 @@ fn every_zoo_model_exports_to_qdq_and_onnxruntime_agrees() {
             let stats = distill::quantization::stats::collect_activation_stats(&mut model, &calibration, 2, 32).unwrap();
             let config = PostTrainConfig { stats: Some(stats), ..PostTrainConfig::default() };
             PostTrainLinearQuantizer::new(config).prepare_model(&mut model).unwrap();
-            let x = test.images();
+            let x = test.images().unwrap();
             let y = tch::no_grad(|| model.forward_t(x, false)).unwrap();
             let inp = dir.path().join(format!("{arch}.in"));
             write_f32(&inp, x);
@@ -348,7 +350,7 @@ fn every_zoo_model_exports_to_qdq_and_onnxruntime_agrees() {
         println!("{arch}: differences of {mean_steps:.3} levels on average, {steps:.0} at most, of a {span:.0}-level output span; top-1 agreement {agree:.1}%");
         // Rounding each add once (the runtime's arithmetic) departs from distill's per-input rounding at about an
         // eighth of the first add's outputs, by one level (measured on ResNet-20: mean 4.3 levels at the output).
-        let (mean_bound, max_bound) = if arch.contains("rounded once") { (8.0, 40.0) } else if arch.contains("resnet") { (4.0, 24.0) } else { (0.2, 3.0) };
+        let (mean_bound, max_bound) = if arch.contains("rounded once") { (8.0, 40.0) } else if arch.contains("resnet") { (6.0, 48.0) } else { (0.2, 3.0) };
         assert!(mean_steps <= mean_bound && steps <= max_bound, "{arch}: onnxruntime differs by {mean_steps:.3} levels on average, {steps} at most");
         if !arch.contains("resnet") {
             assert!(agree >= 95.0, "{arch}: top-1 agreement {agree:.1}%");
@@ -451,7 +453,7 @@ fn quantization_aware_trained_models_export_and_onnxruntime_agrees() {
         ("wrpn", "class: WRPNQuantizer\n    bits_activations: 4\n    bits_weights: 3"),
         ("range_linear", "class: QuantAwareTrainRangeLinearQuantizer\n    bits_activations: 8\n    bits_weights: 8\n    mode: ASYMMETRIC_UNSIGNED\n    per_channel_wts: true"),
     ];
-    let x = data.test.images().narrow(0, 0, 200);
+    let x = data.test.images().unwrap().narrow(0, 0, 200);
     let input = dir.path().join("test.in");
     write_f32(&input, &x);
     let dims: Vec<String> = x.size().iter().map(|d| d.to_string()).collect();

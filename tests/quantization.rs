@@ -7,6 +7,7 @@ use distill::data::DataSplits;
 use distill::models::create_model;
 use distill::nn::{Forward, Linear, Module};
 use distill::quantization::q_utils::{LinearQuantMode, RangeStats};
+use distill::quantization::quantizer::ModeSpec;
 use distill::quantization::range_linear::{ActQuant, ActSettings, PostTrainConfig, PostTrainLinearQuantizer, RangeLinearQuantParamLayer, WeightSettings};
 use distill::quantization::stats::{collect_activation_stats, ActivationStats, ModuleStats, TensorStats};
 use distill::train::{fit, validate, Progress, TrainConfig};
@@ -248,6 +249,13 @@ fn bad_quantization_input_is_an_error() {
     assert!(Schedule::from_yaml_str(ptq, "q.yaml").unwrap_err().to_string().contains("unknown quantization mode 'SIDEWAYS'"));
     let ptq = "quantizers:\n  p:\n    class: PostTrainLinearQuantizer\n    clip_acts: MEDIAN\n";
     assert!(Schedule::from_yaml_str(ptq, "q.yaml").unwrap_err().to_string().contains("unknown clip mode 'MEDIAN'"));
+    let ptq = "quantizers:\n  p:\n    class: PostTrainLinearQuantizer\n    net_aware: maybe\n";
+    let err = Schedule::from_yaml_str(ptq, "q.yaml").unwrap_err().to_string();
+    assert!(err.contains("q.yaml:4:16") && err.contains("expected a boolean"), "{err}");
+    let dir = distill::io::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("off.yaml"), "quantizers:\n  p:\n    class: PostTrainLinearQuantizer\n    net_aware: false\n").unwrap();
+    assert!(!PostTrainConfig::from_schedule_file(dir.path().join("off.yaml")).unwrap().net_aware);
+    assert!(PostTrainConfig::default().net_aware);
     let ptq_policy = "quantizers:\n  p:\n    class: PostTrainLinearQuantizer\npolicies:\n  - quantizer: {instance_name: p}\n    epochs: [0]\n";
     let err = Schedule::from_yaml_str(ptq_policy, "q.yaml").unwrap().build(&model).err().unwrap().to_string();
     assert!(err.contains("applied after training with `distill quantize`"), "{err}");
@@ -289,4 +297,141 @@ fn batch_norm_folding_keeps_the_eval_output() {
     let after = model.forward(&x).unwrap();
     let diff = (&before - &after).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max difference {diff}");
+}
+
+/// Distiller's net-aware preparation on resnet20_cifar, every layer's output parameters against its rules applied by
+/// hand to the calibration statistics: a batch norm's statistics move to the convolution folded with it; a module
+/// whose only consumer is a ReLU (the stem, each block's first convolution, each residual add) has its range
+/// clipped at 0 and absorbs the ReLU, which becomes an Identity; the others keep their full range.
+#[test]
+fn net_aware_ptq_fuses_relus_and_clips_ranges_as_distiller_on_resnet20() {
+    use distill::quantization::range_linear::RangeLinearQuantEltwiseAdd;
+    let build = || {
+        tch::manual_seed(3);
+        let model = create_model("resnet20_cifar", "cifar10", Device::Cpu).unwrap();
+        // Batch norms with non-trivial running statistics, so folding changes the convolutions.
+        tch::no_grad(|| {
+            for (name, t) in model.state_dict() {
+                if name.ends_with("running_mean") {
+                    t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1));
+                } else if name.ends_with("running_var") {
+                    t.shallow_clone().copy_(&(Tensor::rand(t.size(), (Kind::Float, Device::Cpu)) + 0.5));
+                }
+            }
+        });
+        model
+    };
+    let (mut model, reference, mut plain) = (build(), build(), build());
+    let data = distill::data::Dataset::synthetic(16, [3, 32, 32], 10, 5).unwrap();
+    let stats = collect_activation_stats(&mut model, &data, 2, 8).unwrap();
+    let config = PostTrainConfig { mode: ModeSpec::both(LinearQuantMode::AsymmetricUnsigned), stats: Some(stats.clone()), ..PostTrainConfig::default() };
+    let prepared = PostTrainLinearQuantizer::new(config.clone()).prepare_model(&mut model).unwrap();
+    let blocks: Vec<String> = (1..=3).flat_map(|l| (0..3).map(move |b| format!("layer{l}.{b}"))).collect();
+    let mut fused: Vec<(String, String)> = vec![("conv1".into(), "relu".into())];
+    for b in &blocks {
+        fused.push((format!("{b}.conv1"), format!("{b}.relu1")));
+        fused.push((format!("{b}.residual_eltwiseadd"), format!("{b}.relu2")));
+    }
+    let mut got = prepared.fused_relus.clone();
+    got.sort();
+    fused.sort();
+    assert_eq!(got, fused);
+    for (_, relu) in &fused {
+        assert_eq!(model.module(relu).unwrap().type_name(), "Identity", "{relu}");
+    }
+    // Those are all of ResNet-20's ReLUs; a block's second convolution (read by the add) keeps its full range.
+    assert!(model.named_modules().iter().all(|m| !m.type_name.contains("ReLU")));
+    // By hand: asymmetric unsigned 8 bits over [min(lo, 0), max(hi, 0)]: scale 255 / (hi − lo), zero point
+    // round(scale · lo).
+    let expected = |source: &str, relu_after: bool| {
+        let r = stats.get(source).unwrap().output.range;
+        let lo = if relu_after { r.min.max(0.0) } else { r.min }.min(0.0);
+        let hi = r.max.max(0.0);
+        let scale = 255.0 / (hi - lo);
+        (scale, (scale * lo).round_ties_even())
+    };
+    let check = |module: &str, p: distill::quantization::q_utils::QParams, (scale, zp): (f64, f64)| {
+        let (s, z) = (p.scale.double_value(&[]), p.zero_point.double_value(&[]));
+        assert!((s - scale).abs() <= 1e-9 * scale && z == zp, "{module}: scale {s} zero point {z}, by hand {scale} {zp}");
+    };
+    let layer_params = |name: &str| {
+        let m = model.module(name).unwrap();
+        let layer = (m as &dyn std::any::Any).downcast_ref::<RangeLinearQuantParamLayer>().expect("a quantized layer");
+        layer.activation_quant().unwrap().static_output_params().unwrap().unwrap()
+    };
+    check("conv1", layer_params("conv1"), expected("bn1", true));
+    let mut halves = 0;
+    for b in &blocks {
+        check(&format!("{b}.conv1"), layer_params(&format!("{b}.conv1")), expected(&format!("{b}.bn1"), true));
+        let (_, zp) = expected(&format!("{b}.bn2"), false);
+        check(&format!("{b}.conv2"), layer_params(&format!("{b}.conv2")), expected(&format!("{b}.bn2"), false));
+        halves += (zp != 0.0) as usize;
+        let add = model.module(&format!("{b}.residual_eltwiseadd")).unwrap();
+        let add = (add as &dyn std::any::Any).downcast_ref::<RangeLinearQuantEltwiseAdd>().expect("a quantized add");
+        check(&format!("{b}.residual_eltwiseadd"), add.activation_quant().static_output_params().unwrap().unwrap(), expected(&format!("{b}.residual_eltwiseadd"), true));
+        assert!(add.activation_quant().output.half_range);
+    }
+    assert_eq!(halves, 9, "every second convolution keeps a negative range (a non-zero zero point)");
+    // Switched off (Distiller has no switch; distill's `net_aware: false`), the ReLUs stay and quantize their own
+    // outputs, and the layers before them keep their full range.
+    let off = PostTrainLinearQuantizer::new(PostTrainConfig { net_aware: false, ..config }).prepare_model(&mut plain).unwrap();
+    assert!(off.fused_relus.is_empty() && off.clipped_stats.is_empty());
+    assert_eq!(plain.module("layer1.0.relu1").unwrap().type_name(), "RangeLinearFakeQuantWrapper");
+    let m = plain.module("layer1.0.conv1").unwrap();
+    let layer = (m as &dyn std::any::Any).downcast_ref::<RangeLinearQuantParamLayer>().unwrap();
+    assert!(!layer.output_relu());
+    // The quantized network still computes: finite logits close to the float ones.
+    let x = data.images().unwrap().shallow_clone();
+    let float = reference.forward_t(&x, false).unwrap();
+    for m in [&model, &plain] {
+        let error = (m.forward_t(&x, false).unwrap() - &float).abs().max().double_value(&[]);
+        assert!(error < 0.1 * float.abs().max().double_value(&[]), "{error}");
+    }
+}
+
+/// Cross-layer equalization on LeNet (a chain of five layers through ReLUs, pooling and the flatten) and ResNet-20
+/// (each block's two convolutions; the residual stream is left alone): the float function stays within 1e-5 of its
+/// scale, and each pair ends with equal ranges channel by channel.
+#[test]
+fn cross_layer_equalization_keeps_the_function_and_evens_the_filters() {
+    use distill::quantization::equalization::equalize_cross_layer;
+    for (arch, dataset, pairs) in [("lenet", "mnist", 4), ("resnet20_cifar", "cifar10", 9)] {
+        tch::manual_seed(4);
+        let mut model = create_model(arch, dataset, Device::Cpu).unwrap();
+        let (shape, classes) = distill::models::dataset_shape(dataset).unwrap();
+        let x = distill::data::Dataset::synthetic(8, shape, classes, 2).unwrap().images().unwrap().shallow_clone();
+        let before = model.forward_t(&x, false).unwrap();
+        let report = equalize_cross_layer(&mut model).unwrap();
+        assert_eq!(report.pairs.len(), pairs, "{arch}: {:?}", report.pairs);
+        if arch == "resnet20_cifar" {
+            assert_eq!(report.folded.len(), 21);
+            assert!(report.pairs.iter().all(|p| p.first.ends_with(".conv1") && p.second == p.first.replace("conv1", "conv2")), "{:?}", report.pairs);
+        }
+        // Converged: in every pair, each channel's filter range in the first layer equals its input range in the
+        // second (the pairs of a chain share layers, so this holds only once the sweeps settle).
+        for p in &report.pairs {
+            let (w1, w2) = (model.parameter(&format!("{}.weight", p.first)).unwrap(), model.parameter(&format!("{}.weight", p.second)).unwrap());
+            let r1 = w1.reshape([p.channels, -1]).abs().amax(1, false);
+            let r2 = w2.reshape([w2.size()[0], p.channels, -1]).abs().amax([0i64, 2].as_slice(), false);
+            let worst = ((&r1 - &r2).abs() / &r1).max().double_value(&[]);
+            assert!(worst < 1e-4, "{arch} {} → {}: ranges differ by {worst} relative", p.first, p.second);
+        }
+        let after = model.forward_t(&x, false).unwrap();
+        let diff = (&after - &before).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5 * before.abs().max().double_value(&[]), "{arch}: outputs moved by {diff}");
+        println!("{arch}: {} pairs in {} sweeps, output change {diff:.2e}", report.pairs.len(), report.sweeps);
+    }
+    // Statistics collected before equalizing no longer describe the model: refused; after it, accepted.
+    let data = distill::data::Dataset::synthetic(16, [1, 28, 28], 10, 3).unwrap();
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let stale = collect_activation_stats(&mut model, &data, 1, 16).unwrap();
+    let config = |stats| PostTrainConfig { stats: Some(stats), cross_layer_equalization: true, ..PostTrainConfig::default() };
+    let err = PostTrainLinearQuantizer::new(config(stale)).prepare_model(&mut model).unwrap_err().to_string();
+    assert!(err.contains("collected before it"), "{err}");
+    equalize_cross_layer(&mut model).unwrap();
+    let fresh = collect_activation_stats(&mut model, &data, 1, 16).unwrap();
+    let prepared = PostTrainLinearQuantizer::new(config(fresh)).prepare_model(&mut model).unwrap();
+    assert_eq!(prepared.equalized.len(), 4);
+    let err = equalize_cross_layer(&mut model).unwrap_err().to_string();
+    assert!(err.contains("already quantized"), "{err}");
 }

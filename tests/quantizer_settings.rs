@@ -136,13 +136,13 @@ fn quantization_parameters_travel_with_tensors_and_inputs_without_them_need_a_ru
     let both = "    inputs_quant_auto_fallback: false\n    overrides:\n      conv1: {input_overrides: {0: {from_output: true}}}\n      fc1: {input_overrides: {0: {bits_activations: 6}}}\n";
     assert_eq!(forward(both).unwrap().size(), [16, 10]);
     // An input that arrives quantized conflicts with an override for it (Distiller refuses it too), for a layer
-    // and for a fake-quantized module.
-    for module in ["conv2", "relu1"] {
+    // and for a fake-quantized module (pool1: relu1 is fused into conv1 and gone).
+    for module in ["conv2", "pool1"] {
         let err = forward(&format!("    overrides:\n      {module}: {{input_overrides: {{0: {{from_output: true}}}}}}\n")).unwrap_err().to_string();
         assert!(err.contains(module) && err.contains("conflicts"), "{err}");
     }
     // quantize_inputs is for fake-quantized modules only.
-    assert!(forward("    overrides:\n      relu1: {quantize_inputs: false}\n").is_ok());
+    assert!(forward("    overrides:\n      pool1: {quantize_inputs: false}\n").is_ok());
     let err = forward("    overrides:\n      conv1: {quantize_inputs: false}\n").unwrap_err().to_string();
     assert!(err.contains("quantize_inputs"), "{err}");
 }

@@ -420,6 +420,10 @@ pub struct PostTrainParams {
     pub fpq_module: Option<u32>,
     pub save_fp_weights: Option<bool>,
     pub also_clip_weights: Option<bool>,
+    /// distill's key (Distiller has no switch): `false` turns off the net-aware ReLU fusion and statistics clipping.
+    pub net_aware: Option<bool>,
+    /// distill's key: cross-layer equalization (Nagel et al. 2019) before quantizing.
+    pub cross_layer_equalization: Option<bool>,
 }
 
 impl PostTrainParams {

@@ -3,33 +3,49 @@
 //! * [`mnist_bundled`]: the 5,000 MNIST digits shipped with distill (500 per class), split per class at random
 //!   (fixed seed) into 400 training, 50 validation and 50 test digits: 4,000 / 500 / 500, the same everywhere.
 //! * [`mnist_idx`]: the standard MNIST IDX files (optionally gzipped), for users who have them.
-//! * [`cifar10`]: the CIFAR-10 binary batches.
+//! * [`cifar10`]: CIFAR-10, from its binary batches or its Python pickles (`cifar-10-batches-py`).
 //! * [`Dataset::synthetic`]: random data of any shape, for benchmarks.
 //!
-//! A [`Dataset`] keeps all samples in one tensor; [`Dataset::batches`] walks it in order or in a seeded random
-//! order. Images are normalized as Distiller's loaders do (MNIST: mean 0.1307, std 0.3081; CIFAR-10: 0.5, 0.5).
+//! * [`image_folder`], [`image_folder_streamed`]: folders of JPEG/PNG images, held in memory or decoded batch by
+//!   batch on worker threads.
+//!
+//! A [`Dataset`] keeps all samples in one tensor, or (streamed) their files; [`Dataset::batches`] walks it in
+//! order or in a seeded random order. Images are normalized as Distiller's loaders do (MNIST: mean 0.1307, std 0.3081; CIFAR-10: 0.5, 0.5).
 mod cifar;
 mod image_folder;
 mod mnist;
+mod prefetch;
 mod rng;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
+use image_folder::FolderFiles;
+use prefetch::Prefetch;
 
 pub use cifar::{cifar10, cifar10_test};
-pub use image_folder::{image_folder, list_images, preprocess, ImageFolderOptions, IMAGENET_MEAN, IMAGENET_STD};
+pub use image_folder::{image_folder, image_folder_streamed, list_images, preprocess, ImageFolderOptions, RandomResizedCrop, IMAGENET_MEAN, IMAGENET_STD};
 pub use mnist::{mnist_bundled, mnist_csv, mnist_idx, MNIST_MEAN, MNIST_STD};
 pub use rng::{epoch_seed, SplitMix64};
 
-/// Labelled images held in memory: `images` `[N, C, H, W]` (float, normalized) and `labels` `[N]` (int64).
+/// Labelled images: `[N, C, H, W]` floats (normalized) held in memory or decoded from files batch by batch, and
+/// labels `[N]` (int64) in memory.
 #[derive(Debug)]
 pub struct Dataset {
     name: String,
-    images: Tensor,
+    samples: Samples,
     labels: Tensor,
     num_classes: i64,
     augmentation: Option<RandomCrop>,
+}
+
+#[derive(Debug)]
+enum Samples {
+    Memory(Tensor),
+    Files(Arc<FolderFiles>),
 }
 
 /// Datasets are never changed in place, so a clone shares the image and label storage.
@@ -37,7 +53,10 @@ impl Clone for Dataset {
     fn clone(&self) -> Self {
         Dataset {
             name: self.name.clone(),
-            images: self.images.shallow_clone(),
+            samples: match &self.samples {
+                Samples::Memory(images) => Samples::Memory(images.shallow_clone()),
+                Samples::Files(files) => Samples::Files(files.clone()),
+            },
             labels: self.labels.shallow_clone(),
             num_classes: self.num_classes,
             augmentation: self.augmentation,
@@ -102,7 +121,11 @@ impl Dataset {
                 return Err(Error::invalid("labels", format!("dataset '{name}': labels span {lo}..={hi}, expected 0..{num_classes}")));
             }
         }
-        Ok(Dataset { name, images, labels, num_classes, augmentation: None })
+        Ok(Dataset { name, samples: Samples::Memory(images), labels, num_classes, augmentation: None })
+    }
+
+    fn from_files(name: String, files: FolderFiles, labels: Tensor, num_classes: i64) -> Result<Self> {
+        Ok(Dataset { name, samples: Samples::Files(Arc::new(files)), labels: labels.f_to_kind(Kind::Int64)?, num_classes, augmentation: None })
     }
 
     /// Gaussian images with uniformly random labels, from a seed; for benchmarks, where only shapes matter.
@@ -139,14 +162,28 @@ impl Dataset {
         self.num_classes
     }
 
-    /// Shape of one sample, `[C, H, W]`.
+    /// Shape of one sample, `[C, H, W]` (for a streamed folder, as evaluation passes yield it).
     pub fn sample_shape(&self) -> Vec<i64> {
-        self.images.size()[1..].to_vec()
+        match &self.samples {
+            Samples::Memory(images) => images.size()[1..].to_vec(),
+            Samples::Files(files) => vec![3, files.side(false) as i64, files.side(false) as i64],
+        }
     }
 
-    /// All images, `[N, C, H, W]`.
-    pub fn images(&self) -> &Tensor {
-        &self.images
+    /// Whether the images are decoded from files as batches are drawn ([`image_folder_streamed`]).
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.samples, Samples::Files(_))
+    }
+
+    /// All images, `[N, C, H, W]`; an error for a streamed dataset, whose images exist only batch by batch.
+    pub fn images(&self) -> Result<&Tensor> {
+        match &self.samples {
+            Samples::Memory(images) => Ok(images),
+            Samples::Files(_) => Err(Error::invalid(
+                "dataset",
+                format!("'{}' decodes its images from files batch by batch; iterate batches() or read it with image_folder() to hold it in memory", self.name),
+            )),
+        }
     }
 
     /// All labels, `[N]`.
@@ -167,9 +204,16 @@ impl Dataset {
             return Err(Error::invalid("subset index", format!("{bad} is outside 0..{n}")));
         }
         let idx = Tensor::f_from_slice(indices)?;
+        let samples = match &self.samples {
+            Samples::Memory(images) => Samples::Memory(images.f_index_select(0, &idx)?),
+            Samples::Files(files) => {
+                let paths = indices.iter().map(|&i| files.paths[i as usize].clone()).collect();
+                Samples::Files(Arc::new(FolderFiles { paths, ..FolderFiles::clone(files) }))
+            }
+        };
         Ok(Dataset {
             name: name.into(),
-            images: self.images.f_index_select(0, &idx)?,
+            samples,
             labels: self.labels.f_index_select(0, &idx)?,
             num_classes: self.num_classes,
             augmentation: self.augmentation,
@@ -210,12 +254,25 @@ impl Dataset {
         let (order, augment) = match seed {
             Some(seed) => {
                 let mut rng = SplitMix64::new(seed);
-                let order = Tensor::f_from_slice(&rng.permutation(self.len()))?;
+                let order = rng.permutation(self.len());
                 (Some(order), self.augmentation.map(|a| (a, rng)))
             }
             None => (None, None),
         };
-        Ok(Batches { dataset: self, order, augment, batch_size: batch_size as i64, next: 0, device })
+        let decoded = match &self.samples {
+            Samples::Memory(_) => None,
+            Samples::Files(files) => {
+                let files = files.clone();
+                let order: Vec<i64> = order.clone().unwrap_or_else(|| (0..self.len() as i64).collect());
+                let (threads, depth) = (files.options.threads, files.options.prefetch);
+                Some(Prefetch::spawn(self.steps(batch_size), threads, depth, move |b| {
+                    let first = b * batch_size;
+                    files.decode_batch(&order[first..(first + batch_size).min(order.len())], first, seed)
+                }))
+            }
+        };
+        let order = order.map(|o| Tensor::f_from_slice(&o)).transpose()?;
+        Ok(Batches { dataset: self, order, augment, decoded, batch_size: batch_size as i64, next: 0, device })
     }
 }
 
@@ -224,6 +281,8 @@ pub struct Batches<'a> {
     dataset: &'a Dataset,
     order: Option<Tensor>,
     augment: Option<(RandomCrop, SplitMix64)>,
+    /// A streamed dataset's batches, decoded ahead on worker threads.
+    decoded: Option<Prefetch<Result<(Vec<u8>, Vec<i64>)>>>,
     batch_size: i64,
     next: i64,
     device: Device,
@@ -232,12 +291,24 @@ pub struct Batches<'a> {
 impl Batches<'_> {
     fn batch(&mut self, start: i64, len: i64) -> Result<(Tensor, Tensor)> {
         let d = self.dataset;
-        let (x, y) = match &self.order {
-            Some(order) => {
-                let idx = order.f_narrow(0, start, len)?;
-                (d.images.f_index_select(0, &idx)?, d.labels.f_index_select(0, &idx)?)
+        let (x, y) = match (&d.samples, &mut self.decoded, &self.order) {
+            (Samples::Files(files), Some(decoded), _) => {
+                let decoded = decoded.next().ok_or_else(|| Error::invalid("data loading", "the decoded batches ended early"))?;
+                let (pixels, kept) = decoded??;
+                if kept.is_empty() {
+                    return Err(Error::data(Path::new(&d.name), format!("no image of the batch at sample {start} could be decoded")));
+                }
+                let side = files.side(self.order.is_some()) as i64;
+                let pixels = Tensor::f_from_slice(&pixels)?.f_view([kept.len() as i64, 3, side, side])?;
+                let x = normalize_pixels(&pixels, &IMAGENET_MEAN, &IMAGENET_STD)?;
+                (x, d.labels.f_index_select(0, &Tensor::f_from_slice(&kept)?)?)
             }
-            None => (d.images.f_narrow(0, start, len)?, d.labels.f_narrow(0, start, len)?),
+            (Samples::Memory(images), _, Some(order)) => {
+                let idx = order.f_narrow(0, start, len)?;
+                (images.f_index_select(0, &idx)?, d.labels.f_index_select(0, &idx)?)
+            }
+            (Samples::Memory(images), _, None) => (images.f_narrow(0, start, len)?, d.labels.f_narrow(0, start, len)?),
+            (Samples::Files(_), None, _) => return Err(Error::invalid("data loading", "a streamed dataset's batches were not started")),
         };
         let x = match &mut self.augment {
             Some((crop, rng)) => crop.apply(&x, rng)?,
@@ -318,7 +389,7 @@ fn normalize_pixels(pixels: &Tensor, mean: &[f64], std: &[f64]) -> Result<Tensor
 }
 
 /// Reads a file, inflating it if it is gzip-compressed.
-fn read_maybe_gz(path: &std::path::Path) -> Result<Vec<u8>> {
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     maybe_gunzip(path, raw)
 }

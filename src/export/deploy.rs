@@ -187,10 +187,10 @@ pub fn deploy_report(variants: &mut [(String, Model)], test: &Dataset, dir: impl
     let mut rows = measured?;
 
     let (images, labels) = (dir.join("test_images.f32"), dir.join("test_labels.i64"));
-    crate::io::write_atomic(&images, &super::onnx::raw_bytes(test.images(), Kind::Float)?)?;
+    crate::io::write_atomic(&images, &super::onnx::raw_bytes(test.images()?, Kind::Float)?)?;
     crate::io::write_atomic(&labels, &super::onnx::raw_bytes(test.labels(), Kind::Int64)?)?;
     let request = serde_json::json!({
-        "images": images, "images_shape": test.images().size(), "labels": labels,
+        "images": images, "images_shape": test.images()?.size(), "labels": labels,
         "batch_sizes": options.batch_sizes, "warmup": options.warmup, "runs": options.runs, "threads": threads,
         "optimize": options.onnxruntime_optimizations,
         "models": variants.iter().map(|(l, _)| serde_json::json!({"label": l, "path": dir.join(format!("{l}.onnx"))})).collect::<Vec<_>>(),
@@ -222,7 +222,7 @@ fn measure_libtorch(variants: &mut [(String, Model)], test: &Dataset, dir: &Path
     for (label, model) in variants.iter_mut() {
         let export = export_onnx(model, dir.join(format!("{label}.onnx")))?;
         let quantized = is_quantized(model);
-        let images = test.images().f_to_device(model.device())?;
+        let images = test.images()?.f_to_device(model.device())?;
         let latency_ms = options.batch_sizes.iter().map(|&b| libtorch_latency(model, &images, b, options)).collect::<Result<Vec<_>>>()?;
         let counts = crate::summary::parameter_counts(model)?;
         rows.push(DeployRow {

@@ -4,9 +4,11 @@ pub mod quantizer;
 pub mod range_linear;
 pub mod stats;
 pub mod bn_fold;
+pub mod equalization;
 pub mod export;
 pub mod qat;
 mod fused;
+mod net_aware;
 mod policy;
 
 pub use policy::QuantizationPolicy;

@@ -137,6 +137,15 @@ impl ActQuant {
         }
     }
 
+    /// The output's parameters when they are static (from calibration statistics); `None` when they are computed
+    /// from each batch.
+    pub fn static_output_params(&self) -> Result<Option<QParams>> {
+        match &self.stats {
+            Some(m) => self.params(&self.output, &m.output.range).map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn approx(&self, scale: Tensor) -> Result<Tensor> {
         match self.scale_approx_mult_bits {
             Some(m) => approx_scale_as_mult_and_shift(&scale, m),
@@ -590,6 +599,16 @@ pub struct PostTrainConfig {
     pub stats: Option<ActivationStats>,
     /// Fold each batch norm that follows a convolution into it first (Distiller always does).
     pub fold_batch_norms: bool,
+    /// Distiller's net-aware preparation (on by default, as in Distiller, which has no switch for it): a quantized
+    /// module whose only consumer is a ReLU/ReLU6 absorbs it (`clip_half_range`, the ReLU made an `Identity`), and
+    /// with statistics, the output range of a module whose only consumer is a ReLU, ReLU6, Tanh or Sigmoid is
+    /// clipped to what that activation keeps. YAML: `net_aware: false` turns it off (distill's key).
+    pub net_aware: bool,
+    /// Cross-layer equalization ([`super::equalization`]) after batch-norm folding. It changes the activation
+    /// ranges, so statistics must be collected after it: with `stats`, the model must already be equalized (run
+    /// [`super::equalization::equalize_cross_layer`], then calibrate), else it is an error. YAML:
+    /// `cross_layer_equalization: true` (distill's key).
+    pub cross_layer_equalization: bool,
 }
 
 impl Default for PostTrainConfig {
@@ -612,6 +631,8 @@ impl Default for PostTrainConfig {
             overrides: Overrides::default(),
             stats: None,
             fold_batch_norms: true,
+            net_aware: true,
+            cross_layer_equalization: false,
         }
     }
 }
@@ -631,6 +652,13 @@ pub struct PtqPrepared {
     /// Modules left in floating point although their settings quantize them, with the reason (an add without
     /// calibration statistics, as Distiller).
     pub kept_float: Vec<(String, String)>,
+    /// ReLUs fused into the quantized module before them, as (module, ReLU); each ReLU is now an `Identity`.
+    pub fused_relus: Vec<(String, String)>,
+    /// Modules whose output statistics were clipped to the range of the activation after them, as (module,
+    /// activation).
+    pub clipped_stats: Vec<(String, String)>,
+    /// Layer pairs equalized (`cross_layer_equalization`), as (first, second).
+    pub equalized: Vec<(String, String)>,
 }
 
 impl PostTrainLinearQuantizer {
@@ -746,7 +774,7 @@ impl PostTrainLinearQuantizer {
             clip_half_range: c.clip_half_range,
         };
         // Settings are resolved (and every override checked) before anything changes.
-        let settings = resolve_settings(model, &defaults, &c.overrides, POST_TRAIN_OVERRIDE_KEYS)?;
+        let mut settings = resolve_settings(model, &defaults, &c.overrides, POST_TRAIN_OVERRIDE_KEYS)?;
         let mut stats = c.stats.clone();
         let mut folded = Vec::new();
         if c.fold_batch_norms {
@@ -754,11 +782,51 @@ impl PostTrainLinearQuantizer {
                 // The folded convolution now produces what the batch norm produced.
                 if let Some(st) = stats.as_mut() {
                     let bn_out = st.get(&bn).map(|s| s.output.clone());
-                    if let (Some(out), Some(entry)) = (bn_out, st.modules.iter_mut().find(|(n, _)| crate::nn::normalize_name(n) == conv)) {
-                        entry.1.output = out;
+                    if let (Some(out), Some(entry)) = (bn_out, st.get_mut(&conv)) {
+                        entry.output = out;
                     }
                 }
+                // The batch norm is an Identity now, which Distiller leaves unwrapped: wrapping it would quantize
+                // the convolution's output a second time, with the batch norm's unclipped range.
+                if let Some((_, type_name, _)) = settings.iter_mut().find(|(n, ..)| *n == bn) {
+                    *type_name = "Identity".into();
+                }
                 folded.push((conv, bn));
+            }
+        }
+        let mut equalized = Vec::new();
+        if c.cross_layer_equalization {
+            let eq = super::equalization::equalize_cross_layer(model)?;
+            if stats.is_some() && eq.sweeps > 1 {
+                return Err(Error::invalid(
+                    "cross_layer_equalization",
+                    "equalization changes the activation ranges, and these statistics were collected before it: equalize the model (distill::quantization::equalization::equalize_cross_layer, or `distill quantize --calibrate N`, which equalizes before calibrating), then calibrate",
+                ));
+            }
+            equalized = eq.pairs.into_iter().map(|p| (p.first, p.second)).collect();
+        }
+        let (mut clipped_stats, mut fusing) = (Vec::new(), Vec::new());
+        if c.net_aware {
+            let quantized = |name: &str| settings.iter().any(|(n, _, s)| n == name && (s.bits.acts.is_some() || s.bits.wts.is_some()));
+            let followed: Vec<_> = super::net_aware::activations_after_modules(model)?.into_iter().filter(|a| quantized(&a.module)).collect();
+            for after in followed {
+                if let Some(st) = stats.as_mut() {
+                    if let Some(entry) = st.get_mut(&after.module) {
+                        let (lo, hi) = after.kept_range();
+                        super::net_aware::clip_stats(&mut entry.output.range, lo, hi);
+                        let clipped = entry.output.clone();
+                        if let Some(activation) = st.get_mut(&after.activation) {
+                            activation.inputs.insert(0, clipped);
+                        }
+                        clipped_stats.push((after.module.clone(), after.activation.clone()));
+                    }
+                }
+                if after.fuses() {
+                    if let Some((.., s)) = settings.iter_mut().find(|(n, ..)| *n == after.module) {
+                        s.clip_half_range = true;
+                    }
+                    fusing.push((after.module, after.activation));
+                }
             }
         }
         let stats = &stats;
@@ -767,8 +835,17 @@ impl PostTrainLinearQuantizer {
         let factory = ReplaceFactory::default().with_default(replace).keeping("Dropout").keeping("Identity");
         let replaced = factory.prepare(model, &settings, rollback)?;
         drop(factory);
+        // A fused ReLU goes once the module before it is wrapped (a module kept in float still needs it).
+        let mut fused_relus = Vec::new();
+        for (module, relu) in fusing {
+            if crate::graph::is_wrapper(model.module(&module)?) {
+                let original = model.replace_module(&relu, crate::nn::Identity)?;
+                rollback.swapped(&relu, original);
+                fused_relus.push((module, relu));
+            }
+        }
         model.eval();
-        Ok(PtqPrepared { replaced, folded, kept_float: kept.into_inner() })
+        Ok(PtqPrepared { replaced, folded, kept_float: kept.into_inner(), fused_relus, clipped_stats, equalized })
     }
 }
 
@@ -837,6 +914,8 @@ impl PostTrainConfig {
             },
             stats,
             fold_batch_norms: true,
+            net_aware: p.net_aware.unwrap_or(true),
+            cross_layer_equalization: p.cross_layer_equalization.unwrap_or(false),
         })
     }
 }

@@ -50,6 +50,12 @@ impl ActivationStats {
         self.modules.iter().find(|(m, _)| normalize_name(m) == n).map(|(_, s)| s)
     }
 
+    /// The records of module `name`, to change them (`module.` prefix accepted).
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut ModuleStats> {
+        let n = normalize_name(name);
+        self.modules.iter_mut().find(|(m, _)| normalize_name(m) == n).map(|(_, s)| s)
+    }
+
     /// Reads Distiller's statistics YAML.
     pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

@@ -57,8 +57,8 @@ struct ModelArgs {
     /// Dataset: mnist (the bundled 5,000 digits unless --data-dir is given), cifar10 or imagenet (both need --data-dir).
     #[arg(long)]
     dataset: String,
-    /// Folder with the full MNIST IDX files, the CIFAR-10 binary batches, or ImageNet's validation images as an image
-    /// folder (DIR/val/<class>/<image>.jpg).
+    /// Folder with the full MNIST IDX files, the CIFAR-10 batches (binary or Python), or ImageNet as image folders:
+    /// DIR/val/<class>/<image>.jpg (held in memory) and, for training, DIR/train/<class>/... (streamed).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
@@ -80,6 +80,24 @@ impl ModelArgs {
     fn data(&self) -> Result<DataSplits> {
         load_data(&self.dataset, self.data_dir.as_ref(), self.data_limit)
     }
+
+    /// The `wanted` splits, in that order. When only the test split is wanted, CIFAR-10 reads its test file
+    /// alone, so evaluating or quantizing works without the five training files.
+    fn splits(&self, wanted: &[Split]) -> Result<Vec<distill::data::Dataset>> {
+        if let ("cifar10", Some(dir), true) = (self.dataset.as_str(), &self.data_dir, wanted.iter().all(|s| matches!(s, Split::Test))) {
+            let test = data::cifar10_test(dir)?;
+            return Ok(wanted.iter().map(|_| test.clone()).collect());
+        }
+        let data = self.data()?;
+        Ok(wanted
+            .iter()
+            .map(|s| match s {
+                Split::Train => data.train.clone(),
+                Split::Valid => data.valid.clone(),
+                Split::Test => data.test.clone(),
+            })
+            .collect())
+    }
 }
 
 #[derive(clap::Args)]
@@ -92,13 +110,24 @@ struct QuantizeArgs {
     /// YAML with one PostTrainLinearQuantizer in its `quantizers:` section.
     #[arg(long)]
     config: PathBuf,
-    /// Calibrate static activation ranges on this many validation batches (0: use the config's statistics file,
-    /// or dynamic ranges if it has none).
+    /// Calibrate static activation ranges on this many batches of --calibrate-split (0: use the config's
+    /// statistics file, or dynamic ranges if it has none).
     #[arg(long, default_value_t = 0)]
     calibrate: usize,
-    /// Mini-batch size for calibration and evaluation.
+    /// The split calibration batches come from. Distiller calibrates on the test set; distill's default keeps
+    /// the test set out of every choice. With `test`, CIFAR-10 needs only its test file.
+    #[arg(long, value_enum, default_value_t = Split::Valid)]
+    calibrate_split: Split,
+    /// Mini-batch size for calibration (default: --batch-size).
+    #[arg(long)]
+    calibration_batch_size: Option<usize>,
+    /// Mini-batch size for evaluation.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+    /// Cross-layer equalization before calibrating and quantizing (as the config's
+    /// `cross_layer_equalization: true`).
+    #[arg(long)]
+    equalize: bool,
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
@@ -109,6 +138,16 @@ enum Split {
     Train,
     Valid,
     Test,
+}
+
+impl Split {
+    fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Valid => "valid",
+            Split::Test => "test",
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -575,20 +614,28 @@ fn load_data(dataset: &str, dir: Option<&PathBuf>, limit: Option<usize>) -> Resu
         ("mnist", None) => data::mnist_bundled(),
         ("mnist", Some(d)) => data::mnist_idx(d),
         ("cifar10", Some(d)) => data::cifar10(d),
-        ("cifar10", None) => Err(distill::Error::invalid("--data-dir", "cifar10 needs --data-dir pointing at the CIFAR-10 binary batches")),
+        ("cifar10", None) => Err(distill::Error::invalid("--data-dir", "cifar10 needs --data-dir pointing at the CIFAR-10 batches (binary, or the Python cifar-10-batches-py)")),
         ("imagenet", Some(d)) => {
-            // ImageNet's validation images (DIR/val, or DIR itself) serve as validation and test split; training from
-            // an image folder needs a streaming loader distill does not have yet.
+            // ImageNet's validation images (DIR/val, or DIR itself) serve as validation and test split, held in
+            // memory; DIR/train, when there, is streamed through torchvision's training transform.
             let val = if d.join("val").is_dir() { d.join("val") } else { d.clone() };
-            let options = data::ImageFolderOptions { limit, ..Default::default() };
-            let set = data::image_folder(&val, &options)?;
-            if set.num_classes() != 1000 {
-                return Err(distill::Error::data(
-                    &val,
-                    format!("{} class folders: ImageNet models number their 1,000 classes by the sorted folder names, so all 1,000 folders must be there (empty ones will do)", set.num_classes()),
-                ));
-            }
-            let train = set.subset("imagenet/train (not read)", &[])?;
+            let thousand_classes = |set: &distill::data::Dataset, dir: &std::path::Path| match set.num_classes() {
+                1000 => Ok(()),
+                n => Err(distill::Error::data(
+                    dir,
+                    format!("{n} class folders: ImageNet models number their 1,000 classes by the sorted folder names, so all 1,000 folders must be there (empty ones will do)"),
+                )),
+            };
+            let set = data::image_folder(&val, &data::ImageFolderOptions { limit, ..Default::default() })?;
+            thousand_classes(&set, &val)?;
+            let train = match d.join("train") {
+                dir if dir.is_dir() => {
+                    let train = data::image_folder_streamed(&dir, &Default::default(), Some(data::RandomResizedCrop::imagenet(224)))?;
+                    thousand_classes(&train, &dir)?;
+                    train
+                }
+                _ => set.subset("imagenet/train (no DIR/train folder)", &[])?,
+            };
             Ok(DataSplits { train, valid: set.clone(), test: set })
         }
         ("imagenet", None) => Err(distill::Error::invalid("--data-dir", "imagenet needs --data-dir pointing at an image folder (DIR/val/<class>/<image>.jpg, or DIR/<class>/...)")),
@@ -706,15 +753,42 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
     let mut model = args.model.model()?;
     distill::train::Checkpoint::load(&args.checkpoint)?.restore_model(&mut model, &args.checkpoint)?;
-    let data = args.model.data()?;
+    let calibration_split = args.calibrate_split;
+    let wanted: &[Split] = if args.calibrate > 0 { &[Split::Test, calibration_split] } else { &[Split::Test] };
+    let sets = args.model.splits(wanted)?;
+    let test = &sets[0];
     let mut config = PostTrainConfig::from_schedule_file(&args.config)?;
+    config.cross_layer_equalization |= args.equalize;
     std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
-    let fp32 = train::validate(&mut model, &data.test, args.batch_size)?;
+    let mut equalized = serde_json::Value::Null;
+    if config.cross_layer_equalization {
+        // Before calibration: equalization changes the activation ranges.
+        let eq = distill::quantization::equalization::equalize_cross_layer(&mut model)?;
+        for p in &eq.pairs {
+            println!("equalized {} → {} ({} channels): filter ranges {:.1}:1 → {:.1}:1", p.first, p.second, p.channels, p.spread_before, p.spread_after);
+        }
+        equalized = serde_json::json!(eq.pairs.iter().map(|p| serde_json::json!({
+            "first": p.first, "second": p.second, "channels": p.channels, "spread_before": p.spread_before, "spread_after": p.spread_after,
+        })).collect::<Vec<_>>());
+    }
+    let fp32 = train::validate(&mut model, test, args.batch_size)?;
     println!("fp32:      top1 {:.2}%  top5 {:.2}%  loss {:.4}", fp32.top1, fp32.top5, fp32.loss);
-    if args.calibrate > 0 {
-        let stats = distill::quantization::stats::collect_activation_stats(&mut model, &data.valid, args.calibrate, args.batch_size)?;
+    let mut calibration = serde_json::Value::Null;
+    if let Some(calibration_set) = sets.get(1) {
+        let batch_size = args.calibration_batch_size.unwrap_or(args.batch_size);
+        if calibration_set.is_empty() {
+            return Err(distill::Error::invalid("--calibrate-split", format!("the {} split of {} is empty: calibrate on another split", calibration_split.name(), args.model.dataset)));
+        }
+        let stats = distill::quantization::stats::collect_activation_stats(&mut model, calibration_set, args.calibrate, batch_size)?;
         stats.to_yaml_file(args.out.join("quantization_stats.yaml"))?;
-        println!("calibrated on {} validation batches; statistics in {}", args.calibrate, args.out.join("quantization_stats.yaml").display());
+        let batches = args.calibrate.min(calibration_set.steps(batch_size));
+        let samples = calibration_set.len().min(batches * batch_size);
+        println!(
+            "calibrated on {batches} batches of {batch_size} from the {} split ({samples} samples); statistics in {}",
+            calibration_split.name(),
+            args.out.join("quantization_stats.yaml").display()
+        );
+        calibration = serde_json::json!({ "split": calibration_split.name(), "batches": batches, "batch_size": batch_size, "samples": samples });
         config.stats = Some(stats);
     }
     let fp32_bytes = distill::quantization::export::float_size_bytes(&model);
@@ -722,11 +796,18 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     for (module, reason) in &prepared.kept_float {
         eprintln!("warning: {module} stays in floating point: {reason}");
     }
-    let quantized = train::validate(&mut model, &data.test, args.batch_size)?;
+    if !prepared.fused_relus.is_empty() || !prepared.clipped_stats.is_empty() {
+        println!(
+            "net-aware: {} ReLU(s) fused into the layer before them, {} output range(s) clipped to the activation after them",
+            prepared.fused_relus.len(),
+            prepared.clipped_stats.len()
+        );
+    }
+    let quantized = train::validate(&mut model, test, args.batch_size)?;
     println!("quantized: top1 {:.2}%  top5 {:.2}%  loss {:.4}", quantized.top1, quantized.top5, quantized.loss);
     let export_path = args.out.join("quantized.safetensors");
     let exported = distill::quantization::export::export_integer_model(&model, &export_path)?;
-    let integer = distill::quantization::export::evaluate_integer(&exported, &mut model, &data.test, args.batch_size)?;
+    let integer = distill::quantization::export::evaluate_integer(&exported, &mut model, test, args.batch_size)?;
     println!(
         "integer:   top1 {:.2}%  top5 {:.2}%  loss {:.4}  ({} bytes on disk vs {} bytes of FP32 weights, {:.2}x smaller)",
         integer.top1,
@@ -739,7 +820,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
     let summary = serde_json::json!({
         "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": config_path,
-        "fp32": fp32, "quantized": quantized, "integer": integer,
+        "calibration": calibration, "equalized": equalized, "fp32": fp32, "quantized": quantized, "integer": integer,
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
     let path = args.out.join("summary.json");
@@ -877,19 +958,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     let mut model = args.model.model()?;
     let ckpt = distill::train::Checkpoint::load(&args.checkpoint)?;
     ckpt.restore_model(&mut model, &args.checkpoint)?;
-    let (split, set) = match (args.split, args.model.dataset.as_str(), &args.model.data_dir) {
-        // Evaluating on CIFAR-10's test set needs its test file only.
-        (Split::Test, "cifar10", Some(dir)) => ("test", data::cifar10_test(dir)?),
-        (split, ..) => {
-            let data = args.model.data()?;
-            match split {
-                Split::Train => ("train", data.train),
-                Split::Valid => ("valid", data.valid),
-                Split::Test => ("test", data.test),
-            }
-        }
-    };
-    let set = &set;
+    let split = args.split.name();
+    let set = &args.model.splits(&[args.split])?[0];
     if set.is_empty() {
         return Err(distill::Error::invalid("--split", format!("the {split} split of {} is empty", args.model.dataset)));
     }
