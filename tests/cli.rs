@@ -118,7 +118,7 @@ fn convert_reads_pytorch_and_distiller_checkpoints() {
     let q = dir.path().join("q");
     let quantize = |split: &str| {
         let args = ["quantize", "--arch", "resnet20_cifar", "--dataset", "cifar10", "--data-dir", cifar.to_str().unwrap(), "--checkpoint"];
-        let rest = ["--config", config, "--calibrate", "2", "--calibrate-split", split, "--calibration-batch-size", "8", "--out", q.to_str().unwrap()];
+        let rest = ["--config", config, "--calibrate", "2", "--calibrate-split", split, "--calibration-batch-size", "8", "--bias-correction", "--equalize", "--out", q.to_str().unwrap()];
         distill(&[&args[..], &[distiller.to_str().unwrap()], &rest[..]].concat())
     };
     let o = quantize("test");
@@ -126,6 +126,9 @@ fn convert_reads_pytorch_and_distiller_checkpoints() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("calibrated on 2 batches of 8 from the test split (16 samples)"), "{}", String::from_utf8_lossy(&o.stdout));
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(q.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["calibration"], serde_json::json!({"split": "test", "batches": 2, "batch_size": 8, "samples": 16}));
+    // Every convolution and the classifier corrected; each block's two convolutions equalized.
+    assert_eq!(summary["bias_correction"].as_array().map(Vec::len), Some(22));
+    assert_eq!(summary["equalized"].as_array().map(Vec::len), Some(9));
     let o = quantize("valid");
     assert!(!o.status.success() && stderr(&o).contains("expected data_batch_1 … data_batch_5 and test_batch"), "{}", stderr(&o));
 }

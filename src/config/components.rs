@@ -424,12 +424,22 @@ pub struct PostTrainParams {
     pub net_aware: Option<bool>,
     /// distill's key: cross-layer equalization (Nagel et al. 2019) before quantizing.
     pub cross_layer_equalization: Option<bool>,
+    /// distill's key: `MSE` for MSE-optimal weight ranges, `NONE` (the default) for the full range.
+    pub clip_weights: Option<String>,
 }
 
 impl PostTrainParams {
     /// The rules between top-level keys, with the key that breaks one: `fpq_module` is 16, 32 or 64; `fp16: true`
     /// agrees with it; `clip_n_stds` comes with `clip_acts: N_STD`.
     pub fn check(&self) -> std::result::Result<(), (&'static str, Error)> {
+        match self.clip_weights.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            None | Some("NONE") => {}
+            Some("MSE") if self.also_clip_weights == Some(true) => {
+                return Err(("clip_weights", Error::invalid("clip_weights", "MSE clipping and also_clip_weights each set the weights' range: choose one")));
+            }
+            Some("MSE") => {}
+            Some(_) => return Err(("clip_weights", Error::unknown("clip_weights mode", self.clip_weights.as_deref().unwrap_or(""), ["NONE", "MSE"]))),
+        }
         if let Some(f) = self.fpq_module {
             if ![16, 32, 64].contains(&f) {
                 return Err(("fpq_module", Error::invalid("fpq_module", format!("{f}: the floating-point width must be 16, 32 or 64"))));

@@ -45,7 +45,7 @@ pub use layers::{
 pub use model::{Model, ModelInfo, ModuleInfo, Snapshot};
 pub use module::{BoxModule, Module};
 pub use names::{canonical_param_name, normalize_name};
-pub use observer::{ModuleCall, Observer, ObserverId, OpCall, SharedObserver};
+pub use observer::{run_observed, ModuleCall, Observer, ObserverId, OpCall, SharedObserver};
 pub use ops::TensorOp;
 pub use rollback::Rollback;
 pub use sequential::Sequential;

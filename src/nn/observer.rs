@@ -53,3 +53,24 @@ pub type SharedObserver = (ObserverId, Arc<Mutex<dyn Observer>>);
 /// Handle returned by [`Model::attach_observer`](super::Model::attach_observer), used to detach it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ObserverId(pub(crate) u64);
+
+/// Runs the first `batches` mini-batches of `data` (in order, eval mode, no gradients) through `model` with
+/// `observer` attached: how calibration and activation statistics see a model. The observer is detached and the
+/// model's mode restored whatever happens.
+pub fn run_observed(model: &mut super::Model, observer: Arc<Mutex<dyn Observer>>, data: &crate::data::Dataset, batches: usize, batch_size: usize) -> crate::Result<()> {
+    let id = model.attach_observer(observer);
+    let was_training = model.is_training();
+    model.eval();
+    let run = tch::no_grad(|| -> crate::Result<()> {
+        for batch in data.batches(batch_size, model.device())?.take(batches) {
+            let (x, _) = batch?;
+            let _ = model.forward(&x)?;
+        }
+        Ok(())
+    });
+    model.detach_observer(id);
+    if was_training {
+        model.train();
+    }
+    run
+}

@@ -389,6 +389,9 @@ pub fn aciq_alpha(mode: ClipMode, bits: u32, half_range: bool, b: f64, std: f64)
     }
 }
 
+/// Candidate ranges of the MSE clip search ([`QParams::from_weight_mse`]).
+pub const MSE_CLIP_GRID: usize = 100;
+
 /// Statistics of a tensor or a calibration record: what range functions read.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct RangeStats {
@@ -533,11 +536,16 @@ impl QParams {
 
     /// Parameters from a weight tensor's own range, per output channel (dimension 0) or per tensor; no clipping.
     pub fn from_weight(w: &Tensor, bits: u32, mode: LinearQuantMode, per_channel: bool) -> Result<Self> {
-        let range = quantized_range(bits, mode.signed(), mode.restricted());
+        let (min, max) = Self::weight_extremes(w, per_channel)?;
+        Self::from_range(&min, &max, bits, mode)
+    }
+
+    /// A weight's `(min, max)` in float64, per output channel (`[C]`) or per tensor (0-d); an error for NaN or
+    /// infinite values.
+    fn weight_extremes(w: &Tensor, per_channel: bool) -> Result<(Tensor, Tensor)> {
         let w = w.f_detach()?.f_to_kind(Kind::Double)?;
         let (min, max) = if per_channel && w.dim() >= 2 {
-            let c = w.size()[0];
-            let rows = w.f_reshape([c, -1])?;
+            let rows = w.f_reshape([w.size()[0], -1])?;
             (rows.f_amin(1, false)?, rows.f_amax(1, false)?)
         } else {
             (w.f_min()?, w.f_max()?)
@@ -545,12 +553,41 @@ impl QParams {
         if min.f_isfinite()?.f_logical_and(&max.f_isfinite()?)?.f_all()?.f_int64_value(&[])? == 0 {
             return Err(Error::invalid("weights", format!("a tensor of shape {:?} holds NaN or infinite values; it cannot be quantized", w.size())));
         }
+        Ok((min, max))
+    }
+
+    /// Parameters of `mode` at `bits` for the range `[min, max]` (0-d, or `[C]` per channel).
+    fn from_range(min: &Tensor, max: &Tensor, bits: u32, mode: LinearQuantMode) -> Result<Self> {
+        let range = quantized_range(bits, mode.signed(), mode.restricted());
         let (levels, span, zero_point) = if mode.symmetric() {
             symmetric_span(bits, &min.f_abs()?.f_maximum(&max.f_abs()?)?, mode.restricted())?
         } else {
-            asymmetric_span(bits, &min, &max, true, mode == LinearQuantMode::AsymmetricSigned)?
+            asymmetric_span(bits, min, max, true, mode == LinearQuantMode::AsymmetricSigned)?
         };
         QParams::from_span(levels, span, zero_point, range)
+    }
+
+    /// MSE-optimal clipping of a weight tensor (per output channel or per tensor): among the ranges
+    /// `[k·min, k·max]` for `k = (100 − i)/100`, `i = 0..99` (MQBench's MSE observer grid), the one whose
+    /// quantized weights have the smallest mean squared error against the weights; each channel chooses on its
+    /// own, the largest `k` on ties. Returns the parameters and the chosen `k` (0-d or `[C]`).
+    pub fn from_weight_mse(w: &Tensor, bits: u32, mode: LinearQuantMode, per_channel: bool) -> Result<(Self, Tensor)> {
+        let (min, max) = Self::weight_extremes(w, per_channel)?;
+        let w = w.f_detach()?.f_to_kind(Kind::Double)?;
+        let channel_mse = |p: &QParams| -> Result<Tensor> {
+            let err = p.dequantize(&p.quantize(&w, 0)?, 0)?.f_sub(&w)?.f_square()?;
+            Ok(if min.dim() == 1 { err.f_reshape([min.size()[0], -1])?.f_mean_dim(1, false, Kind::Double)? } else { err.f_mean(Kind::Double)? })
+        };
+        let mut best_k = min.f_ones_like()?;
+        let mut best = channel_mse(&Self::from_range(&min, &max, bits, mode)?)?;
+        for i in 1..MSE_CLIP_GRID {
+            let k = (MSE_CLIP_GRID - i) as f64 / MSE_CLIP_GRID as f64;
+            let mse = channel_mse(&Self::from_range(&min.f_mul_scalar(k)?, &max.f_mul_scalar(k)?, bits, mode)?)?;
+            let better = mse.f_lt_tensor(&best)?;
+            best = mse.f_where_self(&better, &best)?;
+            best_k = best_k.f_masked_fill(&better, k)?;
+        }
+        Ok((Self::from_range(&min.f_mul(&best_k)?, &max.f_mul(&best_k)?, bits, mode)?, best_k))
     }
 
     /// `clamp(round(x·scale − zero_point))` in float64, per channel along dimension `dim` of `x` when the
@@ -592,6 +629,61 @@ impl QParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The MSE clip search against a brute force written out by hand: every `k` of the grid, Distiller's formulas
+    /// per row, the first minimum.
+    #[test]
+    fn mse_weight_clipping_equals_a_brute_force_search() {
+        // Three rows of 64: small values and one outlier of 3.0, an even spread, small values and one of 0.9.
+        let rows: Vec<Vec<f64>> = (0..3)
+            .map(|r| {
+                (0..64)
+                    .map(|i| match (r, i) {
+                        (0, 63) => 3.0,
+                        (2, 0) => 0.9,
+                        (1, _) => (i as f64 - 31.5) / 60.0,
+                        _ => ((i * 37 % 41) as f64 - 20.0) / 100.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let w = Tensor::from_slice(&rows.concat()).view([3, 64]).to_kind(Kind::Float);
+        let f = |v: f64| v as f32 as f64;
+        for (mode, per_channel) in [(LinearQuantMode::AsymmetricUnsigned, true), (LinearQuantMode::Symmetric, true), (LinearQuantMode::Symmetric, false)] {
+            let (p, k) = QParams::from_weight_mse(&w, 4, mode, per_channel).unwrap();
+            let groups: Vec<Vec<f64>> = if per_channel { rows.iter().map(|r| r.iter().map(|&v| f(v)).collect()).collect() } else { vec![rows.concat().iter().map(|&v| f(v)).collect()] };
+            for (c, g) in groups.iter().enumerate() {
+                let (lo, hi) = g.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+                let (mut best, mut best_k, mut best_scale) = (f64::INFINITY, 0.0, 0.0);
+                for i in 0..MSE_CLIP_GRID {
+                    let kk = (MSE_CLIP_GRID - i) as f64 / MSE_CLIP_GRID as f64;
+                    let (scale, zp, qlo, qhi) = if mode == LinearQuantMode::Symmetric {
+                        let sat = (kk * lo).abs().max((kk * hi).abs());
+                        (7.5 / sat, 0.0, -8.0, 7.0)
+                    } else {
+                        let (l, h) = ((kk * lo).min(0.0), (kk * hi).max(0.0));
+                        let scale = 15.0 / (h - l);
+                        (scale, (scale * l).round_ties_even(), 0.0, 15.0)
+                    };
+                    let mse = g.iter().map(|&v| {
+                        let q = (v * scale - zp).round_ties_even().clamp(qlo, qhi);
+                        (v - (q + zp) / scale).powi(2)
+                    }).sum::<f64>() / g.len() as f64;
+                    if mse < best - 1e-15 {
+                        (best, best_k, best_scale) = (mse, kk, scale);
+                    }
+                }
+                let got_k = if per_channel { k.double_value(&[c as i64]) } else { k.double_value(&[]) };
+                let got_scale = if per_channel { p.scale.double_value(&[c as i64]) } else { p.scale.double_value(&[]) };
+                assert_eq!(got_k, best_k, "{mode:?} per_channel {per_channel} group {c}");
+                assert!((got_scale - best_scale).abs() <= 1e-9 * best_scale, "{got_scale} vs {best_scale}");
+            }
+            // At 4 asymmetric bits the outlier's row is clipped (symmetric, the small values round to 0 either way).
+            if mode == LinearQuantMode::AsymmetricUnsigned {
+                assert!(k.double_value(&[0]) < 1.0, "{k}");
+            }
+        }
+    }
 
     fn v(t: &Tensor) -> Vec<f64> {
         Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()

@@ -193,16 +193,21 @@ pub struct WeightSettings {
     pub clip: ClipMode,
     /// Keep the floating-point weights as the buffer `float_weight` (Distiller's `save_fp_weights`).
     pub save_fp_weights: bool,
+    /// MSE-optimal clipping of the range ([`QParams::from_weight_mse`]), per channel or per tensor; exclusive with
+    /// `clip`.
+    pub mse: bool,
 }
 
 impl WeightSettings {
     /// `bits`-bit `mode` weights over their full range, per channel or per tensor.
     pub fn new(bits: u32, mode: LinearQuantMode, per_channel: bool) -> Self {
-        WeightSettings { bits, mode, per_channel, clip: ClipMode::None, save_fp_weights: false }
+        WeightSettings { bits, mode, per_channel, clip: ClipMode::None, save_fp_weights: false, mse: false }
     }
 
     fn params(&self, w: &Tensor) -> Result<QParams> {
         match self.clip {
+            ClipMode::None if self.mse => Ok(QParams::from_weight_mse(w, self.bits, self.mode, self.per_channel)?.0),
+            _ if self.mse => Err(Error::invalid("clip_weights", "MSE clipping of the weights and also_clip_weights each set the weights' range: choose one")),
             ClipMode::None => QParams::from_weight(w, self.bits, self.mode, self.per_channel),
             _ if self.per_channel => Err(Error::invalid(
                 "also_clip_weights",
@@ -229,6 +234,9 @@ pub struct RangeLinearQuantParamLayer {
     /// Integer weights loaded from an export: when set, the layer computes in exact integer arithmetic
     /// (float64, whose 53-bit mantissa holds every product and sum exactly) instead of float32 simulation.
     exact_weight: Option<Tensor>,
+    /// `fp_bias` was corrected ([`RangeLinearQuantParamLayer::correct_bias`]) and replaces the wrapped layer's own
+    /// bias in weights-only quantization too.
+    bias_corrected: bool,
 }
 
 impl RangeLinearQuantParamLayer {
@@ -253,7 +261,7 @@ impl RangeLinearQuantParamLayer {
         };
         let half_range = acts.as_ref().is_some_and(|a| a.output.half_range);
         match build() {
-            Ok((w_params, fp_bias, fp_weight)) => Ok(RangeLinearQuantParamLayer { wrapped, w_params, weights, fp_bias, fp_weight, acts, half_range, exact_weight: None }),
+            Ok((w_params, fp_bias, fp_weight)) => Ok(RangeLinearQuantParamLayer { wrapped, w_params, weights, fp_bias, fp_weight, acts, half_range, exact_weight: None, bias_corrected: false }),
             Err(e) => Err((wrapped, e)),
         }
     }
@@ -263,6 +271,46 @@ impl RangeLinearQuantParamLayer {
     pub fn with_half_range(mut self, on: bool) -> Self {
         self.half_range = on;
         self
+    }
+
+    /// The shift of the layer's expected output that weight quantization causes, `(W_q − W)·mean` per output
+    /// channel, for `mean` the layer's mean input (per input feature, or per element of a convolution's input
+    /// patch). Needs the floating-point weights (`save_fp_weights`).
+    pub fn weight_shift(&self, mean: &Tensor) -> Result<Tensor> {
+        let fp = self.fp_weight.as_ref().ok_or_else(|| Error::invalid("save_fp_weights", "the floating-point weights were not kept: quantize with save_fp_weights: true"))?;
+        let (own, _) = layer_weight(self.wrapped.as_ref()).ok_or_else(|| Error::invalid("module", "wrapped layer lost its weight"))?;
+        let own = own.f_detach()?.f_to_kind(Kind::Double)?;
+        // With activation quantization the layer holds integers; without, their dequantized values.
+        let w_q = if self.acts.is_some() { self.w_params.dequantize(&own, 0)? } else { own };
+        let out = w_q.size()[0];
+        let error = w_q.f_sub(&fp.f_to_kind(Kind::Double)?)?.f_reshape([out, -1])?;
+        let mean = mean.f_to_kind(Kind::Double)?;
+        if mean.size() != [error.size()[1]] {
+            return Err(Error::Shape(format!("a mean input of shape {:?} for a weight of {} inputs per output", mean.size(), error.size()[1])));
+        }
+        Ok(error.f_matmul(&mean)?)
+    }
+
+    /// Subtracts `shift` (one value per output channel) from the layer's bias, creating one if it had none.
+    pub fn correct_bias(&mut self, shift: &Tensor) -> Result<()> {
+        let (own, _) = layer_weight(self.wrapped.as_ref()).ok_or_else(|| Error::invalid("module", "wrapped layer lost its weight"))?;
+        let (out, kind) = (own.size()[0], own.kind());
+        if shift.size() != [out] {
+            return Err(Error::Shape(format!("a bias correction of shape {:?} for {out} output channels", shift.size())));
+        }
+        let bias = match &self.fp_bias {
+            Some(b) => b.f_to_kind(Kind::Double)?,
+            None => Tensor::f_zeros([out], (Kind::Double, own.device()))?,
+        };
+        self.fp_bias = Some(bias.f_sub(&shift.f_to_kind(Kind::Double)?)?.f_to_kind(kind)?);
+        self.bias_corrected = true;
+        Ok(())
+    }
+
+    /// Drops the kept floating-point weights (`save_fp_weights`), e.g. once bias correction has used them, so they
+    /// are not saved or exported.
+    pub fn discard_float_weight(&mut self) {
+        self.fp_weight = None;
     }
 
     /// Weight scale and zero point.
@@ -319,7 +367,10 @@ impl Module for RangeLinearQuantParamLayer {
     }
     fn forward(&self, x: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         let Some(acts) = &self.acts else {
-            let y = ctx.call("wrapped_module", self.wrapped.as_ref(), x)?;
+            let y = match (&self.fp_bias, self.bias_corrected, layer_weight(self.wrapped.as_ref())) {
+                (Some(b), true, Some((w, _))) => layer_forward(self.wrapped.as_ref(), x, w, Some(b))?,
+                _ => ctx.call("wrapped_module", self.wrapped.as_ref(), x)?,
+            };
             return if self.half_range { Ok(y.f_relu()?) } else { Ok(y) };
         };
         if ctx.is_training() {
@@ -609,6 +660,9 @@ pub struct PostTrainConfig {
     /// [`super::equalization::equalize_cross_layer`], then calibrate), else it is an error. YAML:
     /// `cross_layer_equalization: true` (distill's key).
     pub cross_layer_equalization: bool,
+    /// MSE-optimal weight ranges ([`QParams::from_weight_mse`]; per channel with `per_channel_wts`). YAML:
+    /// `clip_weights: MSE` (distill's key; `NONE` is the default).
+    pub clip_weights_mse: bool,
 }
 
 impl Default for PostTrainConfig {
@@ -633,6 +687,7 @@ impl Default for PostTrainConfig {
             fold_batch_norms: true,
             net_aware: true,
             cross_layer_equalization: false,
+            clip_weights_mse: false,
         }
     }
 }
@@ -742,6 +797,7 @@ impl PostTrainLinearQuantizer {
                 per_channel: s.per_channel_wts,
                 clip: if c.also_clip_weights { s.clip_acts } else { ClipMode::None },
                 save_fp_weights: c.save_fp_weights,
+                mse: c.clip_weights_mse,
             };
             return RangeLinearQuantParamLayer::new(m, weights, acts).map(|l| Box::new(l.with_half_range(s.clip_half_range)) as BoxModule);
         }
@@ -916,6 +972,8 @@ impl PostTrainConfig {
             fold_batch_norms: true,
             net_aware: p.net_aware.unwrap_or(true),
             cross_layer_equalization: p.cross_layer_equalization.unwrap_or(false),
+            // `check` above accepted NONE and MSE only.
+            clip_weights_mse: p.clip_weights.as_deref().is_some_and(|c| c.eq_ignore_ascii_case("MSE")),
         })
     }
 }

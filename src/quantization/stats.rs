@@ -225,27 +225,9 @@ pub fn collect_activation_stats(model: &mut Model, data: &Dataset, batches: usiz
         return Err(Error::invalid("calibration batches", "must be at least 1"));
     }
     let collector = Arc::new(Mutex::new(Collector::default()));
-    let id = model.attach_observer(collector.clone());
-    let was_training = model.is_training();
-    model.eval();
-    let run = |model: &Model| -> Result<()> {
-        tch::no_grad(|| {
-            for batch in data.batches(batch_size, model.device())?.take(batches) {
-                let (x, _) = batch?;
-                let _ = model.forward(&x)?;
-            }
-            Ok(())
-        })
-    };
-    let result = run(model).and_then(|()| {
-        collector.lock().map_err(|_| Error::invalid("calibration", "collector poisoned"))?.second_pass = true;
-        run(model)
-    });
-    model.detach_observer(id);
-    if was_training {
-        model.train();
-    }
-    result?;
+    crate::nn::run_observed(model, collector.clone(), data, batches, batch_size)?;
+    collector.lock().map_err(|_| Error::invalid("calibration", "collector poisoned"))?.second_pass = true;
+    crate::nn::run_observed(model, collector.clone(), data, batches, batch_size)?;
     let c = collector.lock().map_err(|_| Error::invalid("calibration", "collector poisoned"))?;
     if let Some(e) = &c.error {
         return Err(Error::invalid("calibration", e.clone()));

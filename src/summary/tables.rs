@@ -342,21 +342,7 @@ pub fn activation_channel_summary(model: &mut Model, data: &crate::data::Dataset
         }
     }
     let acts = Arc::new(Mutex::new(Acts::default()));
-    let id = model.attach_observer(acts.clone());
-    let was_training = model.is_training();
-    model.eval();
-    let run = tch::no_grad(|| -> Result<()> {
-        for b in data.batches(batch_size, model.device())?.take(batches.max(1)) {
-            let (x, _) = b?;
-            let _ = model.forward(&x)?;
-        }
-        Ok(())
-    });
-    model.detach_observer(id);
-    if was_training {
-        model.train();
-    }
-    run?;
+    crate::nn::run_observed(model, acts.clone(), data, batches.max(1), batch_size)?;
     let a = acts.lock().map_err(|_| Error::Table("activation observer poisoned".into()))?;
     let (mut layer, mut channel, mut sofm, mut l1, mut apoz, mut mean) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     for name in &a.order {

@@ -128,6 +128,10 @@ struct QuantizeArgs {
     /// `cross_layer_equalization: true`).
     #[arg(long)]
     equalize: bool,
+    /// Empirical bias correction (Nagel et al. 2019): each quantized layer's bias absorbs the mean output shift its
+    /// weight quantization causes, measured on the calibration batches (needs --calibrate).
+    #[arg(long)]
+    bias_correction: bool,
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
@@ -773,7 +777,11 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     }
     let fp32 = train::validate(&mut model, test, args.batch_size)?;
     println!("fp32:      top1 {:.2}%  top5 {:.2}%  loss {:.4}", fp32.top1, fp32.top5, fp32.loss);
+    if args.bias_correction && args.calibrate == 0 {
+        return Err(distill::Error::invalid("--bias-correction", "measures each layer's mean input on calibration batches: give --calibrate N"));
+    }
     let mut calibration = serde_json::Value::Null;
+    let mut input_means = None;
     if let Some(calibration_set) = sets.get(1) {
         let batch_size = args.calibration_batch_size.unwrap_or(args.batch_size);
         if calibration_set.is_empty() {
@@ -790,11 +798,30 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         );
         calibration = serde_json::json!({ "split": calibration_split.name(), "batches": batches, "batch_size": batch_size, "samples": samples });
         config.stats = Some(stats);
+        if args.bias_correction {
+            input_means = Some((distill::quantization::bias_correction::InputMeans::collect(&mut model, calibration_set, args.calibrate, batch_size)?, config.save_fp_weights));
+            config.save_fp_weights = true;
+        }
     }
     let fp32_bytes = distill::quantization::export::float_size_bytes(&model);
     let prepared = PostTrainLinearQuantizer::new(config).prepare_model(&mut model)?;
     for (module, reason) in &prepared.kept_float {
         eprintln!("warning: {module} stays in floating point: {reason}");
+    }
+    let mut bias_corrections = serde_json::Value::Null;
+    if let Some((means, keep_float_weights)) = &input_means {
+        let corrected = distill::quantization::bias_correction::correct_biases(&mut model, means)?;
+        if !keep_float_weights {
+            // Kept only for the correction: not part of the quantized model.
+            model.for_each_module_mut(|_, m| {
+                if let Some(layer) = (m as &mut dyn std::any::Any).downcast_mut::<distill::quantization::range_linear::RangeLinearQuantParamLayer>() {
+                    layer.discard_float_weight();
+                }
+            });
+        }
+        let largest = corrected.iter().map(|(_, c)| *c).fold(0.0, f64::max);
+        println!("bias correction: {} layers, largest shift removed {largest:.3e}", corrected.len());
+        bias_corrections = serde_json::json!(corrected.iter().map(|(layer, c)| serde_json::json!({"layer": layer, "largest_shift": c})).collect::<Vec<_>>());
     }
     if !prepared.fused_relus.is_empty() || !prepared.clipped_stats.is_empty() {
         println!(
@@ -820,7 +847,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
     let summary = serde_json::json!({
         "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": config_path,
-        "calibration": calibration, "equalized": equalized, "fp32": fp32, "quantized": quantized, "integer": integer,
+        "calibration": calibration, "equalized": equalized, "bias_correction": bias_corrections, "fp32": fp32, "quantized": quantized, "integer": integer,
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
     let path = args.out.join("summary.json");
