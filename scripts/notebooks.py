@@ -5,11 +5,20 @@
   notebooks.py run [--in-place] [NB ...]  execute notebooks; fail on any error output, any panic and any error
                                           written to stderr; print each notebook's run time
 
+`run` executes DISTILL_NOTEBOOK_JOBS notebooks at a time (default: 2 where the machine has 2 or more cores). A cell
+spends most of its time in rustc and the linker, one process each, so two kernels keep two cores busy where one
+leaves the second idle. Each extra kernel gets its own copy of the prebuilt `.evcxr/` folder (`.evcxr-N/`), since
+two kernels must not build in one folder at once.
+
 `run` writes the executed notebooks to target/notebooks/, so the test suite leaves the committed notebooks alone;
 `--in-place` refreshes the committed outputs instead. Run times go to target/notebooks/times.csv either way.
 """
+import concurrent.futures
+import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 
@@ -23,9 +32,9 @@ KERNEL = "rust-distill"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def execute(nb, cwd):
+def execute(nb, cwd, kernel=KERNEL):
     # allow_errors: run every cell so one report lists every failing cell; problems() then fails the notebook.
-    client = NotebookClient(nb, kernel_name=KERNEL, timeout=1800, allow_errors=True, resources={"metadata": {"path": cwd}})
+    client = NotebookClient(nb, kernel_name=kernel, timeout=1800, allow_errors=True, resources={"metadata": {"path": cwd}})
     client.execute()
     return nb
 
@@ -83,6 +92,63 @@ def prebuild():
     print(f"prebuild: {time.time() - start:.1f} s")
 
 
+def jobs():
+    value = os.environ.get("DISTILL_NOTEBOOK_JOBS")
+    if value is None:
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"DISTILL_NOTEBOOK_JOBS={value!r}: expected a whole number of notebooks to run at once, 1 or more")
+    return int(value)
+
+
+def worker_kernel(worker, workers):
+    """The kernel name runner `worker` of `workers` uses. One runner: the set-up's own kernelspec. Several: a copy of
+    it under target/notebooks/kernels that gives libtorch its share of the cores (OMP_NUM_THREADS; two kernels that
+    each spin two OpenMP threads on two cores run several times slower than one after the other) and, for runner N
+    > 0, the build folder `.evcxr-N/`, a fresh copy of `.evcxr/` (`cp -a` keeps the file times, so cargo sees the
+    prebuilt dependencies as up to date and compiles only the cells)."""
+    if workers == 1:
+        return KERNEL
+    spec_path = None
+    for base in os.environ["JUPYTER_PATH"].split(os.pathsep):
+        candidate = os.path.join(base, "kernels", KERNEL, "kernel.json")
+        if os.path.exists(candidate):
+            spec_path = candidate
+            break
+    if spec_path is None:
+        sys.exit(f"no kernelspec {KERNEL} under JUPYTER_PATH: run scripts/setup-notebooks.sh first")
+    with open(spec_path) as f:
+        spec = json.load(f)
+    if worker > 0:
+        source = spec["env"]["EVCXR_TMPDIR"]
+        folder = f"{source}-{worker}"
+        shutil.rmtree(folder, ignore_errors=True)
+        subprocess.run(["cp", "-a", source, folder], check=True)
+        spec["env"]["EVCXR_TMPDIR"] = folder
+    spec["env"]["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    spec["display_name"] = f"{spec['display_name']} (runner {worker})"
+    name = f"{KERNEL}-{worker}"
+    kernel_dir = os.path.join(ROOT, "target", "notebooks", "kernels", "kernels", name)
+    os.makedirs(kernel_dir, exist_ok=True)
+    with open(os.path.join(kernel_dir, "kernel.json"), "w") as f:
+        json.dump(spec, f, indent=2)
+    return name
+
+
+def run_one(path, out_dir, kernel):
+    """Executes one notebook; returns (name, seconds, problems or None when it ran clean)."""
+    name = os.path.basename(path)
+    nb = nbformat.read(path, as_version=4)
+    start = time.time()
+    try:
+        execute(nb, NOTEBOOKS, kernel)
+    except Exception as e:  # CellExecutionError and kernel failures
+        return name, time.time() - start, [f"{type(e).__name__}: {e}"]
+    bad = problems(nb)
+    nbformat.write(nb, os.path.join(out_dir, name))
+    return name, time.time() - start, bad or None
+
+
 def run(args):
     in_place = "--in-place" in args
     names = [a for a in args if a != "--in-place"]
@@ -91,35 +157,58 @@ def run(args):
     record_dir = os.path.join(ROOT, "target", "notebooks")
     out_dir = NOTEBOOKS if in_place else record_dir
     os.makedirs(record_dir, exist_ok=True)
+    workers = min(jobs(), len(paths))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [os.environ["JUPYTER_PATH"], os.path.join(record_dir, "kernels")])
+    kernels = [worker_kernel(w, workers) for w in range(workers)]
     failed = []
     times = []
     total = time.time()
-    for path in paths:
-        nb = nbformat.read(path, as_version=4)
-        start = time.time()
-        try:
-            execute(nb, NOTEBOOKS)
-        except Exception as e:  # CellExecutionError and kernel failures
-            failed.append(f"{os.path.basename(path)}: {type(e).__name__}")
-            times.append((os.path.basename(path), time.time() - start, "fail"))
-            print(f"FAIL {os.path.basename(path)}\n{e}", flush=True)
-            continue
-        bad = problems(nb)
-        nbformat.write(nb, os.path.join(out_dir, os.path.basename(path)))
-        elapsed = time.time() - start
-        times.append((os.path.basename(path), elapsed, "fail" if bad else "ok"))
-        if bad:
-            failed.append(f"{os.path.basename(path)}:\n" + "\n".join(bad))
-            print(f"FAIL {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)
-        else:
-            print(f"ok {os.path.basename(path)} ({elapsed:.1f} s)", flush=True)
-    print(f"{len(paths) - len(failed)} passed, {len(failed)} failed")
+    # Each notebook runs in a child process with a kernel of its own, started and shut down for it; a runner takes
+    # the next notebook in name order as soon as its build folder is free.
+    free = list(kernels)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = {}
+        queue = list(paths)
+        while queue or pending:
+            while queue and free:
+                kernel = free.pop()
+                path = queue.pop(0)
+                pending[pool.submit(run_subprocess, path, out_dir, kernel)] = kernel
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                free.append(pending.pop(future))
+                name, elapsed, bad = future.result()
+                times.append((name, elapsed, "fail" if bad else "ok"))
+                if bad:
+                    failed.append(f"{name}:\n" + "\n".join(bad))
+                    print(f"FAIL {name} ({elapsed:.1f} s)", flush=True)
+                else:
+                    print(f"ok {name} ({elapsed:.1f} s)", flush=True)
+    print(f"{len(paths) - len(failed)} passed, {len(failed)} failed ({workers} at a time)")
     print(f"notebooks: {time.time() - total:.1f} s in all (executed copies in {os.path.relpath(out_dir, ROOT)})")
     with open(os.path.join(record_dir, "times.csv"), "w") as f:
         f.write("notebook,seconds,result\n")
-        f.writelines(f"{n},{t:.1f},{r}\n" for n, t, r in times)
+        f.writelines(f"{n},{t:.1f},{r}\n" for n, t, r in sorted(times))
     if failed:
         sys.exit("\n".join(failed))
+
+
+def run_subprocess(path, out_dir, kernel):
+    """run_one in a child process: nbclient drives its kernel from an asyncio loop of its own, and a process per
+    notebook keeps two loops from sharing one interpreter."""
+    result = os.path.join(ROOT, "target", "notebooks", f"{os.path.basename(path)}.result.json")
+    if os.path.exists(result):
+        os.remove(result)
+    child = subprocess.run([sys.executable, __file__, "run-one", path, out_dir, kernel, result],
+                           capture_output=True, text=True)
+    if child.returncode != 0 or not os.path.exists(result):
+        detail = (child.stderr or child.stdout).strip()
+        return os.path.basename(path), 0.0, [f"the runner failed (exit {child.returncode}):\n{detail}"]
+    with open(result) as f:
+        name, elapsed, bad = json.load(f)
+    os.remove(result)
+    return name, elapsed, bad
 
 
 if __name__ == "__main__":
@@ -127,5 +216,9 @@ if __name__ == "__main__":
         prebuild()
     elif len(sys.argv) > 1 and sys.argv[1] == "run":
         run(sys.argv[2:])
+    elif len(sys.argv) == 6 and sys.argv[1] == "run-one":
+        outcome = run_one(*sys.argv[2:5])
+        with open(sys.argv[5], "w") as f:
+            json.dump(outcome, f)
     else:
         sys.exit(__doc__)

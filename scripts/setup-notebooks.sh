@@ -5,7 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+jupyter_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --jupyter-only) jupyter_only=1 ;;
+    *) echo "setup-notebooks.sh: unknown option '$arg' (valid: --jupyter-only)" >&2; exit 2 ;;
+  esac
+done
 scripts/setup.sh
+
+# Jupyter first: `--jupyter-only` stops after it, so scripts/test.sh can finish changing .venv before its tests
+# start Python from there, and then build the kernel while they run.
+if ! .venv/bin/python -c "import nbclient, jupyterlab" 2>/dev/null; then
+  echo "setup-notebooks: installing jupyterlab and nbclient into .venv"
+  .venv/bin/python -m pip install --disable-pip-version-check -q jupyterlab nbclient nbformat 2>&1 | grep -v "^torch 2.13.0 requires\|dependency resolver\|dependency conflicts" || true
+fi
+[ "$jupyter_only" = 1 ] && exit 0
 
 rustup component add rust-src >/dev/null 2>&1 || echo "setup-notebooks: could not add rust-src (evcxr's completions need it)" >&2
 if ! cargo install --list 2>/dev/null | grep -q "^evcxr_jupyter v0.22.0:"; then
@@ -14,10 +29,6 @@ if ! cargo install --list 2>/dev/null | grep -q "^evcxr_jupyter v0.22.0:"; then
   # From /, so that the project's .cargo/config.toml (its foldhash patch) does not meet evcxr's own lock file.
   (cd / && cargo install evcxr_jupyter --locked --version 0.22.0 --quiet)
   echo "setup-notebooks: evcxr_jupyter built in $((SECONDS - start)) s"
-fi
-if ! .venv/bin/python -c "import nbclient, jupyterlab" 2>/dev/null; then
-  echo "setup-notebooks: installing jupyterlab and nbclient into .venv"
-  .venv/bin/python -m pip install --disable-pip-version-check -q jupyterlab nbclient nbformat 2>&1 | grep -v "^torch 2.13.0 requires\|dependency resolver\|dependency conflicts" || true
 fi
 
 kernel=.venv/share/jupyter/kernels/rust-distill

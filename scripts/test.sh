@@ -4,7 +4,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/setup-notebooks.sh --jupyter-only
+
+# The notebook kernel's set-up (building evcxr_jupyter, about 10 minutes on 2 cores, then distill inside evcxr's
+# folder, about 6) runs next to the crate's own build and tests. Each of the two leaves a core idle for long
+# stretches (one large crate compiling, a link, a test binary with one test left), so together they finish sooner
+# than one after the other.
+mkdir -p target
+notebook_log=target/setup-notebooks.log
+scripts/setup-notebooks.sh > "$notebook_log" 2>&1 &
+notebook_setup=$!
+trap 'kill $notebook_setup 2>/dev/null || true' EXIT
+
 cargo test --release --all-targets
 cargo test --release --doc
-scripts/setup-notebooks.sh
+
+status=0
+wait $notebook_setup || status=$?
+trap - EXIT
+cat "$notebook_log"
+if [ $status -ne 0 ]; then
+  echo "test: the notebook set-up failed (exit $status); its output is above and in $notebook_log" >&2
+  exit $status
+fi
 .venv/bin/python scripts/notebooks.py run
