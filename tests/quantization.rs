@@ -517,3 +517,59 @@ fn bias_correction_removes_a_layers_mean_output_shift() {
     PostTrainLinearQuantizer::new(PostTrainConfig::default()).prepare_model(&mut model).unwrap();
     assert!(correct_biases(&mut model, &means).unwrap_err().to_string().contains("save_fp_weights: true"));
 }
+
+#[test]
+fn adaround_rounds_each_weight_down_or_up_and_fits_each_layer_better_than_nearest() {
+    use distill::quantization::adaround::AdaRound;
+    let data = distill::data::mnist_bundled().unwrap();
+    tch::manual_seed(3);
+    let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    fit(&mut model, &data, None, &quiet(2)).unwrap();
+    let float = distill::models::copy_model(&model).unwrap();
+    let stats = collect_activation_stats(&mut model, &data.valid, 2, 128).unwrap();
+    let config = PostTrainConfig { bits_parameters: Some(4), per_channel_wts: true, save_fp_weights: true, stats: Some(stats), ..PostTrainConfig::default() };
+    PostTrainLinearQuantizer::new(config).prepare_model(&mut model).unwrap();
+    let nearest = validate(&mut model, &data.test, 500).unwrap().top1;
+    let adaround = AdaRound { samples: 128, iterations: 300, ..AdaRound::default() };
+    let layers = adaround.apply(&mut model, &float, &data.valid).unwrap();
+    let names: Vec<&str> = layers.iter().map(|l| l.layer.as_str()).collect();
+    assert_eq!(names, ["conv1", "conv2", "fc1", "fc2", "fc3"], "every quantized layer, in forward order");
+    for l in &layers {
+        let layer = (model.module(&l.layer).unwrap() as &dyn std::any::Any).downcast_ref::<RangeLinearQuantParamLayer>().unwrap();
+        let p = layer.weight_params();
+        let scaled = p.scaled(layer.float_weight().unwrap(), 0).unwrap();
+        let q = layer.integer_weight().unwrap().to_kind(Kind::Double);
+        // Down or up from the scaled float weight, never further (the range's clamp aside).
+        let floor = scaled.floor().clamp(p.range.0, p.range.1);
+        let ceil = (scaled.floor() + 1.0).clamp(p.range.0, p.range.1);
+        let either = q.eq_tensor(&floor).logical_or(&q.eq_tensor(&ceil));
+        assert!(bool::try_from(either.all()).unwrap(), "{}: a weight rounded neither down nor up", l.layer);
+        let flips = q.ne_tensor(&p.quantize(layer.float_weight().unwrap(), 0).unwrap()).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(flips, l.flipped, "{}", l.layer);
+        println!("{}: {} of {} weights flipped; output MSE {:.4e} nearest, {:.4e} AdaRound", l.layer, l.flipped, l.weights, l.mse_nearest, l.mse_adaround);
+        assert!(l.mse_adaround < l.mse_nearest, "{}: AdaRound's reconstruction {} is not below nearest rounding's {}", l.layer, l.mse_adaround, l.mse_nearest);
+    }
+    let ada = validate(&mut model, &data.test, 500).unwrap().top1;
+    println!("W4A8 per channel, 2-epoch LeNet: top-1 {nearest:.1}% nearest, {ada:.1}% AdaRound");
+
+    // Bad input: too few samples, more samples than the data holds, bad settings, a float model that is not the
+    // one quantized, a model without float weights, a float model.
+    let few = AdaRound { samples: 8, ..AdaRound::default() }.apply(&mut model, &float, &data.valid).unwrap_err().to_string();
+    assert!(few.contains("fewer than one step's batch"), "{few}");
+    let many = AdaRound { samples: 100_000, ..AdaRound::default() }.apply(&mut model, &float, &data.valid).unwrap_err().to_string();
+    assert!(many.contains("the data set holds"), "{many}");
+    let beta = AdaRound { beta: (2.0, 20.0), ..AdaRound::default() }.apply(&mut model, &float, &data.valid).unwrap_err().to_string();
+    assert!(beta.contains("β anneals"), "{beta}");
+    let before: Vec<(String, Tensor)> = model.state_dict().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let other = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    let mismatch = adaround.apply(&mut model, &other, &data.valid).unwrap_err().to_string();
+    assert!(mismatch.contains("differ from those the layer was quantized from"), "{mismatch}");
+    for (name, t) in model.state_dict() {
+        assert!(t.equal(&before.iter().find(|(n, _)| *n == name).unwrap().1), "{name} changed by a failed AdaRound");
+    }
+    let mut no_fp = distill::models::copy_model(&float).unwrap();
+    PostTrainLinearQuantizer::new(PostTrainConfig::default()).prepare_model(&mut no_fp).unwrap();
+    assert!(adaround.apply(&mut no_fp, &float, &data.valid).unwrap_err().to_string().contains("save_fp_weights: true"));
+    let mut plain = distill::models::copy_model(&float).unwrap();
+    assert!(adaround.apply(&mut plain, &float, &data.valid).unwrap_err().to_string().contains("quantize it first"));
+}

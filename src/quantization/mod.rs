@@ -3,6 +3,7 @@ pub mod q_utils;
 pub mod quantizer;
 pub mod range_linear;
 pub mod stats;
+pub mod adaround;
 pub mod bias_correction;
 pub mod bn_fold;
 pub mod equalization;

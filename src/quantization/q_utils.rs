@@ -595,6 +595,12 @@ impl QParams {
     /// and `n` has at most 29 bits), so a value exactly half-way between two levels rounds to even as in exact
     /// arithmetic: a symmetric range's most negative value lands on −2^(b−1), never one level above.
     pub fn quantize(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        Ok(self.scaled(x, dim)?.f_round()?.f_clamp(self.range.0, self.range.1)?)
+    }
+
+    /// `x·scale − zero_point` in float64 before rounding and clamping (what [`QParams::quantize`] rounds; AdaRound
+    /// decides the rounding itself).
+    pub fn scaled(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
         let rank = x.dim();
         let x = x.f_to_kind(Kind::Double)?;
         let scaled = match &self.span {
@@ -602,7 +608,7 @@ impl QParams {
             None => x.f_mul(&along(&self.scale, dim, rank)?.f_to_kind(Kind::Double)?)?,
         };
         let zp = along(&self.zero_point, dim, rank)?;
-        Ok(scaled.f_sub(&zp)?.f_round()?.f_clamp(self.range.0, self.range.1)?)
+        Ok(scaled.f_sub(&zp)?)
     }
 
     /// `(q + zero_point) / scale` in float64, per channel along dimension `dim` of `q`.

@@ -169,7 +169,7 @@ fn layer_weight(m: &dyn Module) -> Option<(&Tensor, Option<&Tensor>)> {
 }
 
 /// Runs the wrapped Conv2d or Linear with other weights and bias.
-fn layer_forward(m: &dyn Module, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn layer_forward(m: &dyn Module, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let any = m as &dyn Any;
     if let Some(c) = any.downcast_ref::<Conv2d>() {
         let k = &c.config;
@@ -250,8 +250,10 @@ impl RangeLinearQuantParamLayer {
             }
         };
         let build = || -> Result<(QParams, Option<Tensor>, Option<Tensor>)> {
-            let fp_bias = b.as_ref().map(|b| b.f_detach_copy()).transpose()?;
-            let fp_weight = if weights.save_fp_weights { Some(w.f_detach_copy()?) } else { None };
+            // Under no_grad: libtorch gives detach_copy of a tensor that requires grad a grad_fn that fails any
+            // backward pass through it (AdaRound differentiates through the kept float weights' rounding).
+            let fp_bias = tch::no_grad(|| b.as_ref().map(|b| b.f_detach_copy()).transpose())?;
+            let fp_weight = if weights.save_fp_weights { Some(tch::no_grad(|| w.f_detach_copy())?) } else { None };
             let p = weights.params(&w)?;
             let q = p.quantize(&w.f_detach()?, 0)?;
             // Without activation quantization the weights are dequantized back: weights-only fake quantization.
@@ -304,6 +306,26 @@ impl RangeLinearQuantParamLayer {
         };
         self.fp_bias = Some(bias.f_sub(&shift.f_to_kind(Kind::Double)?)?.f_to_kind(kind)?);
         self.bias_corrected = true;
+        Ok(())
+    }
+
+    /// Replaces the integer weights (as [`RangeLinearQuantParamLayer::integer_weight`] gives them, without the zero
+    /// point) with `q`, e.g. AdaRound's rounding of the same float weights. Each value must be an integer in the
+    /// weights' range.
+    pub fn set_integer_weight(&mut self, q: &Tensor) -> Result<()> {
+        let (own, _) = layer_weight(self.wrapped.as_ref()).ok_or_else(|| Error::invalid("module", "wrapped layer lost its weight"))?;
+        if q.size() != own.size() {
+            return Err(Error::Shape(format!("integer weight {:?} does not fit the layer's {:?}", q.size(), own.size())));
+        }
+        let q = q.f_to_kind(Kind::Double)?;
+        let (lo, hi) = self.w_params.range;
+        let off_grid = q.f_sub(&q.f_round()?)?.f_abs()?.f_max()?.f_double_value(&[])?;
+        let (min, max) = (q.f_min()?.f_double_value(&[])?, q.f_max()?.f_double_value(&[])?);
+        if !(off_grid == 0.0 && min >= lo && max <= hi) {
+            return Err(Error::invalid("integer weight", format!("values must be integers in [{lo}, {hi}]; these span [{min}, {max}] and lie up to {off_grid} off the grid")));
+        }
+        let stored = if self.acts.is_none() { self.w_params.dequantize(&q, 0)? } else { q };
+        tch::no_grad(|| own.shallow_clone().f_copy_(&stored))?;
         Ok(())
     }
 

@@ -132,6 +132,13 @@ struct QuantizeArgs {
     /// weight quantization causes, measured on the calibration batches (needs --calibrate).
     #[arg(long)]
     bias_correction: bool,
+    /// AdaRound (Nagel et al. 2020): learn, layer by layer on the calibration samples, whether each weight rounds
+    /// down or up (needs --calibrate; not combined with --bias-correction).
+    #[arg(long)]
+    adaround: bool,
+    /// Adam steps per layer for --adaround.
+    #[arg(long, default_value_t = 2000)]
+    adaround_iterations: usize,
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
@@ -780,8 +787,15 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     if args.bias_correction && args.calibrate == 0 {
         return Err(distill::Error::invalid("--bias-correction", "measures each layer's mean input on calibration batches: give --calibrate N"));
     }
+    if args.adaround && args.calibrate == 0 {
+        return Err(distill::Error::invalid("--adaround", "fits each layer's rounding on calibration samples: give --calibrate N"));
+    }
+    if args.adaround && args.bias_correction {
+        return Err(distill::Error::invalid("--adaround", "AdaRound and bias correction are not combined (AIMET's guidance): AdaRound's objective already removes the mean output shift; choose one"));
+    }
     let mut calibration = serde_json::Value::Null;
     let mut input_means = None;
+    let mut adaround = None;
     if let Some(calibration_set) = sets.get(1) {
         let batch_size = args.calibration_batch_size.unwrap_or(args.batch_size);
         if calibration_set.is_empty() {
@@ -798,6 +812,13 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         );
         calibration = serde_json::json!({ "split": calibration_split.name(), "batches": batches, "batch_size": batch_size, "samples": samples });
         config.stats = Some(stats);
+        if args.adaround {
+            // The float model as prepare_model receives it: the targets of every layer's rounding.
+            let float = distill::models::copy_model(&model)?;
+            let settings = distill::quantization::adaround::AdaRound { samples, iterations: args.adaround_iterations, batch_size: 32.min(samples), ..Default::default() };
+            adaround = Some((float, settings, calibration_set, config.save_fp_weights));
+            config.save_fp_weights = true;
+        }
         if args.bias_correction {
             input_means = Some((distill::quantization::bias_correction::InputMeans::collect(&mut model, calibration_set, args.calibrate, batch_size)?, config.save_fp_weights));
             config.save_fp_weights = true;
@@ -812,16 +833,26 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     if let Some((means, keep_float_weights)) = &input_means {
         let corrected = distill::quantization::bias_correction::correct_biases(&mut model, means)?;
         if !keep_float_weights {
-            // Kept only for the correction: not part of the quantized model.
-            model.for_each_module_mut(|_, m| {
-                if let Some(layer) = (m as &mut dyn std::any::Any).downcast_mut::<distill::quantization::range_linear::RangeLinearQuantParamLayer>() {
-                    layer.discard_float_weight();
-                }
-            });
+            discard_float_weights(&mut model);
         }
         let largest = corrected.iter().map(|(_, c)| *c).fold(0.0, f64::max);
         println!("bias correction: {} layers, largest shift removed {largest:.3e}", corrected.len());
         bias_corrections = serde_json::json!(corrected.iter().map(|(layer, c)| serde_json::json!({"layer": layer, "largest_shift": c})).collect::<Vec<_>>());
+    }
+    let mut adaround_layers = serde_json::Value::Null;
+    if let Some((float, settings, calibration_set, keep_float_weights)) = &adaround {
+        let started = std::time::Instant::now();
+        let layers = settings.apply(&mut model, float, calibration_set)?;
+        if !keep_float_weights {
+            discard_float_weights(&mut model);
+        }
+        for l in &layers {
+            println!("adaround {}: {} of {} weights round the other way; output MSE {:.3e} → {:.3e}", l.layer, l.flipped, l.weights, l.mse_nearest, l.mse_adaround);
+        }
+        println!("adaround: {} layers in {:.1} s ({} iterations each, {} samples)", layers.len(), started.elapsed().as_secs_f64(), settings.iterations, settings.samples);
+        adaround_layers = serde_json::json!(layers.iter().map(|l| serde_json::json!({
+            "layer": l.layer, "weights": l.weights, "flipped": l.flipped, "mse_nearest": l.mse_nearest, "mse_adaround": l.mse_adaround,
+        })).collect::<Vec<_>>());
     }
     if !prepared.fused_relus.is_empty() || !prepared.clipped_stats.is_empty() {
         println!(
@@ -847,13 +878,23 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
     let summary = serde_json::json!({
         "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": config_path,
-        "calibration": calibration, "equalized": equalized, "bias_correction": bias_corrections, "fp32": fp32, "quantized": quantized, "integer": integer,
+        "calibration": calibration, "equalized": equalized, "bias_correction": bias_corrections, "adaround": adaround_layers, "fp32": fp32, "quantized": quantized, "integer": integer,
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
     let path = args.out.join("summary.json");
     distill::io::write_atomic(&path, (serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n").as_bytes())?;
     println!("results in {}", args.out.display());
     Ok(())
+}
+
+/// Drops the float weights a quantized layer kept only for bias correction or AdaRound: they are not part of the
+/// quantized model.
+fn discard_float_weights(model: &mut distill::nn::Model) {
+    model.for_each_module_mut(|_, m| {
+        if let Some(layer) = (m as &mut dyn std::any::Any).downcast_mut::<distill::quantization::range_linear::RangeLinearQuantParamLayer>() {
+            layer.discard_float_weight();
+        }
+    });
 }
 
 /// Writes the run's summaries and charts next to its logs; returns the file names.
