@@ -55,6 +55,7 @@ if ! .venv/bin/python -c "import tensorboard" 2>/dev/null; then
   .venv/bin/python -m pip install --disable-pip-version-check -q "tensorboard==2.21.0" 2>&1 | grep -v "^torch 2.13.0 requires\|dependency resolver\|dependency conflicts" || true
 fi
 
-ln -sfn "$site/torch" .libtorch
+# Only when it changes: scripts/test.sh runs this again in the background while cargo reads through the link.
+[ "$(readlink .libtorch 2>/dev/null)" = "$site/torch" ] || ln -sfn "$site/torch" .libtorch
 [ -f .libtorch/lib/libtorch_cpu.so ] || { echo "setup.sh: $site/torch/lib/libtorch_cpu.so missing; remove .venv and rerun" >&2; exit 1; }
 echo "setup: libtorch $TORCH_VERSION at $site/torch"
