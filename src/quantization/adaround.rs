@@ -42,7 +42,7 @@ use tch::{Kind, Tensor};
 
 use super::range_linear::RangeLinearQuantParamLayer;
 use crate::data::{Dataset, SplitMix64};
-use crate::nn::{Conv2d, Linear, Model, ModuleCall, Observer};
+use crate::nn::{Model, ModuleCall, Observer};
 use crate::{Error, Result};
 
 /// The rectified sigmoid's stretch: `h` reaches 0 and 1 at finite `V`, so the regularizer can settle each weight.
@@ -168,10 +168,7 @@ impl AdaRound {
                 Ok(r) => done.push(r),
                 Err(e) => {
                     for (name, w) in layers.iter().zip(&before).take(i) {
-                        let m = quantized.module_mut(name)?;
-                        if let Some(l) = (m as &mut dyn Any).downcast_mut::<RangeLinearQuantParamLayer>() {
-                            l.set_integer_weight(w)?;
-                        }
+                        quantized_layer_mut(quantized, name)?.set_integer_weight(w)?;
                     }
                     return Err(e);
                 }
@@ -276,11 +273,8 @@ fn quantized_layer_mut<'a>(model: &'a mut Model, name: &str) -> Result<&'a mut R
 fn check_reference(reference: &Model, name: &str, layer: &RangeLinearQuantParamLayer) -> Result<()> {
     let fp = layer.float_weight().ok_or_else(|| Error::invalid("save_fp_weights", format!("{name} did not keep its float weights: quantize with save_fp_weights: true")))?;
     let module = reference.module(name).map_err(|_| Error::invalid("AdaRound", format!("the float model has no layer {name}: pass the model exactly as it was given to prepare_model")))?;
-    let any = module as &dyn Any;
-    let w = match (any.downcast_ref::<Conv2d>(), any.downcast_ref::<Linear>()) {
-        (Some(c), _) => &c.weight,
-        (_, Some(l)) => &l.weight,
-        _ => return Err(Error::invalid("AdaRound", format!("{name} of the float model is a {}, not a Conv2d or Linear", module.type_name()))),
+    let Some((w, _)) = super::range_linear::layer_weight(module) else {
+        return Err(Error::invalid("AdaRound", format!("{name} of the float model is a {}, not a Conv2d or Linear", module.type_name())));
     };
     if w.size() != fp.size() {
         return Err(Error::Shape(format!("{name}: the float model's weight {:?} against the quantized layer's {:?}: pass the model exactly as it was given to prepare_model", w.size(), fp.size())));

@@ -159,7 +159,7 @@ fn quant_dequant(x: &Tensor, p: &QParams) -> Result<Tensor> {
     Ok(p.dequantize(&p.quantize(x, 0)?, 0)?.f_to_kind(x.kind())?)
 }
 
-fn layer_weight(m: &dyn Module) -> Option<(&Tensor, Option<&Tensor>)> {
+pub(crate) fn layer_weight(m: &dyn Module) -> Option<(&Tensor, Option<&Tensor>)> {
     let any = m as &dyn Any;
     if let Some(c) = any.downcast_ref::<Conv2d>() {
         Some((&c.weight, c.bias.as_ref()))
