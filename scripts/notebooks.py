@@ -8,14 +8,16 @@
 `run` executes DISTILL_NOTEBOOK_JOBS notebooks at a time (default: 2 where the machine has 2 or more cores). A cell
 spends most of its time in rustc and the linker, one process each, so two kernels keep two cores busy where one
 leaves the second idle. Each extra kernel gets its own copy of the prebuilt `.evcxr/` folder (`.evcxr-N/`), since
-two kernels must not build in one folder at once.
+two kernels must not build in one folder at once. A kernel is started once per runner and cleared (evcxr's `:clear`,
+a new evaluation context and child process) between notebooks; see worker().
 
 `run` writes the executed notebooks to target/notebooks/, so the test suite leaves the committed notebooks alone;
 `--in-place` refreshes the committed outputs instead. Run times go to target/notebooks/times.csv either way.
 """
-import concurrent.futures
 import json
+import multiprocessing
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -29,6 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 os.environ.setdefault("JUPYTER_PATH", os.path.join(ROOT, ".venv", "share", "jupyter"))
 KERNEL = "rust-distill"
+# Every notebook's first code cell, and the pre-build's: one set of features, so that evcxr builds polars and distill
+# once for all of them (another feature set is another build of polars, minutes long).
+DEP_LINE = ':dep distill = { path = "..", features = ["lazy"] }'
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -47,8 +52,11 @@ MAX_LINE = 100
 
 def style(nb):
     """What a reader should not see in a notebook: code lines over MAX_LINE characters and debug-formatted cell
-    values."""
+    values; and a first cell other than DEP_LINE."""
     found = []
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    if code and code[0].source.strip() != DEP_LINE:
+        found.append(f"the first code cell is {code[0].source.strip()[:80]!r}, not {DEP_LINE!r} (the pre-built one)")
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
@@ -83,7 +91,7 @@ def problems(nb):
 
 def prebuild():
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(":dep distill = { path = \"..\" }"), nbformat.v4.new_code_cell("use distill::prelude::*;\ndistill::models::architectures(None).len()")]
+    nb.cells = [nbformat.v4.new_code_cell(DEP_LINE), nbformat.v4.new_code_cell("use distill::prelude::*;\ndistill::models::architectures(None).len()")]
     start = time.time()
     # The first cell compiles distill and its dependencies (6 minutes on an idle 2-core machine). scripts/test.sh
     # runs it beside the crate's own tests, and a busy machine once took over 30 minutes: an hour before giving up.
@@ -137,18 +145,57 @@ def worker_kernel(worker, workers):
     return name
 
 
-def run_one(path, out_dir, kernel):
-    """Executes one notebook; returns (name, seconds, problems or None when it ran clean)."""
+def run_notebook(path, out_dir, client):
+    """Executes one notebook with `client`, whose kernel stays up for the next one; returns (name, seconds, problems
+    or None when it ran clean, whether the kernel is still usable)."""
     name = os.path.basename(path)
     nb = nbformat.read(path, as_version=4)
     start = time.time()
     try:
-        execute(nb, NOTEBOOKS, kernel)
-    except Exception as e:  # CellExecutionError and kernel failures
-        return name, time.time() - start, [f"{type(e).__name__}: {e}"]
+        if client.kc is not None:
+            client.execute_cell(nbformat.v4.new_code_cell(":clear"), 0, store_history=False)
+        client.nb = nb
+        client.execute(cleanup_kc=False)
+    except Exception as e:  # a dead kernel or a cell timeout (cell errors are outputs: allow_errors)
+        return name, time.time() - start, [f"{type(e).__name__}: {e}"], False
+    # A result's number is the kernel's count, which goes on across notebooks; the cell's is nbclient's, from 1.
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "execute_result":
+                out["execution_count"] = cell.get("execution_count")
     bad = problems(nb)
     nbformat.write(nb, os.path.join(out_dir, name))
-    return name, time.time() - start, bad or None
+    return name, time.time() - start, bad or None, True
+
+
+def worker(kernel, tasks, results, out_dir):
+    """One runner: a kernel started once, and the notebooks it takes from `tasks` executed on it one after the other.
+    Before each notebook but the first, evcxr's `:clear` gives it a new evaluation context: no variables, items,
+    `use`s or dependencies, and a new child process, so libtorch and every static start afresh. What `:clear` keeps
+    is evcxr's rust-analyzer, which has already loaded distill and its dependencies: a fresh kernel spent about 40 s
+    of each notebook there (starting, then the `:dep` cell and the first `let`), a cleared one 9 s."""
+    client = None
+    while True:
+        path = tasks.get()
+        if path is None:
+            break
+        if client is None:
+            client = NotebookClient(nbformat.v4.new_notebook(), kernel_name=kernel, timeout=1800, allow_errors=True,
+                                    resources={"metadata": {"path": NOTEBOOKS}})
+        name, elapsed, bad, usable = run_notebook(path, out_dir, client)
+        if not usable:
+            shutdown(client)
+            client = None
+        results.put((name, elapsed, bad))
+    if client is not None:
+        shutdown(client)
+
+
+def shutdown(client):
+    try:
+        client._cleanup_kernel()
+    except Exception:
+        pass
 
 
 def run(args):
@@ -166,27 +213,39 @@ def run(args):
     failed = []
     times = []
     total = time.time()
-    # Each notebook runs in a child process with a kernel of its own, started and shut down for it; a runner takes
-    # the next notebook in name order as soon as its build folder is free.
-    free = list(kernels)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = {}
-        queue = list(paths)
-        while queue or pending:
-            while queue and free:
-                kernel = free.pop()
-                path = queue.pop(0)
-                pending[pool.submit(run_subprocess, path, out_dir, kernel)] = kernel
-            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                free.append(pending.pop(future))
-                name, elapsed, bad = future.result()
-                times.append((name, elapsed, "fail" if bad else "ok"))
-                if bad:
-                    failed.append(f"{name}:\n" + "\n".join(bad))
-                    print(f"FAIL {name} ({elapsed:.1f} s)", flush=True)
-                else:
-                    print(f"ok {name} ({elapsed:.1f} s)", flush=True)
+    # Runners are processes of their own (nbclient drives a kernel from an asyncio loop, one per interpreter); each
+    # takes the next notebook in name order as soon as it is free.
+    context = multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    for path in paths:
+        tasks.put(path)
+    for _ in kernels:
+        tasks.put(None)
+    runners = [context.Process(target=worker, args=(kernel, tasks, results, out_dir)) for kernel in kernels]
+    for runner in runners:
+        runner.start()
+    done = set()
+    while len(done) < len(paths):
+        try:
+            name, elapsed, bad = results.get(timeout=10)
+        except queue.Empty:
+            if any(runner.is_alive() for runner in runners):
+                continue
+            break
+        done.add(name)
+        times.append((name, elapsed, "fail" if bad else "ok"))
+        if bad:
+            failed.append(f"{name}:\n" + "\n".join(bad))
+            print(f"FAIL {name} ({elapsed:.1f} s)", flush=True)
+        else:
+            print(f"ok {name} ({elapsed:.1f} s)", flush=True)
+    for runner in runners:
+        runner.join(timeout=60)
+    for path in paths:
+        name = os.path.basename(path)
+        if name not in done:
+            failed.append(f"{name}: not run (its runner process died)")
+            times.append((name, 0.0, "fail"))
     print(f"{len(paths) - len(failed)} passed, {len(failed)} failed ({workers} at a time)")
     print(f"notebooks: {time.time() - total:.1f} s in all (executed copies in {os.path.relpath(out_dir, ROOT)})")
     with open(os.path.join(record_dir, "times.csv"), "w") as f:
@@ -196,31 +255,10 @@ def run(args):
         sys.exit("\n".join(failed))
 
 
-def run_subprocess(path, out_dir, kernel):
-    """run_one in a child process: nbclient drives its kernel from an asyncio loop of its own, and a process per
-    notebook keeps two loops from sharing one interpreter."""
-    result = os.path.join(ROOT, "target", "notebooks", f"{os.path.basename(path)}.result.json")
-    if os.path.exists(result):
-        os.remove(result)
-    child = subprocess.run([sys.executable, __file__, "run-one", path, out_dir, kernel, result],
-                           capture_output=True, text=True)
-    if child.returncode != 0 or not os.path.exists(result):
-        detail = (child.stderr or child.stdout).strip()
-        return os.path.basename(path), 0.0, [f"the runner failed (exit {child.returncode}):\n{detail}"]
-    with open(result) as f:
-        name, elapsed, bad = json.load(f)
-    os.remove(result)
-    return name, elapsed, bad
-
-
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "prebuild":
         prebuild()
     elif len(sys.argv) > 1 and sys.argv[1] == "run":
         run(sys.argv[2:])
-    elif len(sys.argv) == 6 and sys.argv[1] == "run-one":
-        outcome = run_one(*sys.argv[2:5])
-        with open(sys.argv[5], "w") as f:
-            json.dump(outcome, f)
     else:
         sys.exit(__doc__)

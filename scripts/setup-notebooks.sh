@@ -51,7 +51,7 @@ JSON
 echo "setup-notebooks: kernelspec $kernel (open notebooks/ with: .venv/bin/jupyter lab --notebook-dir notebooks)"
 
 # Build distill once inside evcxr's folder: the first `:dep distill` of a notebook then only relinks.
-if [ ! -f .evcxr/.distill-prebuilt ] || [ -n "$(find src Cargo.toml vendor .cargo/config.toml -newer .evcxr/.distill-prebuilt 2>/dev/null | head -1)" ]; then
+if [ ! -f .evcxr/.distill-prebuilt ] || [ -n "$(find src Cargo.toml vendor .cargo/config.toml scripts/notebooks.py -newer .evcxr/.distill-prebuilt 2>/dev/null | head -1)" ]; then
   echo "setup-notebooks: pre-building distill for the kernel (several minutes the first time)"
   .venv/bin/python scripts/notebooks.py prebuild
   touch .evcxr/.distill-prebuilt
