@@ -6,7 +6,7 @@ use distill::config::Schedule;
 use distill::data::DataSplits;
 use distill::models::create_model;
 use distill::nn::{Forward, Linear, Module};
-use distill::quantization::q_utils::{LinearQuantMode, RangeStats};
+use distill::quantization::q_utils::{ClipMode, LinearQuantMode, RangeStats};
 use distill::quantization::quantizer::ModeSpec;
 use distill::quantization::range_linear::{ActQuant, ActSettings, PostTrainConfig, PostTrainLinearQuantizer, RangeLinearQuantParamLayer, WeightSettings};
 use distill::quantization::stats::{collect_activation_stats, ActivationStats, ModuleStats, TensorStats};
@@ -68,7 +68,7 @@ fn ptq8_keeps_accuracy_and_sparsity_and_the_integer_export_agrees() {
 }
 
 fn stats(min: f64, max: f64) -> TensorStats {
-    TensorStats { range: RangeStats { min, max, avg_min: min, avg_max: max, mean: 0.0, std: 0.0, b: 0.0 }, shape: None, total_numel: None }
+    TensorStats { range: RangeStats { min, max, avg_min: min, avg_max: max, mean: 0.0, std: 0.0, b: 0.0 }, shape: None, total_numel: None, histogram: None }
 }
 
 #[test]
@@ -572,4 +572,40 @@ fn adaround_rounds_each_weight_down_or_up_and_fits_each_layer_better_than_neares
     assert!(adaround.apply(&mut no_fp, &float, &data.valid).unwrap_err().to_string().contains("save_fp_weights: true"));
     let mut plain = distill::models::copy_model(&float).unwrap();
     assert!(adaround.apply(&mut plain, &float, &data.valid).unwrap_err().to_string().contains("quantize it first"));
+}
+
+/// MSE activation ranges (`clip_acts: MSE`) against min/max at 4-bit activations on a trained LeNet, from
+/// statistics written to YAML and read back (the histograms travel with them).
+#[test]
+fn mse_activation_ranges_hold_4_bit_activations_better_than_min_max() {
+    let data = distill::data::mnist_bundled().unwrap();
+    let mut trained = pruned_lenet(&data);
+    let fp32 = validate(&mut trained, &data.test, 256).unwrap().top1;
+    let stats = collect_activation_stats(&mut trained, &data.valid, 4, 128).unwrap();
+    let dir = distill::io::TempDir::new().unwrap();
+    stats.to_yaml_file(dir.path().join("stats.yaml")).unwrap();
+    let stats = ActivationStats::from_yaml_file(dir.path().join("stats.yaml")).unwrap();
+    let fc1 = &stats.get("fc1").unwrap().output;
+    let h = fc1.histogram.as_ref().expect("a histogram per tensor");
+    assert_eq!(h.zeros + h.counts.iter().sum::<u64>(), fc1.total_numel.unwrap());
+    assert_eq!((h.lo, h.hi), (fc1.range.min, fc1.range.max));
+    let top1 = |clip: ClipMode| {
+        let mut model = distill::models::copy_model(&trained).unwrap();
+        let config = PostTrainConfig { bits_activations: Some(4), bits_parameters: Some(8), clip_acts: clip, stats: Some(stats.clone()), ..PostTrainConfig::default() };
+        PostTrainLinearQuantizer::new(config).prepare_model(&mut model).unwrap();
+        validate(&mut model, &data.test, 256).unwrap().top1
+    };
+    let (none, avg, mse) = (top1(ClipMode::None), top1(ClipMode::Avg), top1(ClipMode::Mse));
+    eprintln!("fp32 {fp32:.2}  A4 min/max {none:.2}  AVG {avg:.2}  MSE {mse:.2}");
+    assert!(mse > none, "{mse} vs {none}");
+    // Statistics without histograms (Distiller's files) cannot give MSE ranges, and say so.
+    let mut bare = stats.clone();
+    for (_, m) in &mut bare.modules {
+        m.output.histogram = None;
+        m.inputs.values_mut().for_each(|t| t.histogram = None);
+    }
+    let mut model = distill::models::copy_model(&trained).unwrap();
+    let config = PostTrainConfig { bits_activations: Some(4), clip_acts: ClipMode::Mse, stats: Some(bare), ..PostTrainConfig::default() };
+    let err = PostTrainLinearQuantizer::new(config).prepare_model(&mut model).and_then(|_| validate(&mut model, &data.test, 256).map(|_| ())).unwrap_err().to_string();
+    assert!(err.contains("MSE clipping needs the activations' histograms"), "{err}");
 }

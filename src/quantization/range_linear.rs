@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::q_utils::{approx_scale_as_mult_and_shift, quantized_range, ClipMode, LinearQuantMode, QParams, RangeStats};
+use super::q_utils::{approx_scale_as_mult_and_shift, quantized_range, ClipMode, Histogram, LinearQuantMode, QParams, RangeStats};
 use super::quantizer::{resolve_settings, InputOverride, ModeSpec, ModuleQuantSettings, Overrides, QBits, QuantDefaults, ReplaceFactory, Replaced, POST_TRAIN_OVERRIDE_KEYS};
-use super::stats::{ActivationStats, ModuleStats};
+use super::stats::{ActivationStats, ModuleStats, TensorStats};
 use crate::nn::{BoxModule, Conv2d, Forward, Linear, Model, Module, Rollback};
 use crate::{Error, Result};
 
@@ -80,8 +80,18 @@ impl ActQuant {
         ActQuant { output, stats, input_overrides: BTreeMap::new(), inputs_auto_fallback: true, accum_bits: 32, scale_approx_mult_bits: None }
     }
 
-    fn params(&self, s: &ActSettings, stats: &RangeStats) -> Result<QParams> {
-        let p = QParams::from_stats(stats, s.bits, s.mode, s.clip, s.half_range)?;
+    /// The parameters of a tensor with settings `s` and calibration statistics `stats`.
+    fn params(&self, s: &ActSettings, stats: &TensorStats) -> Result<QParams> {
+        let p = match (s.clip, &stats.histogram) {
+            (ClipMode::Mse, Some(h)) => QParams::from_histogram_mse(h, (stats.range.min, stats.range.max), s.bits, s.mode)?.0,
+            (ClipMode::Mse, None) => {
+                return Err(Error::invalid(
+                    "clip_acts",
+                    "MSE clipping needs the activations' histograms, which these statistics lack (Distiller's files have none): collect them with distill (`distill quantize --calibrate N`, or `collect_activation_stats`)",
+                ))
+            }
+            _ => QParams::from_stats(&stats.range, s.bits, s.mode, s.clip, s.half_range)?,
+        };
         match self.scale_approx_mult_bits {
             Some(m) => p.approximated(m),
             None => Ok(p),
@@ -91,12 +101,18 @@ impl ActQuant {
     /// Distiller's `_get_input_quant_metadata`: the parameters input `idx` was quantized with by the module that
     /// produced it, else its override, else (with the fallback) the output's settings without the half range.
     fn input_params(&self, idx: usize, x: &Tensor, ctx: &Forward) -> Result<QParams> {
-        self.input_params_from(idx, ctx.annotation::<QParams>(x), || RangeStats::of(x))
+        self.input_params_from(idx, ctx.annotation::<QParams>(x), || Ok(x.shallow_clone()))
+    }
+
+    /// The statistics of a batch's tensor `x`, for dynamic ranges (its histogram only when MSE clipping reads it).
+    fn dynamic_stats(s: &ActSettings, x: &Tensor) -> Result<TensorStats> {
+        let histogram = if s.clip == ClipMode::Mse { Some(Histogram::of(x)?) } else { None };
+        Ok(TensorStats { range: RangeStats::of(x)?, shape: None, total_numel: None, histogram })
     }
 
     /// [`ActQuant::input_params`] given the parameters the input arrived with (`arrived`) and, for dynamic
-    /// ranges, its statistics (`dynamic`, called only when needed).
-    pub(crate) fn input_params_from(&self, idx: usize, arrived: Option<&QParams>, dynamic: impl FnOnce() -> Result<RangeStats>) -> Result<QParams> {
+    /// ranges, the input itself (`dynamic`, called only when needed).
+    pub(crate) fn input_params_from(&self, idx: usize, arrived: Option<&QParams>, dynamic: impl FnOnce() -> Result<Tensor>) -> Result<QParams> {
         if let Some(p) = arrived {
             if self.input_overrides.contains_key(&idx) {
                 return Err(Error::invalid(
@@ -116,24 +132,21 @@ impl ActQuant {
                 ))
             }
         };
-        let stats = match &self.stats {
+        match &self.stats {
             Some(m) => {
-                m.inputs
-                    .get(&idx)
-                    .ok_or_else(|| Error::invalid("model_activation_stats", format!("no statistics for input {idx} (the file has inputs {:?})", m.inputs.keys().collect::<Vec<_>>())))?
-                    .range
+                let stats = m.inputs.get(&idx).ok_or_else(|| Error::invalid("model_activation_stats", format!("no statistics for input {idx} (the file has inputs {:?})", m.inputs.keys().collect::<Vec<_>>())))?;
+                self.params(&settings, stats)
             }
-            None => dynamic()?,
-        };
-        self.params(&settings, &stats)
+            None => self.params(&settings, &Self::dynamic_stats(&settings, &dynamic()?)?),
+        }
     }
 
     /// The output's parameters: from the statistics, or (dynamic) from the output `y()` computes, which static
     /// ranges never need.
     pub(crate) fn output_params(&self, y: impl FnOnce() -> Result<Tensor>) -> Result<QParams> {
         match &self.stats {
-            Some(m) => self.params(&self.output, &m.output.range),
-            None => self.params(&self.output, &RangeStats::of(&y()?)?),
+            Some(m) => self.params(&self.output, &m.output),
+            None => self.params(&self.output, &Self::dynamic_stats(&self.output, &y()?)?),
         }
     }
 
@@ -141,7 +154,7 @@ impl ActQuant {
     /// from each batch.
     pub fn static_output_params(&self) -> Result<Option<QParams>> {
         match &self.stats {
-            Some(m) => self.params(&self.output, &m.output.range).map(Some),
+            Some(m) => self.params(&self.output, &m.output).map(Some),
             None => Ok(None),
         }
     }
@@ -209,6 +222,7 @@ impl WeightSettings {
             ClipMode::None if self.mse => Ok(QParams::from_weight_mse(w, self.bits, self.mode, self.per_channel)?.0),
             _ if self.mse => Err(Error::invalid("clip_weights", "MSE clipping of the weights and also_clip_weights each set the weights' range: choose one")),
             ClipMode::None => QParams::from_weight(w, self.bits, self.mode, self.per_channel),
+            ClipMode::Mse => Ok(QParams::from_weight_mse(w, self.bits, self.mode, self.per_channel)?.0),
             _ if self.per_channel => Err(Error::invalid(
                 "also_clip_weights",
                 "clipped weight ranges are per tensor (Distiller averages per-channel ranges into one for AVG and refuses N_STD); turn per_channel_wts off or also_clip_weights off",

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::q_utils::RangeStats;
+use super::q_utils::{host_values, Histogram, HostValues, RangeStats, HISTOGRAM_BINS};
 use crate::data::Dataset;
 use crate::nn::{normalize_name, Model, ModuleCall, Observer};
 use crate::{Error, Result};
@@ -24,6 +24,10 @@ pub struct TensorStats {
     /// Elements seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_numel: Option<u64>,
+    /// The values' histogram, for MSE clipping (distill's addition: Distiller's files have none, and Distiller
+    /// ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<Histogram>,
 }
 
 /// A module's records.
@@ -134,6 +138,7 @@ struct Acc {
     numel: i64,
     abs_dev: f64,
     shape: Vec<i64>,
+    histogram: Option<Histogram>,
 }
 
 impl Acc {
@@ -161,9 +166,26 @@ impl Acc {
         self.sum / self.numel.max(1) as f64
     }
 
+    /// The mean absolute deviation and the histogram, from one copy of `x` on the host.
     fn second_pass(&mut self, x: &Tensor) -> Result<()> {
-        self.abs_dev += x.f_to_kind(Kind::Double)?.f_sub_scalar(self.mean())?.f_abs()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-        Ok(())
+        let mean = self.mean();
+        let histogram = match &mut self.histogram {
+            Some(h) => h,
+            None => self.histogram.insert(Histogram::empty(self.min, self.max, HISTOGRAM_BINS)?),
+        };
+        fn abs_dev<T: Copy + Into<f64>>(values: &[T], mean: f64) -> f64 {
+            values.iter().map(|&v| (v.into() - mean).abs()).sum()
+        }
+        match host_values(x)? {
+            HostValues::F32(v) => {
+                self.abs_dev += abs_dev(&v, mean);
+                histogram.add_values(&v)
+            }
+            HostValues::F64(v) => {
+                self.abs_dev += abs_dev(&v, mean);
+                histogram.add_values(&v)
+            }
+        }
     }
 
     fn finish(&self) -> TensorStats {
@@ -185,6 +207,7 @@ impl Acc {
             },
             shape: Some(format!("({})", shape.join(", "))),
             total_numel: Some(self.numel as u64),
+            histogram: self.histogram.clone(),
         }
     }
 }
@@ -219,7 +242,8 @@ impl Observer for Collector {
 }
 
 /// Runs `batches` mini-batches of `data` (in order, eval mode, no gradients) through `model` twice and returns
-/// every leaf module's input and output statistics.
+/// every leaf module's input and output statistics: Distiller's seven numbers from the first pass and the mean
+/// absolute deviation and a histogram (for MSE clipping) from the second.
 pub fn collect_activation_stats(model: &mut Model, data: &Dataset, batches: usize, batch_size: usize) -> Result<ActivationStats> {
     if batches == 0 {
         return Err(Error::invalid("calibration batches", "must be at least 1"));
