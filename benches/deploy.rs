@@ -4,7 +4,8 @@
 //! libtorch and onnxruntime at batch 1 and 32 on this machine.
 //!
 //! `cargo bench --bench deploy`. Run by `cargo test --all-targets` (without cargo bench's `--bench` flag) it makes
-//! a short smoke run instead, so the test suite checks that it works without timing anything.
+//! a short smoke run instead (LeNet and resnet20 on 32 images), so the test suite checks that it works without
+//! timing anything.
 use std::path::Path;
 
 use distill::config::Schedule;
@@ -113,9 +114,11 @@ fn main() {
     lenet.insert(0, ("dense".into(), dense));
     report("lenet, trained 10 epochs on the bundled digits (int8 of the AGP-pruned model)", &mut lenet, &data.test, &options);
 
-    for arch in ["resnet20_cifar", "resnet56_cifar"] {
-        let test = Dataset::synthetic(256, [3, 32, 32], 10, 11).unwrap();
-        let calibration = Dataset::synthetic(128, [3, 32, 32], 10, 12).unwrap();
+    // The smoke run checks the residual path on the smaller network and fewer images.
+    let (archs, images): (&[&str], usize) = if full { (&["resnet20_cifar", "resnet56_cifar"], 256) } else { (&["resnet20_cifar"], 32) };
+    for &arch in archs {
+        let test = Dataset::synthetic(images, [3, 32, 32], 10, 11).unwrap();
+        let calibration = Dataset::synthetic(images.min(128), [3, 32, 32], 10, 12).unwrap();
         let dense = create_model(arch, "cifar10", Device::Cpu).unwrap();
         let thin = thinned(&dense);
         let mut variants = vec![

@@ -129,6 +129,29 @@ fn convert_reads_pytorch_and_distiller_checkpoints() {
     // Every convolution and the classifier corrected; each block's two convolutions equalized.
     assert_eq!(summary["bias_correction"].as_array().map(Vec::len), Some(22));
     assert_eq!(summary["equalized"].as_array().map(Vec::len), Some(9));
+    assert_eq!(summary["pipeline"]["bias_correction"], serde_json::json!("empirical"));
+    // `export --quantized` runs the folder's pipeline again (equalization, calibration, bias correction): the
+    // same bytes twice, and other bytes when the record says no bias correction.
+    let export = |onnx: &str| {
+        let out = dir.path().join(onnx);
+        let args = ["export", "--arch", "resnet20_cifar", "--dataset", "cifar10", "--data-dir", cifar.to_str().unwrap(), "--checkpoint", distiller.to_str().unwrap()];
+        let o = distill(&[&args[..], &["--quantized", q.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    let (first, again) = (export("a.onnx"), export("b.onnx"));
+    assert!(first == again, "the recorded pipeline is not deterministic");
+    let mut changed = summary.clone();
+    changed["pipeline"]["bias_correction"] = serde_json::json!(false);
+    std::fs::write(q.join("summary.json"), serde_json::to_string(&changed).unwrap()).unwrap();
+    assert!(export("c.onnx") != first, "bias correction did not reach the export");
+    // Analytical bias correction needs no calibration: each block's second convolution (and the first block's
+    // first, after the stem's batch norm and ReLU) reads a batch norm's output through a ReLU.
+    let args = ["quantize", "--arch", "resnet20_cifar", "--dataset", "cifar10", "--data-dir", cifar.to_str().unwrap(), "--config", config, "--bias-correction", "analytical"];
+    let o = distill(&[&args[..], &["--checkpoint", distiller.to_str().unwrap(), "--out", dir.path().join("qa").to_str().unwrap()]].concat());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("bias correction (analytical): 10 layers") && out.contains("layer1.1.conv1 left alone: its input comes from layer1.0.residual_eltwiseadd"), "{out}");
     let o = quantize("valid");
     assert!(!o.status.success() && stderr(&o).contains("expected data_batch_1 … data_batch_5 and test_batch"), "{}", stderr(&o));
 }

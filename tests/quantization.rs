@@ -518,6 +518,108 @@ fn bias_correction_removes_a_layers_mean_output_shift() {
     assert!(correct_biases(&mut model, &means).unwrap_err().to_string().contains("save_fp_weights: true"));
 }
 
+/// A buffer of `model` (shared storage: changing it changes the model).
+fn buffer(model: &distill::nn::Model, name: &str) -> Tensor {
+    model.named_buffers().into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no buffer {name}")).1
+}
+
+/// Analytical bias correction on a network where its assumption holds: Gaussian images through a convolution
+/// give Gaussian channels, and the batch norm's running statistics are set to their exact mean and variance, so
+/// each batch norm's output is `N(β, γ²)`. The analytical means then match the ones measured on 512 images, with
+/// cross-layer equalization's rescaling too, and the data-free pipeline removes most of the output shift.
+#[test]
+fn analytical_bias_correction_matches_measured_means_where_batch_norms_say_them() {
+    use distill::nn::{BatchNorm2d, Conv2d, Conv2dConfig, ModelInfo, ReLU, Sequential};
+    use distill::quantization::bias_correction::{expected_relu_mean, InputMeans};
+    // The rectified Gaussian's mean against values computed by hand (Python's math.erf).
+    for (mu, sigma, expected) in [(0.0, 1.0, 0.3989422804014327), (0.3, 2.0, 0.9568439695268507), (-1.0, 0.5, 0.004245351308414823), (0.7, 0.0, 0.7)] {
+        assert!((expected_relu_mean(mu, sigma).unwrap() - expected).abs() < 1e-12, "{mu} {sigma}");
+    }
+    let build = || {
+        tch::manual_seed(4);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let net = Sequential::new()
+            .add("a", Conv2d::new(vs.root() / "a", Conv2dConfig::new(2, 4, 3)).unwrap())
+            .add("bn1", BatchNorm2d::new(vs.root() / "bn1", 4).unwrap())
+            .add("relu", ReLU)
+            .add("b", Conv2d::new(vs.root() / "b", Conv2dConfig::new(4, 3, 3)).unwrap())
+            .add("bn2", BatchNorm2d::new(vs.root() / "bn2", 3).unwrap())
+            .add("c", Conv2d::new(vs.root() / "c", Conv2dConfig::new(3, 2, 1)).unwrap());
+        let mut model = distill::nn::Model::new(vs, net, ModelInfo::new("toy", "gauss", [2, 12, 12], 2)).unwrap();
+        tch::no_grad(|| {
+            // bn1 standardizes a's Gaussian channels exactly: mean = a's bias, variance = each filter's squared norm.
+            let (w, b) = (model.parameter("a.weight").unwrap(), model.parameter("a.bias").unwrap());
+            let var = w.square().sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float) - 1e-5;
+            buffer(&model, "bn1.running_mean").copy_(&b);
+            buffer(&model, "bn1.running_var").copy_(&var);
+            let _ = model.parameter("bn1.weight").unwrap().copy_(&Tensor::from_slice(&[1.5f32, -0.7, 0.4, 2.0]));
+            let _ = model.parameter("bn1.bias").unwrap().copy_(&Tensor::from_slice(&[0.3f32, -0.5, 1.0, 0.0]));
+            let _ = model.parameter("bn2.bias").unwrap().copy_(&Tensor::from_slice(&[0.8f32, -0.4, 0.2]));
+        });
+        model.eval();
+        model
+    };
+    let mut model = build();
+    let analytical = InputMeans::analytical(&mut model).unwrap();
+    assert_eq!(analytical.skipped().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert!(analytical.skipped()[0].1.contains("model's input"));
+    // bn2's running mean set to b's true output mean (bias plus weights times the analytical input means), so that
+    // c's input has mean β exactly.
+    tch::no_grad(|| {
+        let (w, b) = (model.parameter("b.weight").unwrap(), model.parameter("b.bias").unwrap());
+        let m = analytical.get("b").unwrap().to_kind(Kind::Float);
+        let mean = w.reshape([3, -1]).matmul(&m) + b;
+        buffer(&model, "bn2.running_mean").copy_(&mean);
+    });
+    let images = Tensor::randn([512, 2, 12, 12], (Kind::Float, Device::Cpu));
+    let data = distill::data::Dataset::new("gauss", images.shallow_clone(), Tensor::zeros([512], (Kind::Int64, Device::Cpu)), 2).unwrap();
+    let close = |a: &Tensor, m: &Tensor, what: &str| {
+        let worst = (a - m).abs().max().double_value(&[]);
+        assert!(worst < 0.03, "{what}: analytical {a} against measured {m}");
+    };
+    let measured = InputMeans::collect(&mut model, &data, 4, 128).unwrap();
+    for layer in ["b", "c"] {
+        close(analytical.get(layer).unwrap(), measured.get(layer).unwrap(), layer);
+    }
+    assert!((analytical.get("b").unwrap().double_value(&[0]) - expected_relu_mean(0.3f32 as f64, 1.5).unwrap()).abs() < 1e-12);
+    assert!((analytical.get("c").unwrap().double_value(&[1]) - -0.4f32 as f64).abs() < 1e-12);
+    // Equalization divides b's input channels (and c's) by its scales; the rescaled means match the ones measured
+    // on the equalized model.
+    let mut equalized = build();
+    tch::no_grad(|| buffer(&equalized, "bn2.running_mean").copy_(&buffer(&model, "bn2.running_mean")));
+    let mut means = InputMeans::analytical(&mut equalized).unwrap();
+    let eq = distill::quantization::equalization::equalize_cross_layer(&mut equalized).unwrap();
+    assert_eq!(eq.pairs.len(), 2);
+    assert!(eq.pairs.iter().any(|p| p.scales.iter().any(|s| (s - 1.0).abs() > 0.1)), "{:?}", eq.pairs);
+    for p in &eq.pairs {
+        means.rescale_input_channels(&p.second, &p.scales).unwrap();
+    }
+    let measured = InputMeans::collect(&mut equalized, &data, 4, 128).unwrap();
+    for layer in ["b", "c"] {
+        close(means.get(layer).unwrap(), measured.get(layer).unwrap(), &format!("{layer} equalized"));
+    }
+    // The data-free pipeline (no calibration: dynamic ranges; 3-bit weights, float activations).
+    let float = build();
+    tch::no_grad(|| buffer(&float, "bn2.running_mean").copy_(&buffer(&model, "bn2.running_mean")));
+    let shift = |bias: Option<&str>| {
+        let mut m = build();
+        tch::no_grad(|| buffer(&m, "bn2.running_mean").copy_(&buffer(&model, "bn2.running_mean")));
+        let mut yaml = "    bits_activations: null\n    bits_parameters: 3\n    per_channel_wts: true\n".to_string();
+        if let Some(b) = bias {
+            yaml += &format!("    bias_correction: {b}\n");
+        }
+        let schedule = Schedule::from_yaml_str(&format!("quantizers:\n  p:\n    class: PostTrainLinearQuantizer\n{yaml}"), "q.yaml").unwrap();
+        let distill::config::QuantizerConfig::PostTrainLinearQuantizer(p) = &schedule.quantizers[0].1 else { unreachable!() };
+        let report = PostTrainLinearQuantizer::new(PostTrainConfig::from_params(p, root()).unwrap()).quantize(&mut m, None).unwrap();
+        let d = (m.forward_t(&images, false).unwrap() - float.forward_t(&images, false).unwrap()).to_kind(Kind::Double);
+        (d.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Double).abs().max().double_value(&[]), report.bias_corrections.len())
+    };
+    let ((before, none), (after, corrected)) = (shift(None), shift(Some("analytical")));
+    println!("mean output shift {before:.3e} without, {after:.3e} with analytical bias correction");
+    assert_eq!((none, corrected), (0, 2));
+    assert!(after < 0.25 * before, "{before} → {after}");
+}
+
 #[test]
 fn adaround_rounds_each_weight_down_or_up_and_fits_each_layer_better_than_nearest() {
     use distill::quantization::adaround::AdaRound;

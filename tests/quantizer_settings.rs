@@ -378,3 +378,52 @@ fn range_linear_qat_resumes_bit_for_bit_with_its_tracked_ranges() {
         assert!(n == m && x.equal(y), "{n} differs after resume");
     }
 }
+
+/// distill's pipeline keys (`bias_correction`, `adaround`) are read, checked at their position, refused by
+/// `prepare_model` (which takes no data), and run by `quantize` on calibration data, all or nothing.
+#[test]
+fn pipeline_keys_run_on_calibration_data_or_are_refused() {
+    use distill::quantization::post_train::Calibration;
+    let data = distill::data::mnist_bundled().unwrap();
+    let config = ptq("    per_channel_wts: true\n    adaround: {iterations: 20, samples: 64, batch_size: 16, beta: [10, 2]}\n").unwrap();
+    let adaround = config.adaround.clone().unwrap();
+    assert_eq!((adaround.iterations, adaround.samples, adaround.batch_size, adaround.beta, adaround.reg_weight), (20, 64, 16, (10.0, 2.0), 0.01));
+    assert!(ptq("    adaround: false\n").unwrap().adaround.is_none());
+    for (body, line, key) in [
+        ("    bias_correction: true\n    adaround: true\n", "ptq.yaml:5:", "not combined"),
+        ("    adaround: {iteration: 5}\n", "ptq.yaml:4:", "unknown field `iteration`, expected one of `samples`, `iterations`"),
+        ("    adaround: {warm_start: 1.5}\n", "ptq.yaml:4:", "warm_start"),
+        ("    adaround: 3\n", "ptq.yaml:4:", "expected true, false or a mapping"),
+        ("    bias_correction: maybe\n", "ptq.yaml:4:", "empirical"),
+    ] {
+        let err = ptq(body).unwrap_err().to_string();
+        assert!(err.starts_with(line) && err.contains(key), "{body}: {err}");
+    }
+    // prepare_model takes no data, and quantize without calibration data says what is missing.
+    let mut model = lenet();
+    let before = snapshot(&model);
+    let err = prepare(&mut model, config.clone()).unwrap_err().to_string();
+    assert!(err.contains("adaround") && err.contains("PostTrainLinearQuantizer::quantize"), "{err}");
+    let quantizer = PostTrainLinearQuantizer::new(config);
+    let err = quantizer.quantize(&mut model, None).unwrap_err().to_string();
+    assert!(err.contains("give calibration batches"), "{err}");
+    // More AdaRound samples than the calibration set holds: the error comes after quantizing, and is undone.
+    let few = data.valid.subset("few", &(0..32).collect::<Vec<_>>()).unwrap();
+    let err = quantizer.quantize(&mut model, Some(&Calibration::new(&few, 2, 16))).unwrap_err().to_string();
+    assert!(err.contains("64 calibration samples wanted but the data set holds 32"), "{err}");
+    assert!(same(&before, &snapshot(&model)), "a failed pipeline changed the model");
+    // On enough data: calibrated, quantized, each layer rounded, and the float weights dropped again.
+    let report = quantizer.quantize(&mut model, Some(&Calibration::new(&data.valid, 2, 32))).unwrap();
+    assert_eq!((report.calibration_samples, report.adaround.len(), report.prepared.replaced.contains(&"fc1".to_string())), (64, 5, true));
+    assert!(report.stats.as_ref().unwrap().get("fc1").unwrap().output.histogram.is_some());
+    assert!(!model.state_dict().iter().any(|(n, _)| n.ends_with("float_weight")));
+    // Bias correction from YAML, with cross-layer equalization before calibrating.
+    let mut model = lenet();
+    let config = ptq("    bias_correction: true\n    cross_layer_equalization: true\n    save_fp_weights: true\n").unwrap();
+    let report = PostTrainLinearQuantizer::new(config).quantize(&mut model, Some(&Calibration::new(&data.valid, 2, 32))).unwrap();
+    assert_eq!(report.bias_corrections.len(), 5);
+    assert!(report.bias_corrections.iter().all(|(_, shift)| *shift > 0.0), "{:?}", report.bias_corrections);
+    assert!(!report.equalized.is_empty());
+    // save_fp_weights asked for: kept.
+    assert!(model.state_dict().iter().any(|(n, _)| n.ends_with("float_weight")));
+}

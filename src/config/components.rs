@@ -426,12 +426,27 @@ pub struct PostTrainParams {
     pub cross_layer_equalization: Option<bool>,
     /// distill's key: `MSE` for MSE-optimal weight ranges, `NONE` (the default) for the full range.
     pub clip_weights: Option<String>,
+    /// distill's key: bias correction after quantizing, `true`/`empirical` (needs calibration data) or
+    /// `analytical` (from the batch norms).
+    pub bias_correction: Option<serde_yaml::Value>,
+    /// distill's key: AdaRound after quantizing (`true`, or a mapping of its settings; needs calibration data).
+    pub adaround: Option<serde_yaml::Value>,
 }
 
 impl PostTrainParams {
     /// The rules between top-level keys, with the key that breaks one: `fpq_module` is 16, 32 or 64; `fp16: true`
     /// agrees with it; `clip_n_stds` comes with `clip_acts: N_STD`.
     pub fn check(&self) -> std::result::Result<(), (&'static str, Error)> {
+        let bias_correction = match &self.bias_correction {
+            Some(v) => crate::quantization::bias_correction::BiasCorrection::from_yaml(v).map_err(|e| ("bias_correction", e))?,
+            None => None,
+        };
+        if let Some(v) = &self.adaround {
+            let adaround = crate::quantization::adaround::AdaRound::from_yaml(v).map_err(|e| ("adaround", e))?;
+            if adaround.is_some() && bias_correction.is_some() {
+                return Err(("adaround", crate::quantization::post_train::adaround_with_bias_correction()));
+            }
+        }
         match self.clip_weights.as_deref().map(str::to_ascii_uppercase).as_deref() {
             None | Some("NONE") => {}
             Some("MSE") if self.also_clip_weights == Some(true) => {

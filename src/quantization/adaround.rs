@@ -99,6 +99,15 @@ pub struct LayerRounding {
 impl AdaRound {
     /// Checks the settings against a data set of `available` samples.
     fn check(&self, available: usize) -> Result<()> {
+        self.validate()?;
+        if available < self.samples {
+            return Err(Error::invalid("samples", format!("{} calibration samples wanted but the data set holds {available}: use fewer or a larger split", self.samples)));
+        }
+        Ok(())
+    }
+
+    /// Checks the settings on their own (without data).
+    pub fn validate(&self) -> Result<()> {
         let bad = |name: &str, msg: String| Err(Error::invalid(name, msg));
         if self.batch_size == 0 {
             return bad("batch_size", "AdaRound needs at least 1 sample per step".into());
@@ -108,9 +117,6 @@ impl AdaRound {
                 "samples",
                 format!("{} calibration samples are fewer than one step's batch of {}: AdaRound fits every weight's rounding to the layer's outputs and needs a few hundred samples (256 by default)", self.samples, self.batch_size),
             );
-        }
-        if available < self.samples {
-            return bad("samples", format!("{} calibration samples wanted but the data set holds {available}: use fewer or a larger split", self.samples));
         }
         if self.iterations == 0 {
             return bad("iterations", "AdaRound needs at least 1 iteration per layer".into());
@@ -129,6 +135,43 @@ impl AdaRound {
             return bad("learning_rate", format!("{} is not a finite value > 0", self.learning_rate));
         }
         Ok(())
+    }
+
+    /// The settings a quantizer YAML's `adaround:` key gives: `true` for the defaults, `false` or `null` for none,
+    /// or a mapping of the fields (`samples`, `iterations`, `batch_size`, `reg_weight`, `beta: [20, 2]`,
+    /// `warm_start`, `learning_rate`, `seed`), the others at their defaults.
+    pub fn from_yaml(value: &serde_yaml::Value) -> Result<Option<Self>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            samples: Option<usize>,
+            iterations: Option<usize>,
+            batch_size: Option<usize>,
+            reg_weight: Option<f64>,
+            beta: Option<(f64, f64)>,
+            warm_start: Option<f64>,
+            learning_rate: Option<f64>,
+            seed: Option<u64>,
+        }
+        let f: Fields = match value {
+            serde_yaml::Value::Null | serde_yaml::Value::Bool(false) => return Ok(None),
+            serde_yaml::Value::Bool(true) => return Ok(Some(AdaRound::default())),
+            serde_yaml::Value::Mapping(_) => serde_path_to_error::deserialize(value.clone()).map_err(|e| Error::invalid("adaround", format!("at '{}': {}", e.path(), e.inner())))?,
+            other => return Err(Error::invalid("adaround", format!("expected true, false or a mapping of AdaRound's settings, got {other:?}"))),
+        };
+        let d = AdaRound::default();
+        let settings = AdaRound {
+            samples: f.samples.unwrap_or(d.samples),
+            iterations: f.iterations.unwrap_or(d.iterations),
+            batch_size: f.batch_size.unwrap_or(d.batch_size),
+            reg_weight: f.reg_weight.unwrap_or(d.reg_weight),
+            beta: f.beta.unwrap_or(d.beta),
+            warm_start: f.warm_start.unwrap_or(d.warm_start),
+            learning_rate: f.learning_rate.unwrap_or(d.learning_rate),
+            seed: f.seed.unwrap_or(d.seed),
+        };
+        settings.validate()?;
+        Ok(Some(settings))
     }
 
     /// β at iteration `it` (only asked after the warm start).

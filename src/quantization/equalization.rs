@@ -40,6 +40,9 @@ pub struct EqualizedPair {
     pub spread_before: f64,
     /// The same after.
     pub spread_after: f64,
+    /// What each channel of `first`'s output was divided by, over all sweeps (the factor its activations shrink
+    /// by, which the input of `second` makes up for).
+    pub scales: Vec<f64>,
 }
 
 /// What [`equalize_cross_layer`] did.
@@ -70,21 +73,25 @@ pub fn equalize_cross_layer(model: &mut Model) -> Result<Equalization> {
     for p in &pairs {
         spread_before.push(spread(&filter_ranges(&model.parameter(&format!("{}.weight", p.first))?)?)?);
     }
+    let mut scales: Vec<Tensor> = pairs.iter().map(|p| Tensor::f_ones([p.channels], (Kind::Double, tch::Device::Cpu))).collect::<std::result::Result<_, _>>()?;
     let mut sweeps = 0;
     while sweeps < MAX_SWEEPS {
         sweeps += 1;
         let mut largest = 0.0f64;
-        for p in &pairs {
-            largest = largest.max(equalize_pair(model, p)?);
+        for (p, total) in pairs.iter().zip(&mut scales) {
+            let (deviation, s) = equalize_pair(model, p)?;
+            largest = largest.max(deviation);
+            *total = total.f_mul(&s.f_to_device(tch::Device::Cpu)?)?;
         }
         if largest < 1e-6 {
             break;
         }
     }
     let mut report = Vec::with_capacity(pairs.len());
-    for (p, before) in pairs.iter().zip(spread_before) {
+    for ((p, before), scales) in pairs.iter().zip(spread_before).zip(scales) {
         let after = spread(&filter_ranges(&model.parameter(&format!("{}.weight", p.first))?)?)?;
-        report.push(EqualizedPair { first: p.first.clone(), second: p.second.clone(), channels: p.channels, spread_before: before, spread_after: after });
+        let scales = Vec::<f64>::try_from(&scales)?;
+        report.push(EqualizedPair { first: p.first.clone(), second: p.second.clone(), channels: p.channels, spread_before: before, spread_after: after, scales });
     }
     Ok(Equalization { folded, pairs: report, sweeps })
 }
@@ -156,8 +163,8 @@ fn spread(ranges: &Tensor) -> Result<f64> {
     Ok(if live.is_empty() { 1.0 } else { hi / lo })
 }
 
-/// One equalization step of a pair; returns the largest |ln s| applied.
-fn equalize_pair(model: &Model, p: &Pair) -> Result<f64> {
+/// One equalization step of a pair; returns the largest |ln s| applied and the scales `s` (float64).
+fn equalize_pair(model: &Model, p: &Pair) -> Result<(f64, Tensor)> {
     let (w1, w2) = (model.parameter(&format!("{}.weight", p.first))?, model.parameter(&format!("{}.weight", p.second))?);
     let (r1, r2) = (filter_ranges(&w1)?, input_ranges(&w2, p.channels)?);
     spread(&r1)?;
@@ -166,6 +173,7 @@ fn equalize_pair(model: &Model, p: &Pair) -> Result<f64> {
     let live = r1.f_gt(0.0)?.f_logical_and(&r2.f_gt(0.0)?)?;
     let s = r1.f_div(&r2)?.f_sqrt()?.f_where_self(&live, &Tensor::from(1.0f64))?;
     let largest = s.f_log()?.f_abs()?.f_max()?.f_double_value(&[])?;
+    let applied = s.shallow_clone();
     let s = s.f_to_kind(w1.kind())?;
     let out = w2.size()[0];
     tch::no_grad(|| -> Result<()> {
@@ -178,7 +186,7 @@ fn equalize_pair(model: &Model, p: &Pair) -> Result<f64> {
         let _ = blocks.shallow_clone().f_mul_(&s.f_view([1, p.channels, 1])?)?;
         Ok(())
     })?;
-    Ok(largest)
+    Ok((largest, applied))
 }
 
 #[cfg(test)]

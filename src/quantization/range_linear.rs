@@ -699,6 +699,14 @@ pub struct PostTrainConfig {
     /// MSE-optimal weight ranges ([`QParams::from_weight_mse`]; per channel with `per_channel_wts`). YAML:
     /// `clip_weights: MSE` (distill's key; `NONE` is the default).
     pub clip_weights_mse: bool,
+    /// Bias correction ([`super::bias_correction`]) after quantizing, run by [`PostTrainLinearQuantizer::quantize`]:
+    /// empirical on its calibration data, or analytical from the batch norms. YAML: `bias_correction: true` (or
+    /// `empirical`) or `analytical` (distill's key).
+    pub bias_correction: Option<super::bias_correction::BiasCorrection>,
+    /// AdaRound ([`super::adaround`]) after quantizing, on the calibration data set of
+    /// [`PostTrainLinearQuantizer::quantize`] (its first `samples`, whatever the calibration batches). YAML:
+    /// `adaround: true` for the defaults, or a mapping of `AdaRound`'s fields (distill's key).
+    pub adaround: Option<super::adaround::AdaRound>,
 }
 
 impl Default for PostTrainConfig {
@@ -724,6 +732,8 @@ impl Default for PostTrainConfig {
             net_aware: true,
             cross_layer_equalization: false,
             clip_weights_mse: false,
+            bias_correction: None,
+            adaround: None,
         }
     }
 }
@@ -850,10 +860,20 @@ impl PostTrainLinearQuantizer {
     /// Replaces `model`'s modules by quantized wrappers (names kept) and quantizes its weights in place; the model
     /// is then for evaluation only. All or nothing: on any error the model is left exactly as it was.
     pub fn prepare_model(&self, model: &mut Model) -> Result<PtqPrepared> {
+        let c = &self.config;
+        if let Some(key) = if c.adaround.is_some() { Some("adaround") } else if c.bias_correction.is_some() { Some("bias_correction") } else { None } {
+            return Err(Error::invalid(key, "runs after quantizing, on calibration data or the float model's batch norms, which prepare_model does not take: use PostTrainLinearQuantizer::quantize"));
+        }
         Rollback::transaction(model, |model, rollback| self.prepare_steps(model, rollback))
     }
 
-    fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<PtqPrepared> {
+    /// The configuration.
+    pub fn config(&self) -> &PostTrainConfig {
+        &self.config
+    }
+
+    /// [`prepare_model`](Self::prepare_model)'s work, recording its changes in `rollback`.
+    pub(crate) fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<PtqPrepared> {
         let c = &self.config;
         if let Some(st) = &c.stats {
             st.check_model(model)?;
@@ -1010,6 +1030,14 @@ impl PostTrainConfig {
             cross_layer_equalization: p.cross_layer_equalization.unwrap_or(false),
             // `check` above accepted NONE and MSE only.
             clip_weights_mse: p.clip_weights.as_deref().is_some_and(|c| c.eq_ignore_ascii_case("MSE")),
+            bias_correction: match &p.bias_correction {
+                Some(v) => super::bias_correction::BiasCorrection::from_yaml(v)?,
+                None => None,
+            },
+            adaround: match &p.adaround {
+                Some(v) => super::adaround::AdaRound::from_yaml(v)?,
+                None => None,
+            },
         })
     }
 }

@@ -128,20 +128,27 @@ struct QuantizeArgs {
     /// `cross_layer_equalization: true`).
     #[arg(long)]
     equalize: bool,
-    /// Empirical bias correction (Nagel et al. 2019): each quantized layer's bias absorbs the mean output shift its
-    /// weight quantization causes, measured on the calibration batches (needs --calibrate).
-    #[arg(long)]
-    bias_correction: bool,
+    /// Bias correction (Nagel et al. 2019): each quantized layer's bias absorbs the mean output shift its weight
+    /// quantization causes, measured on the calibration batches (empirical, the default; needs --calibrate) or
+    /// computed from the batch norm before the layer (analytical, no data).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "empirical")]
+    bias_correction: Option<BiasCorrectionArg>,
     /// AdaRound (Nagel et al. 2020): learn, layer by layer on the calibration samples, whether each weight rounds
     /// down or up (needs --calibrate; not combined with --bias-correction).
     #[arg(long)]
     adaround: bool,
-    /// Adam steps per layer for --adaround.
-    #[arg(long, default_value_t = 2000)]
-    adaround_iterations: usize,
+    /// Adam steps per layer for --adaround (default 2000, or the configuration's `adaround:` settings).
+    #[arg(long)]
+    adaround_iterations: Option<usize>,
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BiasCorrectionArg {
+    Empirical,
+    Analytical,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -276,10 +283,15 @@ struct ExportArgs {
     /// checkpoint loads, and the export writes their quantization.
     #[arg(long)]
     compress: Option<PathBuf>,
-    /// Export quantized (QDQ int8): a folder written by `distill quantize` (its configuration and calibrated
-    /// ranges), or a YAML with one PostTrainLinearQuantizer whose model_activation_stats gives the ranges.
+    /// Export quantized (QDQ int8): a folder written by `distill quantize` (its quantization runs again as
+    /// recorded: configuration, equalization, calibration, AdaRound or bias correction), or a YAML with one
+    /// PostTrainLinearQuantizer whose model_activation_stats gives the ranges.
     #[arg(long)]
     quantized: Option<PathBuf>,
+    /// Folder of the dataset's files, for a --quantized folder that calibrated on a dataset not bundled (CIFAR-10,
+    /// ImageNet, full MNIST).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// File format.
     #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
     format: ExportFormat,
@@ -335,30 +347,77 @@ enum ExportFormat {
     Onnx,
 }
 
-/// The post-training quantization `--quantized` names: a `distill quantize` output folder (the configuration its
-/// summary.json names, with the statistics it calibrated, and the checkpoint it quantized) or a quantizer YAML.
-fn post_train_config(path: &std::path::Path) -> Result<(distill::quantization::range_linear::PostTrainConfig, Option<PathBuf>)> {
-    use distill::quantization::range_linear::PostTrainConfig;
-    if !path.is_dir() {
-        return Ok((PostTrainConfig::from_schedule_file(path)?, None));
+/// What a `--quantized` argument names: a quantizer YAML, or a `distill quantize` output folder, whose recorded
+/// pipeline (the configuration, the methods added on the command line, the calibration split and batches) runs
+/// again on the checkpoint it quantized, so that an export carries equalization, AdaRound's rounding and bias
+/// correction as `quantize` measured them.
+struct QuantizedRecipe {
+    config: distill::quantization::range_linear::PostTrainConfig,
+    checkpoint: Option<PathBuf>,
+    /// Split, batches and batch size.
+    calibration: Option<(Split, usize, usize)>,
+}
+
+impl QuantizedRecipe {
+    fn read(path: &std::path::Path) -> Result<Self> {
+        use distill::quantization::range_linear::PostTrainConfig;
+        if !path.is_dir() {
+            return Ok(QuantizedRecipe { config: PostTrainConfig::from_schedule_file(path)?, checkpoint: None, calibration: None });
+        }
+        let summary_path = path.join("summary.json");
+        let text = std::fs::read_to_string(&summary_path).map_err(|e| distill::Error::io(&summary_path, e))?;
+        let summary: serde_json::Value = serde_json::from_str(&text).map_err(|e| distill::Error::data(&summary_path, format!("not the JSON 'distill quantize' writes: {e}")))?;
+        let bad = |what: &str| distill::Error::data(&summary_path, format!("{what}; is this folder the output of 'distill quantize'?"));
+        let config = summary["config"].as_str().ok_or_else(|| bad("names no quantizer configuration ('config')"))?;
+        let mut config = PostTrainConfig::from_schedule_file(config)?;
+        let checkpoint = summary["checkpoint"].as_str().map(PathBuf::from);
+        let pipeline = &summary["pipeline"];
+        let calibration = &summary["calibration"];
+        if pipeline.is_null() || calibration.is_null() {
+            // Without calibration (or from a version that did not record the pipeline): the statistics file.
+            let stats = path.join("quantization_stats.yaml");
+            if stats.exists() {
+                config.stats = Some(distill::quantization::stats::ActivationStats::from_yaml_file(&stats)?);
+            }
+            return Ok(QuantizedRecipe { config, checkpoint, calibration: None });
+        }
+        config.cross_layer_equalization = pipeline["cross_layer_equalization"].as_bool().ok_or_else(|| bad("pipeline.cross_layer_equalization is missing"))?;
+        let bias_correction = serde_yaml::to_value(&pipeline["bias_correction"]).map_err(|e| bad(&format!("pipeline.bias_correction: {e}")))?;
+        config.bias_correction = distill::quantization::bias_correction::BiasCorrection::from_yaml(&bias_correction)?;
+        let adaround = serde_yaml::to_value(&pipeline["adaround"]).map_err(|e| bad(&format!("pipeline.adaround: {e}")))?;
+        config.adaround = distill::quantization::adaround::AdaRound::from_yaml(&adaround)?;
+        let split = Split::from_str(calibration["split"].as_str().unwrap_or_default(), false).map_err(|_| bad("calibration.split is not train, valid or test"))?;
+        let count = |key: &str| calibration[key].as_u64().map(|n| n as usize).ok_or_else(|| bad(&format!("calibration.{key} is missing")));
+        Ok(QuantizedRecipe { config, checkpoint, calibration: Some((split, count("batches")?, count("batch_size")?)) })
     }
-    let summary_path = path.join("summary.json");
-    let text = std::fs::read_to_string(&summary_path).map_err(|e| distill::Error::io(&summary_path, e))?;
-    let summary: serde_json::Value = serde_json::from_str(&text).map_err(|e| distill::Error::data(&summary_path, format!("not the JSON 'distill quantize' writes: {e}")))?;
-    let config = summary["config"]
-        .as_str()
-        .ok_or_else(|| distill::Error::data(&summary_path, "names no quantizer configuration ('config'); is this folder the output of 'distill quantize'?"))?;
-    let mut config = PostTrainConfig::from_schedule_file(config)?;
-    let stats = path.join("quantization_stats.yaml");
-    if stats.exists() {
-        config.stats = Some(distill::quantization::stats::ActivationStats::from_yaml_file(&stats)?);
+
+    /// Quantizes `model` as recorded; `data` gives the calibration split.
+    fn apply(&self, model: &mut distill::nn::Model, data: impl FnOnce(Split) -> Result<distill::data::Dataset>) -> Result<distill::quantization::post_train::PostTrainReport> {
+        use distill::quantization::post_train::Calibration;
+        let quantizer = distill::quantization::range_linear::PostTrainLinearQuantizer::new(self.config.clone());
+        match self.calibration {
+            Some((split, batches, batch_size)) => {
+                let set = data(split)?;
+                quantizer.quantize(model, Some(&Calibration::new(&set, batches, batch_size)))
+            }
+            None => quantizer.quantize(model, None),
+        }
     }
-    Ok((config, summary["checkpoint"].as_str().map(PathBuf::from)))
+}
+
+/// The settings `distill quantize` ran, for [`QuantizedRecipe`].
+fn pipeline_json(config: &distill::quantization::range_linear::PostTrainConfig) -> serde_json::Value {
+    let adaround = config.adaround.as_ref().map(|a| {
+        serde_json::json!({
+            "samples": a.samples, "iterations": a.iterations, "batch_size": a.batch_size, "reg_weight": a.reg_weight,
+            "beta": [a.beta.0, a.beta.1], "warm_start": a.warm_start, "learning_rate": a.learning_rate, "seed": a.seed,
+        })
+    });
+    serde_json::json!({ "cross_layer_equalization": config.cross_layer_equalization, "bias_correction": config.bias_correction.map(|b| b.name()), "adaround": adaround })
 }
 
 fn deploy_report(args: DeployReportArgs) -> Result<()> {
     use distill::export::deploy::{deploy_report, DeployOptions};
-    use distill::quantization::range_linear::PostTrainLinearQuantizer;
     let data = args.model.data()?;
     let load = |path: &PathBuf| -> Result<distill::nn::Model> {
         let mut model = args.model.model()?;
@@ -374,9 +433,9 @@ fn deploy_report(args: DeployReportArgs) -> Result<()> {
         }
     }
     if let Some(q) = &args.quantized {
-        let (config, checkpoint) = post_train_config(q)?;
-        let mut model = load(checkpoint.as_ref().unwrap_or(last_float))?;
-        PostTrainLinearQuantizer::new(config).prepare_model(&mut model)?;
+        let recipe = QuantizedRecipe::read(q)?;
+        let mut model = load(recipe.checkpoint.as_ref().unwrap_or(last_float))?;
+        recipe.apply(&mut model, |split| Ok(args.model.splits(&[split])?.remove(0)))?;
         variants.push(("int8".to_string(), model));
     }
     let options = DeployOptions { runs: args.runs, threads: args.threads, onnxruntime_optimizations: !args.no_optimizations, ..DeployOptions::default() };
@@ -761,6 +820,7 @@ fn train(args: TrainArgs) -> Result<()> {
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
+    use distill::quantization::post_train::Calibration;
     use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
     let mut model = args.model.model()?;
     distill::train::Checkpoint::load(&args.checkpoint)?.restore_model(&mut model, &args.checkpoint)?;
@@ -770,90 +830,72 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let test = &sets[0];
     let mut config = PostTrainConfig::from_schedule_file(&args.config)?;
     config.cross_layer_equalization |= args.equalize;
-    std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
-    let mut equalized = serde_json::Value::Null;
-    if config.cross_layer_equalization {
-        // Before calibration: equalization changes the activation ranges.
-        let eq = distill::quantization::equalization::equalize_cross_layer(&mut model)?;
-        for p in &eq.pairs {
-            println!("equalized {} → {} ({} channels): filter ranges {:.1}:1 → {:.1}:1", p.first, p.second, p.channels, p.spread_before, p.spread_after);
-        }
-        equalized = serde_json::json!(eq.pairs.iter().map(|p| serde_json::json!({
-            "first": p.first, "second": p.second, "channels": p.channels, "spread_before": p.spread_before, "spread_after": p.spread_after,
-        })).collect::<Vec<_>>());
+    if let Some(b) = args.bias_correction {
+        config.bias_correction = Some(match b {
+            BiasCorrectionArg::Empirical => distill::quantization::bias_correction::BiasCorrection::Empirical,
+            BiasCorrectionArg::Analytical => distill::quantization::bias_correction::BiasCorrection::Analytical,
+        });
     }
-    let fp32 = train::validate(&mut model, test, args.batch_size)?;
-    println!("fp32:      top1 {:.2}%  top5 {:.2}%  loss {:.4}", fp32.top1, fp32.top5, fp32.loss);
-    if args.bias_correction && args.calibrate == 0 {
-        return Err(distill::Error::invalid("--bias-correction", "measures each layer's mean input on calibration batches: give --calibrate N"));
+    let batch_size = args.calibration_batch_size.unwrap_or(args.batch_size);
+    let calibration = sets.get(1).map(|data| Calibration::new(data, args.calibrate, batch_size));
+    if args.adaround && config.adaround.is_none() {
+        // The command line's AdaRound fits on exactly the calibration samples.
+        let samples = calibration.as_ref().map_or(0, |c| c.samples());
+        config.adaround = Some(distill::quantization::adaround::AdaRound { samples, batch_size: 32.min(samples), ..Default::default() });
     }
-    if args.adaround && args.calibrate == 0 {
-        return Err(distill::Error::invalid("--adaround", "fits each layer's rounding on calibration samples: give --calibrate N"));
+    if let Some(iterations) = args.adaround_iterations {
+        config.adaround.as_mut().ok_or_else(|| distill::Error::invalid("--adaround-iterations", "sets AdaRound's iterations: add --adaround (or `adaround:` in the configuration)"))?.iterations = iterations;
     }
-    if args.adaround && args.bias_correction {
-        return Err(distill::Error::invalid("--adaround", "AdaRound and bias correction are not combined (AIMET's guidance): AdaRound's objective already removes the mean output shift; choose one"));
-    }
-    let mut calibration = serde_json::Value::Null;
-    let mut input_means = None;
-    let mut adaround = None;
-    if let Some(calibration_set) = sets.get(1) {
-        let batch_size = args.calibration_batch_size.unwrap_or(args.batch_size);
-        if calibration_set.is_empty() {
+    if let Some(c) = &calibration {
+        if c.data.is_empty() {
             return Err(distill::Error::invalid("--calibrate-split", format!("the {} split of {} is empty: calibrate on another split", calibration_split.name(), args.model.dataset)));
         }
-        let stats = distill::quantization::stats::collect_activation_stats(&mut model, calibration_set, args.calibrate, batch_size)?;
-        stats.to_yaml_file(args.out.join("quantization_stats.yaml"))?;
-        let batches = args.calibrate.min(calibration_set.steps(batch_size));
-        let samples = calibration_set.len().min(batches * batch_size);
-        println!(
-            "calibrated on {batches} batches of {batch_size} from the {} split ({samples} samples); statistics in {}",
-            calibration_split.name(),
-            args.out.join("quantization_stats.yaml").display()
-        );
-        calibration = serde_json::json!({ "split": calibration_split.name(), "batches": batches, "batch_size": batch_size, "samples": samples });
-        config.stats = Some(stats);
-        if args.adaround {
-            // The float model as prepare_model receives it: the targets of every layer's rounding.
-            let float = distill::models::copy_model(&model)?;
-            let settings = distill::quantization::adaround::AdaRound { samples, iterations: args.adaround_iterations, batch_size: 32.min(samples), ..Default::default() };
-            adaround = Some((float, settings, calibration_set, config.save_fp_weights));
-            config.save_fp_weights = true;
-        }
-        if args.bias_correction {
-            input_means = Some((distill::quantization::bias_correction::InputMeans::collect(&mut model, calibration_set, args.calibrate, batch_size)?, config.save_fp_weights));
-            config.save_fp_weights = true;
-        }
     }
+    std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
+    let fp32 = train::validate(&mut model, test, args.batch_size)?;
+    println!("fp32:      top1 {:.2}%  top5 {:.2}%  loss {:.4}", fp32.top1, fp32.top5, fp32.loss);
     let fp32_bytes = distill::quantization::export::float_size_bytes(&model);
-    let prepared = PostTrainLinearQuantizer::new(config).prepare_model(&mut model)?;
+    let started = std::time::Instant::now();
+    let report = PostTrainLinearQuantizer::new(config.clone()).quantize(&mut model, calibration.as_ref())?;
+    let prepared = &report.prepared;
+    for p in &report.equalized {
+        println!("equalized {} → {} ({} channels): filter ranges {:.1}:1 → {:.1}:1", p.first, p.second, p.channels, p.spread_before, p.spread_after);
+    }
+    let equalized = serde_json::json!(report.equalized.iter().map(|p| serde_json::json!({
+        "first": p.first, "second": p.second, "channels": p.channels, "spread_before": p.spread_before, "spread_after": p.spread_after,
+    })).collect::<Vec<_>>());
+    let mut calibration_json = serde_json::Value::Null;
+    if let (Some(stats), Some(c)) = (&report.stats, &calibration) {
+        let stats_path = args.out.join("quantization_stats.yaml");
+        stats.to_yaml_file(&stats_path)?;
+        let batches = c.batches.min(c.data.steps(c.batch_size));
+        println!("calibrated on {batches} batches of {} from the {} split ({} samples); statistics in {}", c.batch_size, calibration_split.name(), report.calibration_samples, stats_path.display());
+        calibration_json = serde_json::json!({ "split": calibration_split.name(), "batches": batches, "batch_size": c.batch_size, "samples": report.calibration_samples });
+    }
     for (module, reason) in &prepared.kept_float {
         eprintln!("warning: {module} stays in floating point: {reason}");
     }
     let mut bias_corrections = serde_json::Value::Null;
-    if let Some((means, keep_float_weights)) = &input_means {
-        let corrected = distill::quantization::bias_correction::correct_biases(&mut model, means)?;
-        if !keep_float_weights {
-            discard_float_weights(&mut model);
+    if let Some(kind) = config.bias_correction {
+        for (layer, reason) in &report.bias_skipped {
+            println!("bias correction ({}): {layer} left alone: {reason}", kind.name());
         }
-        let largest = corrected.iter().map(|(_, c)| *c).fold(0.0, f64::max);
-        println!("bias correction: {} layers, largest shift removed {largest:.3e}", corrected.len());
-        bias_corrections = serde_json::json!(corrected.iter().map(|(layer, c)| serde_json::json!({"layer": layer, "largest_shift": c})).collect::<Vec<_>>());
+        let largest = report.bias_corrections.iter().map(|(_, c)| *c).fold(0.0, f64::max);
+        println!("bias correction ({}): {} layers, largest shift removed {largest:.3e}", kind.name(), report.bias_corrections.len());
+        bias_corrections = serde_json::json!(report.bias_corrections.iter().map(|(layer, c)| serde_json::json!({"layer": layer, "largest_shift": c})).collect::<Vec<_>>());
     }
     let mut adaround_layers = serde_json::Value::Null;
-    if let Some((float, settings, calibration_set, keep_float_weights)) = &adaround {
-        let started = std::time::Instant::now();
-        let layers = settings.apply(&mut model, float, calibration_set)?;
-        if !keep_float_weights {
-            discard_float_weights(&mut model);
-        }
-        for l in &layers {
+    if let Some(settings) = &config.adaround {
+        for l in &report.adaround {
             println!("adaround {}: {} of {} weights round the other way; output MSE {:.3e} → {:.3e}", l.layer, l.flipped, l.weights, l.mse_nearest, l.mse_adaround);
         }
-        println!("adaround: {} layers in {:.1} s ({} iterations each, {} samples)", layers.len(), started.elapsed().as_secs_f64(), settings.iterations, settings.samples);
-        adaround_layers = serde_json::json!(layers.iter().map(|l| serde_json::json!({
+        let seconds: f64 = report.adaround.iter().map(|l| l.seconds).sum();
+        println!("adaround: {} layers in {seconds:.1} s ({} iterations each, {} samples)", report.adaround.len(), settings.iterations, settings.samples);
+        adaround_layers = serde_json::json!(report.adaround.iter().map(|l| serde_json::json!({
             "layer": l.layer, "weights": l.weights, "flipped": l.flipped, "mse_nearest": l.mse_nearest, "mse_adaround": l.mse_adaround,
         })).collect::<Vec<_>>());
     }
+    println!("post-training quantization took {:.1} s", started.elapsed().as_secs_f64());
     if !prepared.fused_relus.is_empty() || !prepared.clipped_stats.is_empty() {
         println!(
             "net-aware: {} ReLU(s) fused into the layer before them, {} output range(s) clipped to the activation after them",
@@ -878,23 +920,13 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
     let summary = serde_json::json!({
         "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": config_path,
-        "calibration": calibration, "equalized": equalized, "bias_correction": bias_corrections, "adaround": adaround_layers, "fp32": fp32, "quantized": quantized, "integer": integer,
+        "calibration": calibration_json, "pipeline": pipeline_json(&config), "equalized": equalized, "bias_correction": bias_corrections, "adaround": adaround_layers, "fp32": fp32, "quantized": quantized, "integer": integer,
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
     let path = args.out.join("summary.json");
     distill::io::write_atomic(&path, (serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n").as_bytes())?;
     println!("results in {}", args.out.display());
     Ok(())
-}
-
-/// Drops the float weights a quantized layer kept only for bias correction or AdaRound: they are not part of the
-/// quantized model.
-fn discard_float_weights(model: &mut distill::nn::Model) {
-    model.for_each_module_mut(|_, m| {
-        if let Some(layer) = (m as &mut dyn std::any::Any).downcast_mut::<distill::quantization::range_linear::RangeLinearQuantParamLayer>() {
-            layer.discard_float_weight();
-        }
-    });
 }
 
 /// Writes the run's summaries and charts next to its logs; returns the file names.
@@ -997,8 +1029,10 @@ fn export(args: ExportArgs) -> Result<()> {
     let parameters = model.num_parameters();
     let form = match &args.quantized {
         Some(q) => {
-            let prepared = distill::quantization::range_linear::PostTrainLinearQuantizer::new(post_train_config(q)?.0).prepare_model(&mut model)?;
-            format!("QDQ, {} quantized modules", prepared.replaced.len())
+            let recipe = QuantizedRecipe::read(q)?;
+            let source = ModelArgs { arch: args.arch.clone(), dataset: args.dataset.clone(), data_dir: args.data_dir.clone(), device: "cpu".into(), data_limit: None };
+            let report = recipe.apply(&mut model, |split| Ok(source.splits(&[split])?.remove(0)))?;
+            format!("QDQ, {} quantized modules", report.prepared.replaced.len())
         }
         None if args.compress.is_some() => "as its schedule's quantizers trained it".to_string(),
         None => "float32".to_string(),
