@@ -221,6 +221,18 @@ fn quantize_writes_a_summary_with_fp32_quantized_and_sizes() {
     assert!(out.join("quantization_stats.yaml").is_file() && out.join("quantized.safetensors").is_file());
     let o = distill(&["quantize", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--config", config, "--out", out.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("saved from 'mlp'"), "{}", stderr(&o));
+    // Mixed precision: the chosen widths in a configuration of their own, which the summary then names.
+    let mixed = dir.path().join("mixed");
+    let args = ["quantize", "--arch", "mlp", "--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--config", config, "--calibrate", "1", "--mixed-precision", "3"];
+    let o = distill(&[&args[..], &["--bits", "2,4,8", "--out", mixed.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("mixed precision: fc1 "), "{}", String::from_utf8_lossy(&o.stdout));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mixed.join("summary.json")).unwrap()).unwrap();
+    assert!(s["config"].as_str().unwrap().ends_with("mixed_precision.yaml"), "{s}");
+    assert!(s["mixed_precision"]["weight_bytes"].as_f64().unwrap() <= s["mixed_precision"]["budget_bytes"].as_f64().unwrap());
+    assert!(mixed.join("mixed_precision.csv").is_file());
+    let o = distill(&[&args[..3], &["--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--config", config, "--mixed-precision", "3", "--out", mixed.to_str().unwrap()]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("give --calibrate N"), "{}", stderr(&o));
 }
 
 /// Runs `distill` through a shell, for pipes and redirections.

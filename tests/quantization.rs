@@ -711,3 +711,66 @@ fn mse_activation_ranges_hold_4_bit_activations_better_than_min_max() {
     let err = PostTrainLinearQuantizer::new(config).prepare_model(&mut model).and_then(|_| validate(&mut model, &data.test, 256).map(|_| ())).unwrap_err().to_string();
     assert!(err.contains("MSE clipping needs the activations' histograms"), "{err}");
 }
+
+/// Mixed precision on the AGP-pruned LeNet at the size of uniform 4-bit weights, from {2, 3, 4, 5, 6, 8} bits: the
+/// chosen widths fit, their measured output error is at most uniform 4-bit's, the YAML written with them loads and gives the same model,
+/// and impossible requests are errors.
+#[test]
+fn mixed_precision_at_the_size_of_4_bits_is_no_worse_than_uniform_4_bits() {
+    use distill::quantization::mixed_precision::{MixedPrecision, WeightBudget};
+    use distill::quantization::post_train::Calibration;
+    let data = distill::data::mnist_bundled().unwrap();
+    let trained = pruned_lenet(&data);
+    let dir = distill::io::TempDir::new().unwrap();
+    let base = dir.path().join("base.yaml");
+    std::fs::write(&base, "quantizers:\n  q:\n    class: PostTrainLinearQuantizer\n    per_channel_wts: true\n    mode: ASYMMETRIC_UNSIGNED\n").unwrap();
+    let config = PostTrainConfig::from_schedule_file(&base).unwrap();
+    let calibration = Calibration::new(&data.valid, 2, 128);
+    let choice = MixedPrecision { candidates: vec![2, 3, 4, 5, 6, 8], budget: WeightBudget::AverageBits(4.0) }.search(&trained, &config, &calibration).unwrap();
+    assert!(choice.weight_bytes <= choice.budget_bytes, "{} > {}", choice.weight_bytes, choice.budget_bytes);
+    assert_eq!(choice.bits.len(), 5);
+    assert_eq!(choice.sensitivities.len(), 5 * choice.sensitivities.iter().filter(|s| s.layer == "conv1").count());
+    // Uniform 4-bit weights, measured the same way: output MSE against the float model on the calibration batches.
+    let mut float = distill::models::copy_model(&trained).unwrap();
+    let stats = collect_activation_stats(&mut float, &data.valid, 2, 128).unwrap();
+    let uniform = |bits: u32| {
+        let mut q = distill::models::copy_model(&trained).unwrap();
+        PostTrainLinearQuantizer::new(PostTrainConfig { bits_parameters: Some(bits), stats: Some(stats.clone()), ..config.clone() }).prepare_model(&mut q).unwrap();
+        let batches: Vec<Tensor> = data.valid.batches(128, Device::Cpu).unwrap().take(2).map(|b| b.unwrap().0).collect();
+        let mse: f64 = batches.iter().map(|x| (q.forward_t(x, false).unwrap() - float.forward_t(x, false).unwrap()).square().mean(Kind::Double).double_value(&[])).sum();
+        (mse / 2.0, validate(&mut q, &data.test, 256).unwrap().top1)
+    };
+    let (mse4, top1_4) = uniform(4);
+    let mut mixed = distill::models::copy_model(&trained).unwrap();
+    PostTrainLinearQuantizer::new(PostTrainConfig { stats: Some(stats.clone()), ..choice.apply(&config).unwrap() }).prepare_model(&mut mixed).unwrap();
+    let top1_mixed = validate(&mut mixed, &data.test, 256).unwrap().top1;
+    println!(
+        "mixed {:?}: {:.0} of {:.0} bytes, output MSE measured {:.3e} (predicted {:.3e}), top-1 {top1_mixed:.2}%; uniform 4 bits: MSE {mse4:.3e}, top-1 {top1_4:.2}%",
+        choice.bits, choice.weight_bytes, choice.budget_bytes, choice.measured_mse, choice.predicted_mse
+    );
+    // Measured: 6.0e-2 against 1.25e-1 (conv1 8, conv2 6, fc1 4, fc2 3, fc3 8 bits).
+    assert!(choice.measured_mse <= mse4, "{} vs {mse4}", choice.measured_mse);
+    assert!(choice.bits.iter().any(|(_, b)| *b != 4), "{:?}", choice.bits);
+    // The schedule written with the choice loads and quantizes to the same widths.
+    let written = dir.path().join("mixed.yaml");
+    choice.write_schedule(&base, &written).unwrap();
+    let reloaded = PostTrainConfig::from_schedule_file(&written).unwrap();
+    let mut m = distill::models::copy_model(&trained).unwrap();
+    PostTrainLinearQuantizer::new(PostTrainConfig { stats: Some(stats.clone()), ..reloaded }).prepare_model(&mut m).unwrap();
+    let x = data.test.batches(64, Device::Cpu).unwrap().next().unwrap().unwrap().0;
+    assert!(m.forward_t(&x, false).unwrap().equal(&mixed.forward_t(&x, false).unwrap()), "the written schedule quantizes differently");
+    for (layer, bits) in &choice.bits {
+        let l = (m.module(layer).unwrap() as &dyn std::any::Any).downcast_ref::<RangeLinearQuantParamLayer>().unwrap();
+        let w = l.integer_weight().unwrap();
+        let span = (w.max() - w.min()).double_value(&[]);
+        assert!(span <= (1u64 << bits) as f64 - 1.0, "{layer}: integer span {span} at {bits} bits");
+    }
+    // Impossible requests.
+    let search = |candidates: Vec<u32>, budget| MixedPrecision { candidates, budget }.search(&trained, &config, &calibration).map(|_| ()).unwrap_err().to_string();
+    assert!(search(vec![2, 4, 8], WeightBudget::AverageBits(1.5)).contains("no assignment fits"));
+    assert!(search(vec![1, 4], WeightBudget::AverageBits(4.0)).contains("outside 2–16"));
+    assert!(search(vec![4, 32], WeightBudget::AverageBits(4.0)).contains("outside 2–16"));
+    assert!(search(vec![], WeightBudget::AverageBits(4.0)).contains("at least one"));
+    let float_weights = PostTrainConfig { bits_parameters: None, ..config.clone() };
+    assert!(MixedPrecision::default().search(&trained, &float_weights, &calibration).unwrap_err().to_string().contains("bits_parameters"));
+}

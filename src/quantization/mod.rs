@@ -8,6 +8,7 @@ pub mod bias_correction;
 pub mod bn_fold;
 pub mod equalization;
 pub mod export;
+pub mod mixed_precision;
 pub mod post_train;
 pub mod qat;
 mod fused;

@@ -143,6 +143,21 @@ impl Overrides {
         Ok(Overrides { entries })
     }
 
+    /// Whether an override applies to module `name`.
+    pub fn matches(&self, name: &str) -> bool {
+        self.find(name).is_some()
+    }
+
+    /// These overrides plus one for exactly module `name`, which wins over every pattern.
+    pub fn with_exact(&self, name: &str, settings: Mapping) -> Result<Self> {
+        let normalized = normalize_name(name);
+        let regex = regex::Regex::new(&format!("^{}$", regex::escape(&normalized))).map_err(|e| Error::invalid("overrides", e.to_string()))?;
+        let mut entries = self.entries.clone();
+        entries.retain(|o| o.pattern != normalized);
+        entries.push(Override { pattern: normalized, regex, settings });
+        Ok(Overrides { entries })
+    }
+
     /// The override for module `name`: an exact name first, else the first pattern that matches.
     fn find(&self, name: &str) -> Option<usize> {
         self.entries.iter().position(|o| o.pattern == name).or_else(|| self.entries.iter().position(|o| o.regex.is_match(name)))

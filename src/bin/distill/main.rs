@@ -140,6 +140,18 @@ struct QuantizeArgs {
     /// Adam steps per layer for --adaround (default 2000, or the configuration's `adaround:` settings).
     #[arg(long)]
     adaround_iterations: Option<usize>,
+    /// Automatic mixed precision: choose each layer's weight bits (from --bits) under this average number of bits
+    /// per weight (4: the size of uniform 4-bit weights), from each layer's sensitivity on the calibration batches
+    /// (needs --calibrate). Writes mixed_precision.yaml (the configuration with the chosen overrides, which
+    /// summary.json then names) and mixed_precision.csv (the sensitivities).
+    #[arg(long, value_name = "AVERAGE_BITS")]
+    mixed_precision: Option<f64>,
+    /// The same with a budget in bytes of packed weights.
+    #[arg(long, conflicts_with = "mixed_precision")]
+    budget_bytes: Option<f64>,
+    /// Candidate weight bit widths for --mixed-precision / --budget-bytes.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    bits: Vec<u32>,
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
@@ -829,6 +841,51 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let sets = args.model.splits(wanted)?;
     let test = &sets[0];
     let mut config = PostTrainConfig::from_schedule_file(&args.config)?;
+    let batch_size = args.calibration_batch_size.unwrap_or(args.batch_size);
+    let calibration = sets.get(1).map(|data| Calibration::new(data, args.calibrate, batch_size));
+    if let Some(c) = &calibration {
+        if c.data.is_empty() {
+            return Err(distill::Error::invalid("--calibrate-split", format!("the {} split of {} is empty: calibrate on another split", calibration_split.name(), args.model.dataset)));
+        }
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
+    let mut config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
+    let budget = match (args.mixed_precision, args.budget_bytes) {
+        (Some(bits), _) => Some(distill::quantization::mixed_precision::WeightBudget::AverageBits(bits)),
+        (None, Some(bytes)) => Some(distill::quantization::mixed_precision::WeightBudget::Bytes(bytes)),
+        (None, None) => None,
+    };
+    let mut mixed_precision = serde_json::Value::Null;
+    if let Some(budget) = budget {
+        let c = calibration.as_ref().ok_or_else(|| distill::Error::invalid("--mixed-precision", "measures each layer's sensitivity on calibration batches: give --calibrate N"))?;
+        let started = std::time::Instant::now();
+        let search = distill::quantization::mixed_precision::MixedPrecision { candidates: args.bits.clone(), budget };
+        let choice = search.search(&model, &config, c)?;
+        let written = args.out.join("mixed_precision.yaml");
+        choice.write_schedule(&args.config, &written)?;
+        distill::summary::tables::write_csv(&mut choice.frame()?, args.out.join("mixed_precision.csv"))?;
+        let widths: Vec<String> = choice.bits.iter().map(|(l, b)| format!("{l} {b}")).collect();
+        println!(
+            "mixed precision: {} ({:.0} of {:.0} bytes of weights); output MSE {:.3e} measured, {:.3e} predicted, {:.3e} at {} bits everywhere; {:.1} s; configuration in {}",
+            widths.join(", "),
+            choice.weight_bytes,
+            choice.budget_bytes,
+            choice.measured_mse,
+            choice.predicted_mse,
+            choice.baseline_mse,
+            args.bits.iter().max().unwrap_or(&8),
+            started.elapsed().as_secs_f64(),
+            written.display()
+        );
+        mixed_precision = serde_json::json!({
+            "bits": choice.bits.iter().map(|(l, b)| serde_json::json!({"layer": l, "bits": b})).collect::<Vec<_>>(),
+            "weight_bytes": choice.weight_bytes, "budget_bytes": choice.budget_bytes,
+            "measured_mse": choice.measured_mse, "predicted_mse": choice.predicted_mse, "baseline_mse": choice.baseline_mse,
+        });
+        config = PostTrainConfig { stats: config.stats.clone(), ..PostTrainConfig::from_schedule_file(&written)? };
+        config_path = std::fs::canonicalize(&written).unwrap_or(written);
+    }
+    // The command line's additions to the configuration.
     config.cross_layer_equalization |= args.equalize;
     if let Some(b) = args.bias_correction {
         config.bias_correction = Some(match b {
@@ -836,8 +893,6 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             BiasCorrectionArg::Analytical => distill::quantization::bias_correction::BiasCorrection::Analytical,
         });
     }
-    let batch_size = args.calibration_batch_size.unwrap_or(args.batch_size);
-    let calibration = sets.get(1).map(|data| Calibration::new(data, args.calibrate, batch_size));
     if args.adaround && config.adaround.is_none() {
         // The command line's AdaRound fits on exactly the calibration samples.
         let samples = calibration.as_ref().map_or(0, |c| c.samples());
@@ -846,12 +901,6 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     if let Some(iterations) = args.adaround_iterations {
         config.adaround.as_mut().ok_or_else(|| distill::Error::invalid("--adaround-iterations", "sets AdaRound's iterations: add --adaround (or `adaround:` in the configuration)"))?.iterations = iterations;
     }
-    if let Some(c) = &calibration {
-        if c.data.is_empty() {
-            return Err(distill::Error::invalid("--calibrate-split", format!("the {} split of {} is empty: calibrate on another split", calibration_split.name(), args.model.dataset)));
-        }
-    }
-    std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
     let fp32 = train::validate(&mut model, test, args.batch_size)?;
     println!("fp32:      top1 {:.2}%  top5 {:.2}%  loss {:.4}", fp32.top1, fp32.top5, fp32.loss);
     let fp32_bytes = distill::quantization::export::float_size_bytes(&model);
@@ -917,10 +966,9 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         fp32_bytes,
         fp32_bytes as f64 / exported.file_bytes.max(1) as f64
     );
-    let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
     let summary = serde_json::json!({
         "arch": args.model.arch, "dataset": args.model.dataset, "checkpoint": args.checkpoint, "config": config_path,
-        "calibration": calibration_json, "pipeline": pipeline_json(&config), "equalized": equalized, "bias_correction": bias_corrections, "adaround": adaround_layers, "fp32": fp32, "quantized": quantized, "integer": integer,
+        "calibration": calibration_json, "pipeline": pipeline_json(&config), "mixed_precision": mixed_precision, "equalized": equalized, "bias_correction": bias_corrections, "adaround": adaround_layers, "fp32": fp32, "quantized": quantized, "integer": integer,
         "fp32_bytes": fp32_bytes, "quantized_bytes": exported.file_bytes,
     });
     let path = args.out.join("summary.json");
