@@ -68,6 +68,8 @@ pub mod prelude {
     pub use crate::models::{copy_model, create_model, load_checkpoint};
     pub use crate::nn::{Model, Module};
     pub use crate::optim::{Optimizer, OptimizerConfig};
+    pub use crate::quantization::post_train::Calibration;
+    pub use crate::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
     pub use crate::scheduler::{CompressionScheduler, Policy, PolicyLoss, PolicySchedule};
     pub use crate::config::Schedule;
     pub use crate::train::{evaluate, fit, Progress, TrainConfig, TrainSummary};

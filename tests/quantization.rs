@@ -730,6 +730,8 @@ fn mixed_precision_at_the_size_of_4_bits_is_no_worse_than_uniform_4_bits() {
     assert!(choice.weight_bytes <= choice.budget_bytes, "{} > {}", choice.weight_bytes, choice.budget_bytes);
     assert_eq!(choice.bits.len(), 5);
     assert_eq!(choice.sensitivities.len(), 5 * choice.sensitivities.iter().filter(|s| s.layer == "conv1").count());
+    let frame = choice.frame().unwrap();
+    assert_eq!((frame.height(), frame.column("chosen").unwrap().bool().unwrap().sum()), (choice.sensitivities.len(), Some(5)));
     // Uniform 4-bit weights, measured the same way: output MSE against the float model on the calibration batches.
     let mut float = distill::models::copy_model(&trained).unwrap();
     let stats = collect_activation_stats(&mut float, &data.valid, 2, 128).unwrap();

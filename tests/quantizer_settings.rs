@@ -389,6 +389,7 @@ fn pipeline_keys_run_on_calibration_data_or_are_refused() {
     let adaround = config.adaround.clone().unwrap();
     assert_eq!((adaround.iterations, adaround.samples, adaround.batch_size, adaround.beta, adaround.reg_weight), (20, 64, 16, (10.0, 2.0), 0.01));
     assert!(ptq("    adaround: false\n").unwrap().adaround.is_none());
+    assert_eq!(ptq("    clip_acts: MSE\n").unwrap().clip_acts, distill::quantization::q_utils::ClipMode::Mse);
     for (body, line, key) in [
         ("    bias_correction: true\n    adaround: true\n", "ptq.yaml:5:", "not combined"),
         ("    adaround: {iteration: 5}\n", "ptq.yaml:4:", "unknown field `iteration`, expected one of `samples`, `iterations`"),

@@ -518,7 +518,7 @@ pub enum QuantizerConfig {
 pub const QUANTIZER_CLASSES: &[&str] = &["PostTrainLinearQuantizer", "QuantAwareTrainRangeLinearQuantizer", "DorefaQuantizer", "PACTQuantizer", "WRPNQuantizer"];
 
 const MODES: &[&str] = &["SYMMETRIC", "SYMMETRIC_RESTRICTED", "ASYMMETRIC_UNSIGNED", "ASYMMETRIC_SIGNED"];
-const CLIP_MODES: &[&str] = &["NONE", "AVG", "N_STD", "GAUSS", "LAPLACE"];
+use crate::quantization::q_utils::CLIP_MODE_NAMES as CLIP_MODES;
 
 impl QuantizerConfig {
     /// The Distiller class name.

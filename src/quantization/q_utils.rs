@@ -79,6 +79,9 @@ pub enum ClipMode {
     Mse,
 }
 
+/// The clip modes' names in YAML: Distiller's five and distill's `MSE`.
+pub const CLIP_MODE_NAMES: &[&str] = &["NONE", "AVG", "N_STD", "GAUSS", "LAPLACE", "MSE"];
+
 impl ClipMode {
     /// Parses Distiller's names (`NONE`, `AVG`, `N_STD`, `GAUSS`, `LAPLACE`, or lower case) and distill's `MSE`;
     /// `N_STD` needs `n_stds`.
@@ -93,7 +96,7 @@ impl ClipMode {
             "GAUSS" => ClipMode::Gauss,
             "LAPLACE" => ClipMode::Laplace,
             "MSE" => ClipMode::Mse,
-            _ => return Err(Error::unknown("clip mode", s, ["NONE", "AVG", "N_STD", "GAUSS", "LAPLACE", "MSE"])),
+            _ => return Err(Error::unknown("clip mode", s, CLIP_MODE_NAMES.iter().copied())),
         })
     }
 }

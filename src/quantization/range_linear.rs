@@ -965,10 +965,28 @@ impl PostTrainConfig {
     /// From a schedule file whose `quantizers:` section holds exactly one `PostTrainLinearQuantizer`.
     pub fn from_schedule_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let schedule = crate::config::Schedule::from_file(path)?;
+        Self::from_schedule(&crate::config::Schedule::from_file(path)?, &path.display().to_string(), path.parent().unwrap_or(std::path::Path::new(".")))
+    }
+
+    /// From schedule text (named `name` in messages) whose `quantizers:` section holds exactly one
+    /// `PostTrainLinearQuantizer`; a statistics path in it is read relative to the working directory.
+    ///
+    /// ```
+    /// let config = distill::quantization::range_linear::PostTrainConfig::from_yaml_str(
+    ///     "quantizers:\n  q:\n    class: PostTrainLinearQuantizer\n    bits_parameters: 4\n    clip_acts: MSE\n",
+    ///     "ptq.yaml",
+    /// )?;
+    /// assert_eq!(config.bits_parameters, Some(4));
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn from_yaml_str(text: &str, name: &str) -> Result<Self> {
+        Self::from_schedule(&crate::config::Schedule::from_yaml_str(text, name)?, name, std::path::Path::new("."))
+    }
+
+    fn from_schedule(schedule: &crate::config::Schedule, name: &str, base_dir: &std::path::Path) -> Result<Self> {
         match schedule.quantizers.as_slice() {
-            [(_, crate::config::QuantizerConfig::PostTrainLinearQuantizer(p))] => Self::from_params(p, path.parent().unwrap_or(std::path::Path::new("."))),
-            _ => Err(Error::invalid("quantizers", format!("{} must define exactly one PostTrainLinearQuantizer in its quantizers section", path.display()))),
+            [(_, crate::config::QuantizerConfig::PostTrainLinearQuantizer(p))] => Self::from_params(p, base_dir),
+            _ => Err(Error::invalid("quantizers", format!("{name} must define exactly one PostTrainLinearQuantizer in its quantizers section"))),
         }
     }
 
