@@ -56,6 +56,21 @@ pub struct Equalization {
     pub sweeps: usize,
 }
 
+impl Equalization {
+    /// An error when activation statistics collected before this equalization would be used after it: a sweep
+    /// beyond the first means some channel was rescaled, so those ranges are stale. `fix` says how to calibrate
+    /// after equalizing in the caller's setting.
+    pub(crate) fn check_statistics_still_valid(&self, has_statistics: bool, fix: &str) -> Result<()> {
+        if has_statistics && self.sweeps > 1 {
+            return Err(Error::invalid(
+                "cross_layer_equalization",
+                format!("equalization changes the activation ranges, and these statistics were collected before it: {fix}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 const HOMOGENEOUS: &[&str] = &["ReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Identity", "Dropout", "Flatten"];
 const MAX_SWEEPS: usize = 200;
 

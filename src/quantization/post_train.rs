@@ -78,13 +78,7 @@ impl PostTrainLinearQuantizer {
     /// All or nothing: on any error the model is exactly as before.
     pub fn quantize(&self, model: &mut Model, calibration: Option<&Calibration>) -> Result<PostTrainReport> {
         let c = self.config();
-        let needs_data = if c.adaround.is_some() {
-            Some("adaround")
-        } else if c.bias_correction == Some(BiasCorrection::Empirical) {
-            Some("bias_correction")
-        } else {
-            None
-        };
+        let needs_data = c.after_quantizing().filter(|step| step.needs_data()).map(|step| step.key());
         match (needs_data, calibration) {
             (Some(key), None) => {
                 let also = if key == "bias_correction" { " (or use `bias_correction: analytical`, which needs none)" } else { "" };
@@ -114,12 +108,10 @@ impl PostTrainLinearQuantizer {
             // before calibrating, since equalization changes the activation ranges.
             super::bn_fold::fold_batch_norms_recorded(model, rollback)?;
             let eq = equalize_cross_layer(model)?;
-            if calibration.is_none() && config.stats.is_some() && eq.sweeps > 1 {
-                return Err(Error::invalid(
-                    "cross_layer_equalization",
-                    "equalization changes the activation ranges, and these statistics were collected before it: calibrate after equalizing (give calibration batches)",
-                ));
-            }
+            eq.check_statistics_still_valid(
+                calibration.is_none() && config.stats.is_some(),
+                "calibrate after equalizing (give calibration batches)",
+            )?;
             if let Some(means) = means.as_mut() {
                 for pair in &eq.pairs {
                     means.rescale_input_channels(&pair.second, &pair.scales)?;

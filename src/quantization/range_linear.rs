@@ -861,7 +861,8 @@ impl PostTrainLinearQuantizer {
     /// is then for evaluation only. All or nothing: on any error the model is left exactly as it was.
     pub fn prepare_model(&self, model: &mut Model) -> Result<PtqPrepared> {
         let c = &self.config;
-        if let Some(key) = if c.adaround.is_some() { Some("adaround") } else if c.bias_correction.is_some() { Some("bias_correction") } else { None } {
+        if let Some(step) = c.after_quantizing() {
+            let key = step.key();
             return Err(Error::invalid(key, "runs after quantizing, on calibration data or the float model's batch norms, which prepare_model does not take: use PostTrainLinearQuantizer::quantize"));
         }
         Rollback::transaction(model, |model, rollback| self.prepare_steps(model, rollback))
@@ -909,12 +910,10 @@ impl PostTrainLinearQuantizer {
         let mut equalized = Vec::new();
         if c.cross_layer_equalization {
             let eq = super::equalization::equalize_cross_layer(model)?;
-            if stats.is_some() && eq.sweeps > 1 {
-                return Err(Error::invalid(
-                    "cross_layer_equalization",
-                    "equalization changes the activation ranges, and these statistics were collected before it: equalize the model (distill::quantization::equalization::equalize_cross_layer, or `distill quantize --calibrate N`, which equalizes before calibrating), then calibrate",
-                ));
-            }
+            eq.check_statistics_still_valid(
+                stats.is_some(),
+                "equalize the model (distill::quantization::equalization::equalize_cross_layer, or `distill quantize --calibrate N`, which equalizes before calibrating), then calibrate",
+            )?;
             equalized = eq.pairs.into_iter().map(|p| (p.first, p.second)).collect();
         }
         let (mut clipped_stats, mut fusing) = (Vec::new(), Vec::new());
@@ -961,7 +960,39 @@ impl PostTrainLinearQuantizer {
     }
 }
 
+/// The pipeline step that runs on the quantized model, after the quantizer ([`PostTrainConfig::after_quantizing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterQuantizing {
+    AdaRound,
+    BiasCorrection(super::bias_correction::BiasCorrection),
+}
+
+impl AfterQuantizing {
+    /// The YAML key that asks for it.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            AfterQuantizing::AdaRound => "adaround",
+            AfterQuantizing::BiasCorrection(_) => "bias_correction",
+        }
+    }
+
+    /// Whether it fits the model to calibration data (analytical bias correction reads the batch norms instead).
+    pub(crate) fn needs_data(self) -> bool {
+        self != AfterQuantizing::BiasCorrection(super::bias_correction::BiasCorrection::Analytical)
+    }
+}
+
 impl PostTrainConfig {
+    /// The step asked for after quantizing: AdaRound, else bias correction (asking for both is refused where the
+    /// configuration is checked).
+    pub(crate) fn after_quantizing(&self) -> Option<AfterQuantizing> {
+        match (self.adaround.is_some(), self.bias_correction) {
+            (true, _) => Some(AfterQuantizing::AdaRound),
+            (false, Some(kind)) => Some(AfterQuantizing::BiasCorrection(kind)),
+            (false, None) => None,
+        }
+    }
+
     /// From a schedule file whose `quantizers:` section holds exactly one `PostTrainLinearQuantizer`.
     pub fn from_schedule_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();

@@ -173,18 +173,14 @@ impl Acc {
             Some(h) => h,
             None => self.histogram.insert(Histogram::empty(self.min, self.max, HISTOGRAM_BINS)?),
         };
-        fn abs_dev<T: Copy + Into<f64>>(values: &[T], mean: f64) -> f64 {
-            values.iter().map(|&v| (v.into() - mean).abs()).sum()
+        // Both passes over one host copy, for either float width.
+        fn add<T: Copy + Into<f64>>(values: &[T], mean: f64, abs_dev: &mut f64, histogram: &mut Histogram) -> Result<()> {
+            *abs_dev += values.iter().map(|&v| (v.into() - mean).abs()).sum::<f64>();
+            histogram.add_values(values)
         }
         match host_values(x)? {
-            HostValues::F32(v) => {
-                self.abs_dev += abs_dev(&v, mean);
-                histogram.add_values(&v)
-            }
-            HostValues::F64(v) => {
-                self.abs_dev += abs_dev(&v, mean);
-                histogram.add_values(&v)
-            }
+            HostValues::F32(v) => add(&v, mean, &mut self.abs_dev, histogram),
+            HostValues::F64(v) => add(&v, mean, &mut self.abs_dev, histogram),
         }
     }
 
