@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Runs the notebooks in notebooks/ with the "Rust (distill)" kernel through nbclient.
 
+  notebooks.py workspace                  write the crate evcxr generates in the kernel's folder (.evcxr/), so that
+                                          scripts/test.sh builds the tests there and the kernel reuses what they built
   notebooks.py prebuild                   build distill inside the kernel's persistent folder (setup-notebooks.sh)
   notebooks.py run [--in-place] [NB ...]  execute notebooks; fail on any error output, any panic and any error
                                           written to stderr; print each notebook's run time
@@ -20,7 +22,6 @@ import os
 import queue
 import re
 import shutil
-import subprocess
 import sys
 import time
 
@@ -37,10 +38,14 @@ DEP_LINE = ':dep distill = { path = "..", features = ["lazy"] }'
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def execute(nb, cwd, kernel=KERNEL, timeout=1800):
+def notebook_client(nb, kernel=KERNEL, timeout=1800):
     # allow_errors: run every cell so one report lists every failing cell; problems() then fails the notebook.
-    client = NotebookClient(nb, kernel_name=kernel, timeout=timeout, allow_errors=True, resources={"metadata": {"path": cwd}})
-    client.execute()
+    return NotebookClient(nb, kernel_name=kernel, timeout=timeout, allow_errors=True,
+                          resources={"metadata": {"path": NOTEBOOKS}})
+
+
+def execute(nb, kernel=KERNEL, timeout=1800):
+    notebook_client(nb, kernel, timeout).execute()
     return nb
 
 
@@ -89,17 +94,74 @@ def problems(nb):
     return found
 
 
+# The crate evcxr 0.22 generates for a notebook whose only dependency is DEP_LINE (evcxr/src/module.rs,
+# get_cargo_toml_contents, at evcxr's default opt-level 2). scripts/test.sh builds and runs the tests inside this
+# crate's workspace, with evcxr's profile, target and RUSTFLAGS: cargo then compiles polars, tch and distill once for
+# the tests and the kernel together, where two builds took about 35 minutes of the 2 cores.
+KERNEL_CRATE = """
+[package]
+name = "ctx"
+version = "1.0.0"
+edition = "2024"
+
+[lib]
+crate-type = ["cdylib"]
+path = "src/lib.rs"
+
+[profile.dev]
+opt-level = 2
+debug = false
+strip = "debuginfo"
+rpath = true
+lto = false
+debug-assertions = true
+codegen-units = 16
+panic = 'unwind'
+incremental = true
+overflow-checks = true
+
+[dependencies]
+distill = {{ path = "{root}", features = ["lazy"] }}
+"""
+KERNEL_FOLDER = os.path.join(ROOT, ".evcxr")
+
+
+def kernel_manifest():
+    # evcxr writes the dependency's path resolved (no "..", no symbolic link).
+    return KERNEL_CRATE.format(root=os.path.realpath(ROOT))
+
+
+def workspace():
+    """Writes evcxr's crate into .evcxr/ before the kernel ever ran there, with the project's Cargo.lock (evcxr never
+    touches the lock file, so the kernel then uses the versions the project pins)."""
+    os.makedirs(os.path.join(KERNEL_FOLDER, "src"), exist_ok=True)
+    with open(os.path.join(KERNEL_FOLDER, "Cargo.toml"), "w") as f:
+        f.write(kernel_manifest())
+    lib = os.path.join(KERNEL_FOLDER, "src", "lib.rs")
+    if not os.path.exists(lib):
+        open(lib, "w").close()
+    shutil.copy2(os.path.join(ROOT, "Cargo.lock"), os.path.join(KERNEL_FOLDER, "Cargo.lock"))
+    print(f"workspace: {os.path.relpath(KERNEL_FOLDER, ROOT)}/Cargo.toml written")
+
+
 def prebuild():
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(DEP_LINE), nbformat.v4.new_code_cell("use distill::prelude::*;\ndistill::models::architectures(None).len()")]
     start = time.time()
     # The first cell compiles distill and its dependencies (6 minutes on an idle 2-core machine). scripts/test.sh
     # runs it beside the crate's own tests, and a busy machine once took over 30 minutes: an hour before giving up.
-    execute(nb, NOTEBOOKS, timeout=3600)
+    execute(nb, timeout=3600)
     bad = problems(nb)
     if bad:
         sys.exit("prebuild failed:\n" + "\n".join(bad))
     print(f"prebuild: {time.time() - start:.1f} s")
+    # After a `:dep`, evcxr has rewritten Cargo.toml. If a later evcxr writes another crate than KERNEL_CRATE, the
+    # tests and the kernel stop sharing their build: nothing breaks, but CI builds polars twice again.
+    with open(os.path.join(KERNEL_FOLDER, "Cargo.toml")) as f:
+        if f.read().split() != kernel_manifest().split():
+            print("prebuild: warning: evcxr's generated Cargo.toml differs from notebooks.py's KERNEL_CRATE, so the "
+                  "tests (scripts/test.sh) and the kernel no longer share one build; update KERNEL_CRATE",
+                  file=sys.stderr)
 
 
 def jobs():
@@ -111,11 +173,23 @@ def jobs():
     return int(value)
 
 
+def kernel_only(folder, names):
+    """What a copy of `.evcxr/` for another kernel leaves out: what scripts/test.sh's tests built there, and the
+    kernel needs neither to load distill nor to judge it up to date (about 3 of its 4 GB): the test and bench
+    executables in `deps/` (no extension) and every incremental cache but the kernel crate's own (`ctx-*`)."""
+    base = os.path.basename(folder)
+    if base == "incremental":
+        return [n for n in names if not n.startswith("ctx-")]
+    if base == "deps":
+        return [n for n in names if "." not in n and os.path.isfile(os.path.join(folder, n))]
+    return []
+
+
 def worker_kernel(worker, workers):
     """The kernel name runner `worker` of `workers` uses. One runner: the set-up's own kernelspec. Several: a copy of
     it under target/notebooks/kernels that gives libtorch its share of the cores (OMP_NUM_THREADS; two kernels that
     each spin two OpenMP threads on two cores run several times slower than one after the other) and, for runner N
-    > 0, the build folder `.evcxr-N/`, a fresh copy of `.evcxr/` (`cp -a` keeps the file times, so cargo sees the
+    > 0, the build folder `.evcxr-N/`, a fresh copy of `.evcxr/` (copy2 keeps the file times, so cargo sees the
     prebuilt dependencies as up to date and compiles only the cells)."""
     if workers == 1:
         return KERNEL
@@ -133,7 +207,7 @@ def worker_kernel(worker, workers):
         source = spec["env"]["EVCXR_TMPDIR"]
         folder = f"{source}-{worker}"
         shutil.rmtree(folder, ignore_errors=True)
-        subprocess.run(["cp", "-a", source, folder], check=True)
+        shutil.copytree(source, folder, symlinks=True, ignore=kernel_only, copy_function=shutil.copy2)
         spec["env"]["EVCXR_TMPDIR"] = folder
     spec["env"]["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     spec["display_name"] = f"{spec['display_name']} (runner {worker})"
@@ -180,8 +254,7 @@ def worker(kernel, tasks, results, out_dir):
         if path is None:
             break
         if client is None:
-            client = NotebookClient(nbformat.v4.new_notebook(), kernel_name=kernel, timeout=1800, allow_errors=True,
-                                    resources={"metadata": {"path": NOTEBOOKS}})
+            client = notebook_client(nbformat.v4.new_notebook(), kernel)
         name, elapsed, bad, usable = run_notebook(path, out_dir, client)
         if not usable:
             shutdown(client)
@@ -258,6 +331,8 @@ def run(args):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "prebuild":
         prebuild()
+    elif len(sys.argv) > 1 and sys.argv[1] == "workspace":
+        workspace()
     elif len(sys.argv) > 1 and sys.argv[1] == "run":
         run(sys.argv[2:])
     else:

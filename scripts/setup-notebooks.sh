@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 jupyter_only=0
+prebuild=1
 for arg in "$@"; do
   case "$arg" in
     --jupyter-only) jupyter_only=1 ;;
-    *) echo "setup-notebooks.sh: unknown option '$arg' (valid: --jupyter-only)" >&2; exit 2 ;;
+    --no-prebuild) prebuild=0 ;;
+    *) echo "setup-notebooks.sh: unknown option '$arg' (valid: --jupyter-only, --no-prebuild)" >&2; exit 2 ;;
   esac
 done
 scripts/setup.sh
@@ -34,6 +36,8 @@ fi
 kernel=.venv/share/jupyter/kernels/rust-distill
 mkdir -p "$kernel" .evcxr
 torch_lib=$(cd .libtorch/lib && pwd -P)
+# No LIBTORCH here: evcxr's builds in .evcxr/ take it from .cargo/config.toml, as scripts/test.sh's builds there do.
+# Another value, even the same folder by another path, makes cargo rebuild tch and distill for the kernel.
 cat > "$kernel/kernel.json" <<JSON
 {
   "argv": ["$(command -v evcxr_jupyter)", "--control_file", "{connection_file}"],
@@ -42,7 +46,6 @@ cat > "$kernel/kernel.json" <<JSON
   "interrupt_mode": "message",
   "env": {
     "LD_LIBRARY_PATH": "$torch_lib",
-    "LIBTORCH": "$(cd .libtorch && pwd -P)",
     "EVCXR_TMPDIR": "$root/.evcxr",
     "DISTILL_ROOT": "$root"
   }
@@ -50,7 +53,10 @@ cat > "$kernel/kernel.json" <<JSON
 JSON
 echo "setup-notebooks: kernelspec $kernel (open notebooks/ with: .venv/bin/jupyter lab --notebook-dir notebooks)"
 
+[ "$prebuild" = 0 ] && exit 0
+
 # Build distill once inside evcxr's folder: the first `:dep distill` of a notebook then only relinks.
+[ -f .evcxr/Cargo.toml ] || .venv/bin/python scripts/notebooks.py workspace
 if [ ! -f .evcxr/.distill-prebuilt ] || [ -n "$(find src Cargo.toml vendor .cargo/config.toml scripts/notebooks.py -newer .evcxr/.distill-prebuilt 2>/dev/null | head -1)" ]; then
   echo "setup-notebooks: pre-building distill for the kernel (several minutes the first time)"
   .venv/bin/python scripts/notebooks.py prebuild

@@ -11,13 +11,16 @@ scripts/setup.sh
 scripts/setup-notebooks.sh --jupyter-only
 step "set-up"
 
-# The notebook kernel's set-up (building evcxr_jupyter, about 10 minutes on 2 cores, then distill inside evcxr's
-# folder, about 6) runs next to the crate's own build and tests. Each of the two leaves a core idle for long
-# stretches (one large crate compiling, a link, a test binary with one test left), so together they finish sooner
-# than one after the other.
+# The tests are built and run inside the crate that the notebook kernel (evcxr) generates in .evcxr/, with evcxr's
+# profile (opt-level 2, debug assertions and overflow checks on), target and RUSTFLAGS, and distill's `lazy` feature
+# as the notebooks ask for it: cargo then compiles polars, tch and distill once for the tests and the kernel, where a
+# release build for the tests and evcxr's build for the notebooks took about 35 minutes of the two cores between
+# them. Meanwhile the kernel itself (evcxr_jupyter, about 10 minutes on 2 cores where it is not installed yet) builds
+# in the background.
+.venv/bin/python scripts/notebooks.py workspace
 mkdir -p target
 notebook_log=target/setup-notebooks.log
-scripts/setup-notebooks.sh > "$notebook_log" 2>&1 &
+scripts/setup-notebooks.sh --no-prebuild > "$notebook_log" 2>&1 &
 notebook_setup=$!
 trap 'kill $notebook_setup 2>/dev/null || true' EXIT
 
@@ -25,9 +28,14 @@ trap 'kill $notebook_setup 2>/dev/null || true' EXIT
 # each: with libtorch's default of one OpenMP thread per core, two of them spin four threads on two cores, and
 # tests/cli.rs took 250 s instead of 104 s.
 export OMP_NUM_THREADS=1
-cargo test --release --all-targets
+host=$(rustc -vV | sed -n 's/^host: //p')
+kernel_cargo() {
+  (cd .evcxr && CARGO_TARGET_DIR=target CARGO_BUILD_BUILD_DIR=target RUSTFLAGS=-Cprefer-dynamic \
+    cargo test -p distill --target "$host" "$@")
+}
+kernel_cargo --all-targets
 step "cargo test"
-cargo test --release --doc
+kernel_cargo --doc
 step "doc tests"
 unset OMP_NUM_THREADS
 
@@ -40,6 +48,9 @@ if [ $status -ne 0 ]; then
   echo "test: the notebook set-up failed (exit $status); its output is above and in $notebook_log" >&2
   exit $status
 fi
+# The kernel's first `:dep distill` now finds distill and its dependencies built by the tests.
+scripts/setup-notebooks.sh
+step "kernel pre-build"
 .venv/bin/python scripts/notebooks.py run
 step "notebooks"
 echo "test.sh: ${steps[*]/%/;} ${SECONDS} s in all"
