@@ -278,9 +278,13 @@ fn optimizer_state_and_masks_shrink_with_the_parameters() {
             }
             for (name, m) in masks.tensors() {
                 assert_eq!(m.size(), params[&name], "{arch} {label}: mask of {name}");
-                // The mask still marks the zero filters that stayed (coupled ones), and only those.
+                // The mask still marks the zero filters that stayed (coupled ones), and only those. Compared filter
+                // by filter: a kept weight can land exactly on 0.0 in the step (Adam's first step moves every
+                // weight by about ±lr, and one of vgg16's 2.4M weights per layer is that close to 0.01 in some
+                // draws), so element by element the mask and the zeros need not agree.
                 let w = model.parameter(&name).unwrap();
-                assert!(m.eq_tensor(&w.ne(0.0).to_kind(Kind::Float)).all().int64_value(&[]) == 1, "{arch} {label}: mask of {name}");
+                let zero_filters = |t: &Tensor| t.abs().flatten(1, -1).sum_dim_intlist(1, false, Kind::Float).eq(0.0);
+                assert!(zero_filters(&m).equal(&zero_filters(&w)), "{arch} {label}: mask of {name}");
             }
             for (name, p) in model.named_parameters() {
                 let g = p.grad();
