@@ -24,10 +24,14 @@ scripts/setup-notebooks.sh --no-prebuild > "$notebook_log" 2>&1 &
 notebook_setup=$!
 trap 'kill $notebook_setup 2>/dev/null || true' EXIT
 
-# One libtorch thread per test process. libtest runs two tests at a time here, and the CLI's tests start a process
-# each: with libtorch's default of one OpenMP thread per core, two of them spin four threads on two cores, and
-# tests/cli.rs took 250 s instead of 104 s.
+# One libtorch thread per test process: with libtorch's default of one OpenMP thread per core, two tests at a time
+# spun four threads on two cores (tests/cli.rs took 250 s instead of 104 s), and the figures the tests check were
+# measured so.
 export OMP_NUM_THREADS=1
+# One test at a time within a test binary. The tests of one binary share libtorch's global random generator: run
+# side by side, a test that seeds it and then draws can get another test's draws, and a clean-clone run failed so
+# (tests/training.rs, resuming_a_pruning_schedule_restores_pruner_state: "conv1.weight differs after resume").
+export RUST_TEST_THREADS=1
 host=$(rustc -vV | sed -n 's/^host: //p')
 kernel_cargo() {
   (cd .evcxr && CARGO_TARGET_DIR=target CARGO_BUILD_BUILD_DIR=target RUSTFLAGS=-Cprefer-dynamic \
@@ -35,6 +39,8 @@ kernel_cargo() {
 }
 kernel_cargo --all-targets
 step "cargo test"
+# Each doc test is a process of its own, so they may run side by side.
+unset RUST_TEST_THREADS
 kernel_cargo --doc
 step "doc tests"
 unset OMP_NUM_THREADS
