@@ -24,9 +24,9 @@ scripts/setup-notebooks.sh --no-prebuild > "$notebook_log" 2>&1 &
 notebook_setup=$!
 trap 'kill $notebook_setup 2>/dev/null || true' EXIT
 
-# One libtorch thread per test process: with libtorch's default of one OpenMP thread per core, two tests at a time
-# spun four threads on two cores (tests/cli.rs took 250 s instead of 104 s), and the figures the tests check were
-# measured so.
+# One libtorch thread per test process, as the figures the tests check were measured. (With libtorch's default of
+# one OpenMP thread per core, two tests at a time once spun four threads on two cores: tests/cli.rs took 250 s
+# instead of 104 s.)
 export OMP_NUM_THREADS=1
 # One test at a time within a test binary. The tests of one binary share libtorch's global random generator: run
 # side by side, a test that seeds it and then draws can get another test's draws, and a clean-clone run failed so
