@@ -46,38 +46,84 @@ pub trait Rich {
 }
 
 /// An HTML table of a DataFrame: every row up to 60, else the first and last 10 with an ellipsis row between
-/// and the frame's size below (as pandas shows a long frame).
+/// and the frame's size below (as pandas shows a long frame). Floats are printed as pandas prints them
+/// ([`float_cells`]); the text fallback keeps Distiller's five decimals.
 pub fn html_table(df: &DataFrame) -> Result<String> {
+    let n = df.height();
+    let shown: Vec<usize> = if n > MAX_HTML_ROWS { (0..HEAD_TAIL_ROWS).chain(n - HEAD_TAIL_ROWS..n).collect() } else { (0..n).collect() };
     let cols = df.columns();
+    let mut cells = Vec::with_capacity(cols.len());
+    for c in cols {
+        cells.push(if c.dtype().is_float() { float_cells(&shown.iter().map(|&i| float_at(c, i)).collect::<Result<Vec<_>>>()?) } else { shown.iter().map(|&i| cell(c, i)).collect::<Result<Vec<_>>>()? });
+    }
     let mut html = String::from("<table><thead><tr>");
     for c in cols {
         html += &format!("<th>{}</th>", escape(c.name()));
     }
     html += "</tr></thead><tbody>";
-    let row = |i: usize| -> Result<String> {
-        let mut tr = String::from("<tr>");
-        for c in cols {
-            tr += &format!("<td>{}</td>", escape(&cell(c, i)?));
+    for (k, &i) in shown.iter().enumerate() {
+        if n > MAX_HTML_ROWS && i == n - HEAD_TAIL_ROWS {
+            html += &format!("<tr>{}</tr>", "<td>…</td>".repeat(cols.len()));
         }
-        Ok(tr + "</tr>")
-    };
-    let n = df.height();
+        html += "<tr>";
+        for column in &cells {
+            html += &format!("<td>{}</td>", escape(&column[k]));
+        }
+        html += "</tr>";
+    }
+    html += "</tbody></table>";
     if n > MAX_HTML_ROWS {
-        // As pandas does: the head and the tail, an ellipsis row between, and the frame's size below.
-        for i in (0..HEAD_TAIL_ROWS).chain(n - HEAD_TAIL_ROWS..n) {
-            if i == n - HEAD_TAIL_ROWS {
-                html += &format!("<tr>{}</tr>", "<td>…</td>".repeat(cols.len()));
-            }
-            html += &row(i)?;
-        }
-        html += &format!("</tbody></table><p>{n} rows × {} columns</p>", cols.len());
-    } else {
-        for i in 0..n {
-            html += &row(i)?;
-        }
-        html += "</tbody></table>";
+        html += &format!("<p>{n} rows × {} columns</p>", cols.len());
     }
     Ok(html)
+}
+
+fn float_at(c: &polars::prelude::Column, i: usize) -> Result<Option<f64>> {
+    use polars::prelude::AnyValue;
+    Ok(match c.get(i)? {
+        AnyValue::Float64(v) => Some(v),
+        // The shortest decimal that reads back as this f32 (96.2, not the f64 nearest it, 96.19999694824219).
+        AnyValue::Float32(v) => v.to_string().parse().ok(),
+        _ => None,
+    })
+}
+
+/// Decimals pandas shows at most (`display.precision`).
+const FLOAT_DECIMALS: usize = 6;
+
+/// One float column's cells as pandas prints them: at most six decimals, trailing zeros trimmed alike across the
+/// column (at least one kept, so `96.2` and `97.0` line up and read as floats), scientific notation when a value
+/// would otherwise show as zero or is too large to read; `-0` shows as `0.0`, a missing value as an empty cell.
+pub fn float_cells(values: &[Option<f64>]) -> Vec<String> {
+    let finite: Vec<f64> = values.iter().flatten().copied().filter(|v| v.is_finite() && *v != 0.0).map(f64::abs).collect();
+    let scientific = finite.iter().any(|&v| v < 10f64.powi(-(FLOAT_DECIMALS as i32)) || v >= 1e15);
+    let full = |v: f64| if scientific { format!("{v:.FLOAT_DECIMALS$e}") } else { format!("{v:.FLOAT_DECIMALS$}") };
+    // Decimals needed by the value that needs most, after trimming its trailing zeros.
+    let needed = values
+        .iter()
+        .flatten()
+        .filter(|v| v.is_finite())
+        .map(|&v| {
+            let text = full(v);
+            let mantissa = text.split('e').next().unwrap_or(&text);
+            let decimals = mantissa.split('.').nth(1).unwrap_or("");
+            decimals.trim_end_matches('0').len()
+        })
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    values
+        .iter()
+        .map(|v| match *v {
+            None => String::new(),
+            Some(v) if v.is_nan() => "NaN".to_string(),
+            Some(v) if v.is_infinite() => (if v > 0.0 { "inf" } else { "-inf" }).to_string(),
+            Some(v) => {
+                let v = if v == 0.0 { 0.0 } else { v };
+                if scientific { format!("{v:.needed$e}") } else { format!("{v:.needed$}") }
+            }
+        })
+        .collect()
 }
 
 /// Frames longer than this show their head and tail only in HTML (pandas' `display.max_rows` is 60).
@@ -252,10 +298,25 @@ mod tests {
         let df = df!("Name" => ["a<b", "c"], "Fine (%)" => [50.0, 0.0]).unwrap();
         let b = df.mime_bundle().unwrap();
         assert_eq!(b[0].0, "text/html");
-        assert!(b[0].1.contains("<th>Fine (%)</th>") && b[0].1.contains("<td>a&lt;b</td>") && b[0].1.contains("<td>50.00000</td>"), "{}", b[0].1);
+        assert!(b[0].1.contains("<th>Fine (%)</th>") && b[0].1.contains("<td>a&lt;b</td>") && b[0].1.contains("<td>50.0</td>"), "{}", b[0].1);
         assert!(b[1].1.contains("| a<b  |"), "{}", b[1].1);
         let piped = df!("rule" => ["x | y"]).unwrap();
         assert!(html_table(&piped).unwrap().contains("<td>x | y</td></tr>"));
+    }
+
+    #[test]
+    fn floats_show_as_pandas_shows_them() {
+        let cells = |v: &[f64]| float_cells(&v.iter().map(|&x| Some(x)).collect::<Vec<_>>());
+        assert_eq!(cells(&[96.2, 97.0, 95.6]), ["96.2", "97.0", "95.6"]);
+        assert_eq!(cells(&[96.19999694824219]), ["96.199997"]);
+        assert_eq!(cells(&[0.5, 0.25, -0.0]), ["0.50", "0.25", "0.00"]);
+        assert_eq!(cells(&[0.0261234567, 1.0]), ["0.026123", "1.000000"]);
+        assert_eq!(cells(&[3.0, 12.0]), ["3.0", "12.0"]);
+        assert_eq!(cells(&[2.5e-9, 0.5]), ["2.5e-9", "5.0e-1"]);
+        assert_eq!(cells(&[2e16]), ["2.0e16"]);
+        assert_eq!(float_cells(&[Some(f64::NAN), None, Some(f64::NEG_INFINITY), Some(1.5)]), ["NaN", "", "-inf", "1.5"]);
+        let df = df!("top1" => [96.19999694824219f32, 97.0f32]).unwrap();
+        assert!(html_table(&df).unwrap().contains("<td>96.2</td></tr><tr><td>97.0</td>"), "{}", html_table(&df).unwrap());
     }
 
     #[test]

@@ -106,5 +106,8 @@ fn lines_come_from_any_dataframe() {
         }
         other => panic!("{other:?}"),
     }
+    // The title is drawn once: the figure's, not repeated above its only panel.
+    let svg = figure.to_svg().unwrap();
+    assert_eq!(texts(&svg).iter().filter(|t| *t == "value against step").count(), 1, "{:?}", texts(&svg));
     assert!(lines_from_frame(&df, "step", "valu", None).unwrap_err().to_string().contains("value"));
 }

@@ -155,7 +155,7 @@ pub fn lines_from_frame(df: &DataFrame, x: &str, y: &str, group: Option<&str>) -
     for s in &mut series {
         s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    Ok(Figure::new(format!("{y} against {x}"), vec![Panel::new(format!("{y} against {x}"), x, y, PanelKind::Lines(series))], 1))
+    Ok(Figure::new(format!("{y} against {x}"), vec![Panel::new("", x, y, PanelKind::Lines(series))], 1))
 }
 
 /// The output range (min to max) of every module in calibration statistics, as quantization sees it.

@@ -356,7 +356,11 @@ fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
 
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()> {
     let mut builder = ChartBuilder::on(area);
-    builder.caption(&p.title, ("sans-serif", 18)).margin(10).x_label_area_size(45).y_label_area_size(60);
+    // A figure of one panel may leave the panel untitled rather than repeat the figure's title.
+    if !p.title.is_empty() {
+        builder.caption(&p.title, ("sans-serif", 18));
+    }
+    builder.margin(10).x_label_area_size(45).y_label_area_size(60);
     match &p.kind {
         PanelKind::Lines(series) => draw_lines(builder, area, p, series)?,
         PanelKind::Bars { labels, values } => {
@@ -412,7 +416,7 @@ impl Figure {
     fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<()> {
         register_font()?;
         root.fill(&WHITE).map_err(draw_err)?;
-        let root = root.titled(&self.title, ("sans-serif", 22)).map_err(draw_err)?;
+        let root = if self.title.is_empty() { root } else { root.titled(&self.title, ("sans-serif", 22)).map_err(draw_err)? };
         let rows = self.panels.len().div_ceil(self.columns).max(1);
         let areas = root.split_evenly((rows, self.columns));
         for (p, area) in self.panels.iter().zip(areas.iter()) {
