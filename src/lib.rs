@@ -9,6 +9,7 @@
 //! * [`graph`]: the data-flow graph of a forward pass and the channel groups it couples;
 //! * [`thinning`]: physical removal of pruned filters and channels, residual-aware;
 //! * [`export`]: ONNX files of the model for other runtimes;
+//! * [`factorization`]: fully connected layers split in two by truncated SVD;
 //! * [`models`]: the model zoo with Distiller's layer names, and [`models::create_model`];
 //! * [`data`]: the bundled 5,000-digit MNIST subset, MNIST IDX and CIFAR-10 loaders, seeded batching;
 //! * [`optim`]: SGD and Adam with inspectable, checkpointable state;
@@ -35,6 +36,7 @@ pub mod distillation;
 pub mod display;
 pub mod early_exit;
 pub mod export;
+pub mod factorization;
 pub mod graph;
 pub mod logging;
 pub mod metrics;

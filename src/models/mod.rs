@@ -215,7 +215,7 @@ pub fn create_model(arch: &str, dataset: &str, device: Device) -> Result<Model> 
 pub fn copy_model(model: &Model) -> Result<Model> {
     let info = model.info();
     let mut copy = create_model(&info.arch, &info.dataset, model.device())?;
-    crate::train::replay_structure(&mut copy, model.thinning_recipes(), model.early_exits(), None)?;
+    crate::train::replay_structure(&mut copy, crate::train::StructureLog::of(model), None)?;
     copy.load_state_dict(&model.state_dict(), true)?;
     Ok(copy)
 }

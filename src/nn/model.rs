@@ -7,6 +7,7 @@ use tch::{Device, Tensor};
 
 use super::{normalize_name, BoxModule, Forward, Module, Observer, ObserverId, SharedObserver};
 use crate::early_exit::ExitSpec;
+use crate::factorization::FactorizationSpec;
 use crate::thinning::ThinningRecipe;
 use crate::{Error, Result};
 
@@ -51,6 +52,7 @@ pub struct Model {
     next_observer_id: u64,
     thinning: Vec<ThinningRecipe>,
     exits: Vec<ExitSpec>,
+    factorizations: Vec<FactorizationSpec>,
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -95,7 +97,7 @@ impl Model {
     /// Checks that child names are non-empty, dot-free and unique among siblings, and that the tree's parameter
     /// and buffer names are exactly the `VarStore`'s, so checkpoints, optimizers and schedules all agree.
     pub fn new(vs: VarStore, root: impl Module, info: ModelInfo) -> Result<Model> {
-        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new(), exits: Vec::new() };
+        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new(), exits: Vec::new(), factorizations: Vec::new() };
         model.check_tree()?;
         Ok(model)
     }
@@ -331,6 +333,31 @@ impl Model {
 
     pub(crate) fn truncate_early_exits(&mut self, len: usize) {
         self.exits.truncate(len);
+    }
+
+    /// The layers factorized by truncated SVD, in the order they were
+    /// ([`truncated_svd`](crate::factorization::truncated_svd)).
+    pub fn factorizations(&self) -> &[FactorizationSpec] {
+        &self.factorizations
+    }
+
+    pub(crate) fn push_factorization(&mut self, spec: FactorizationSpec) {
+        self.factorizations.push(spec);
+    }
+
+    pub(crate) fn truncate_factorizations(&mut self, len: usize) {
+        self.factorizations.truncate(len);
+    }
+
+    /// Drops variables that left the module tree (a replaced layer's) from the `VarStore`, so that moving the
+    /// model to another device does not move them too.
+    pub(crate) fn forget_variables(&mut self, names: &[String]) {
+        let in_tree: HashSet<String> = self.state_dict().into_iter().map(|(n, _)| n).collect();
+        if let Ok(mut vars) = self.vs.variables_.lock() {
+            let gone: Vec<Tensor> = names.iter().filter(|n| !in_tree.contains(*n)).filter_map(|n| vars.named_variables.remove(n)).collect();
+            let gone: HashSet<usize> = gone.iter().map(|t| t.data_ptr() as usize).collect();
+            vars.trainable_variables.retain(|v| !gone.contains(&(v.tensor.data_ptr() as usize)));
+        }
     }
 
     fn slot_mut(&mut self, name: &str) -> Result<&mut BoxModule> {

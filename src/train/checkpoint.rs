@@ -14,6 +14,7 @@ use crate::nn::Model;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::scheduler::CompressionScheduler;
 use crate::early_exit::ExitSpec;
+use crate::factorization::FactorizationSpec;
 use crate::thinning::ThinningRecipe;
 use crate::{Error, Result};
 
@@ -60,6 +61,10 @@ pub struct CheckpointMeta {
     /// thinning recipes as it was attached after) before reading the weights.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub early_exits: Vec<ExitSpec>,
+    /// The layers factorized by truncated SVD, in order: loading factorizes them (each after the recipes and exits
+    /// that preceded it) before reading the weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub factorizations: Vec<FactorizationSpec>,
 }
 
 /// Which kind of file a checkpoint was read from.
@@ -167,6 +172,7 @@ impl Checkpoint {
             history,
             thinning: model.thinning_recipes().to_vec(),
             early_exits: model.early_exits().to_vec(),
+            factorizations: model.factorizations().to_vec(),
         };
         Checkpoint {
             meta,
@@ -261,7 +267,8 @@ impl Checkpoint {
                 ),
             ));
         }
-        replay_structure(model, &self.meta.thinning, &self.meta.early_exits, optimizer).map_err(|e| Error::checkpoint(path, e.to_string()))
+        let saved = StructureLog { recipes: &self.meta.thinning, exits: &self.meta.early_exits, factorizations: &self.meta.factorizations };
+        replay_structure(model, saved, optimizer).map_err(|e| Error::checkpoint(path, e.to_string()))
     }
 
     /// Restores the saved learning rates and per-parameter state into `optimizer`, which must use the saved update
@@ -333,26 +340,71 @@ impl Checkpoint {
     }
 }
 
-/// Brings `model` to the structure of a model that applied `recipes` and attached `exits` (each exit after
-/// `after_thinning` recipes): replays the recipes it has not applied and attaches the exits it lacks, in order.
-/// The model's own recipes must be a prefix of `recipes` (checked by the caller) and its exits among `exits`.
-pub(crate) fn replay_structure(model: &mut Model, recipes: &[ThinningRecipe], exits: &[ExitSpec], optimizer: Option<&mut Optimizer>) -> Result<()> {
-    if let Some(extra) = model.early_exits().iter().find(|e| !exits.iter().any(|s| s.at == e.at)) {
+/// What changed a model's structure since it was built, each in the order it happened: thinning recipes, early
+/// exits (each after `after_thinning` recipes) and truncated-SVD factorizations (each after `after_thinning`
+/// recipes and `after_exits` exits).
+#[derive(Clone, Copy)]
+pub(crate) struct StructureLog<'a> {
+    pub recipes: &'a [ThinningRecipe],
+    pub exits: &'a [ExitSpec],
+    pub factorizations: &'a [FactorizationSpec],
+}
+
+impl<'a> StructureLog<'a> {
+    /// The structure `model` has now.
+    pub fn of(model: &'a Model) -> Self {
+        StructureLog { recipes: model.thinning_recipes(), exits: model.early_exits(), factorizations: model.factorizations() }
+    }
+}
+
+/// Brings `model` to `target`: replays the recipes it has not applied, attaches the exits it lacks and factorizes
+/// the layers it has not, in order. The model's own recipes must be a prefix of the target's (checked by the
+/// caller), its exits and factorizations among the target's. Factorizing replaces parameters, so it is refused
+/// when an `optimizer` built over the old ones is given.
+pub(crate) fn replay_structure(model: &mut Model, target: StructureLog, optimizer: Option<&mut Optimizer>) -> Result<()> {
+    if let Some(extra) = model.early_exits().iter().find(|e| !target.exits.iter().any(|s| s.at == e.at)) {
         return Err(Error::invalid("early exits", format!("the model has an exit after '{}' that the saved model does not have; start from a model without it", extra.at)));
     }
+    if let Some(extra) = model.factorizations().iter().find(|f| !target.factorizations.contains(f)) {
+        return Err(Error::invalid("truncated SVD", format!("the model has '{}' factorized at rank {}, the saved model does not; start from a model without it", extra.layer, extra.rank)));
+    }
+    let missing: Vec<&str> = target.factorizations.iter().filter(|f| !model.factorizations().contains(f)).map(|f| f.layer.as_str()).collect();
+    if optimizer.is_some() && !missing.is_empty() {
+        return Err(Error::invalid(
+            "truncated SVD",
+            format!("the saved model has {missing:?} factorized by truncated SVD: factorize them the same way (factorization::truncated_svd) before building the optimizer"),
+        ));
+    }
     let mut optimizer = optimizer;
-    for step in model.thinning_recipes().len()..=recipes.len() {
-        for spec in exits.iter().filter(|s| s.after_thinning <= step) {
+    for step in model.thinning_recipes().len()..=target.recipes.len() {
+        for spec in target.exits.iter().filter(|s| s.after_thinning <= step) {
             if !model.early_exits().iter().any(|e| e.at == spec.at) {
+                replay_factorizations(model, target.factorizations, step)?;
                 crate::early_exit::attach_spec(model, spec).map_err(|e| Error::invalid("early exits", format!("attaching the exit after '{}': {e}", spec.at)))?;
             }
         }
-        if let Some(recipe) = recipes.get(step) {
+        replay_factorizations(model, target.factorizations, step)?;
+        if let Some(recipe) = target.recipes.get(step) {
             recipe.apply(model, optimizer.as_deref_mut(), None).map_err(|e| Error::invalid("thinning", format!("replaying a thinning recipe: {e}")))?;
         }
     }
-    if !exits.is_empty() {
-        model.set_early_exits(exits.to_vec());
+    if !target.exits.is_empty() {
+        model.set_early_exits(target.exits.to_vec());
     }
     Ok(())
+}
+
+/// Factorizes the layers of `specs` that were factorized after `step` thinning recipes and no more exits than the
+/// model has now, and that the model has not factorized yet.
+fn replay_factorizations(model: &mut Model, specs: &[FactorizationSpec], step: usize) -> Result<()> {
+    for spec in specs.iter().filter(|f| f.after_thinning <= step) {
+        if not_yet_factorized(model, spec) {
+            crate::factorization::replay(model, spec).map_err(|e| Error::invalid("truncated SVD", format!("factorizing '{}' again: {e}", spec.layer)))?;
+        }
+    }
+    Ok(())
+}
+
+fn not_yet_factorized(model: &Model, spec: &FactorizationSpec) -> bool {
+    spec.after_exits <= model.early_exits().len() && !model.factorizations().contains(spec)
 }

@@ -33,7 +33,7 @@ use crate::{Error, Result};
 pub use allocator::retain_freed_memory;
 pub use checkpoint::{Checkpoint, CheckpointFormat, CheckpointMeta, OptimizerMeta};
 pub use evaluation::{evaluate, Evaluation};
-pub(crate) use checkpoint::replay_structure;
+pub(crate) use checkpoint::{replay_structure, StructureLog};
 pub use progress::Progress;
 use progress::Reporter;
 
@@ -458,6 +458,17 @@ impl<'a> Trainer<'a> {
             return Err(Error::checkpoint(
                 path,
                 format!("the checkpoint's model has early exits after {saved:?}, this model after {own:?}: attach the same exits (early_exit::attach_exits, or the same --earlyexit-* flags) before building the Trainer"),
+            ));
+        }
+        if ckpt.meta.factorizations != self.model.factorizations() {
+            let layers = |f: &[crate::factorization::FactorizationSpec]| f.iter().map(|f| format!("{} (rank {})", f.layer, f.rank)).collect::<Vec<_>>();
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "the checkpoint's model has {:?} factorized by truncated SVD, this model {:?}: factorize the same layers (factorization::truncated_svd) before building the Trainer",
+                    layers(&ckpt.meta.factorizations),
+                    layers(self.model.factorizations())
+                ),
             ));
         }
         // Thinning first: a quantizer's preparation below must see the thinned layers.
