@@ -52,6 +52,22 @@ fn the_legend_covers_no_data_point() {
 }
 
 #[test]
+fn a_legend_that_would_cover_a_line_in_every_corner_goes_beside_the_plot() {
+    // Two diagonals pass through all four corners.
+    let rising = Series::new("rising", (0..=10).map(|i| (i as f64, i as f64)).collect());
+    let falling = Series::new("falling", (0..=10).map(|i| (i as f64, 10.0 - i as f64)).collect());
+    let svg = lines(vec![rising, falling]).to_svg().unwrap();
+    let boxes = legend_boxes(&svg);
+    assert_eq!(boxes.len(), 1);
+    let (x, _, _, _) = boxes[0];
+    let points = markers(&svg);
+    assert_eq!(points.len(), 22);
+    let rightmost = points.iter().map(|p| p.0).fold(f64::MIN, f64::max);
+    assert!(x > rightmost + 3.0, "legend at x = {x}, a marker at {rightmost}");
+    assert!(x < 520.0, "the legend stays inside the figure");
+}
+
+#[test]
 fn series_that_coincide_stay_visible() {
     // Notebook 02's case: two tensors with the same targets, and a constant learning rate under another.
     let targets = vec![(0.0, 0.0), (2.0, 40.0), (4.0, 60.0), (6.0, 70.0)];
@@ -110,4 +126,19 @@ fn lines_come_from_any_dataframe() {
     let svg = figure.to_svg().unwrap();
     assert_eq!(texts(&svg).iter().filter(|t| *t == "value against step").count(), 1, "{:?}", texts(&svg));
     assert!(lines_from_frame(&df, "step", "valu", None).unwrap_err().to_string().contains("value"));
+}
+
+#[test]
+fn heat_maps_draw_every_value_from_the_darkest_to_the_brightest_colour() {
+    let maps = tch::Tensor::arange(2 * 3 * 4, (tch::Kind::Float, tch::Device::Cpu)).reshape([2, 3, 4]);
+    let figure = distill::plot::heatmaps("maps", &maps, &["a".into(), "b".into()], 2).unwrap();
+    let svg = figure.to_svg().unwrap();
+    // One filled rectangle per value, and each map spans viridis from its own minimum to its own maximum.
+    assert_eq!(svg.matches("fill=\"#440154\"").count(), 2, "each map's lowest value");
+    assert_eq!(svg.matches("fill=\"#FDE725\"").count(), 2, "each map's highest value");
+    assert!(texts(&svg).contains(&"a".to_string()) && texts(&svg).contains(&"b".to_string()));
+    let png = figure.to_png().unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(distill::plot::heatmaps("x", &maps, &["only one".into()], 2).is_err());
+    assert!(distill::plot::heatmaps("x", &maps.flatten(0, -1), &[], 2).is_err());
 }

@@ -1,6 +1,6 @@
 //! The chart types distill draws.
 use polars::prelude::*;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::{Figure, Panel, PanelKind, Series};
 use crate::config::Preview;
@@ -156,6 +156,38 @@ pub fn lines_from_frame(df: &DataFrame, x: &str, y: &str, group: Option<&str>) -
         s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     Ok(Figure::new(format!("{y} against {x}"), vec![Panel::new("", x, y, PanelKind::Lines(series))], 1))
+}
+
+/// A grid of heat maps, one per `maps[k]` of `maps` (`[K, H, W]`, e.g. one image's feature maps `[C, H, W]`, or
+/// Grad-CAM maps), each coloured over its own range; `titles` names the panels (empty: their index).
+///
+/// ```
+/// let maps = tch::Tensor::rand([6, 24, 24], (tch::Kind::Float, tch::Device::Cpu));
+/// let figure = distill::plot::heatmaps("conv1", &maps, &[], 6)?;
+/// assert_eq!(figure.panels.len(), 6);
+/// assert!(distill::plot::heatmaps("x", &maps.flatten(0, -1), &[], 6).is_err());
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn heatmaps(title: &str, maps: &Tensor, titles: &[String], columns: usize) -> Result<Figure> {
+    let size = maps.size();
+    let [k, h, w] = size[..] else {
+        return Err(Error::Shape(format!("heat maps need [K, H, W]; got {size:?} (take one sample's maps with .get(i))")));
+    };
+    if !titles.is_empty() && titles.len() as i64 != k {
+        return Err(Error::invalid("heat maps", format!("{} titles for {k} maps", titles.len())));
+    }
+    let values: Vec<f64> = Vec::try_from(&maps.f_detach()?.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?.f_flatten(0, -1)?)?;
+    let per = (h * w) as usize;
+    let panels: Vec<Panel> = (0..k as usize)
+        .map(|i| {
+            let name = titles.get(i).cloned().unwrap_or_else(|| i.to_string());
+            Panel::new(name, "", "", PanelKind::Heatmap { width: w as usize, height: h as usize, values: values[i * per..(i + 1) * per].to_vec() })
+        })
+        .collect();
+    let mut figure = Figure::new(title, panels, columns.max(1));
+    let rows = (k as usize).div_ceil(figure.columns) as u32;
+    figure.size = (150 * figure.columns as u32, 40 + 165 * rows);
+    Ok(figure)
 }
 
 /// The output range (min to max) of every module in calibration statistics, as quantization sees it.

@@ -7,11 +7,12 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use plotters::coord::Shift;
+use image::ImageEncoder;
 use plotters::prelude::*;
 
 use crate::{Error, Result};
 
-pub use charts::{early_exit_tradeoff, lines_from_frame, quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
+pub use charts::{early_exit_tradeoff, heatmaps, lines_from_frame, quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
@@ -82,6 +83,16 @@ pub enum PanelKind {
         labels: Vec<String>,
         /// (low, high) per label.
         ranges: Vec<(f64, f64)>,
+    },
+    /// An image of `height × width` values, row by row from the top, coloured from its lowest value (dark
+    /// violet) to its highest (yellow) on the viridis scale: a feature map, a class-activation map, a digit.
+    Heatmap {
+        /// Columns.
+        width: usize,
+        /// Rows.
+        height: usize,
+        /// `height · width` values, row-major.
+        values: Vec<f64>,
     },
 }
 
@@ -205,12 +216,17 @@ fn category_chart<'a, 'b, DB: DrawingBackend>(
     Ok(chart)
 }
 
+/// The legend's width in pixels for `series` (13 px text beside an 18 px sample).
+fn legend_width(series: &[Series]) -> f64 {
+    7.0 * series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as f64 + 60.0
+}
+
 /// The corner where the legend of `series` covers the least of their lines, for a plotting area of `pixels`
-/// (width, height): each line is sampled along its segments and the samples inside each corner's legend box (13 px
-/// text, a row per series) are counted; ties go to upper right, lower right, upper left, lower left in that order.
-fn legend_corner(series: &[Series], (x0, x1): (f64, f64), (y0, y1): (f64, f64), pixels: (f64, f64)) -> SeriesLabelPosition {
-    let longest = series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as f64;
-    let width = ((7.0 * longest + 60.0) / pixels.0.max(1.0)).min(1.0);
+/// (width, height), and how many line samples it still covers there: each line is sampled along its segments and
+/// the samples inside each corner's legend box (13 px text, a row per series) are counted; ties go to upper
+/// right, lower right, upper left, lower left in that order.
+fn legend_corner(series: &[Series], (x0, x1): (f64, f64), (y0, y1): (f64, f64), pixels: (f64, f64)) -> (SeriesLabelPosition, usize) {
+    let width = (legend_width(series) / pixels.0.max(1.0)).min(1.0);
     let height = ((20.0 * series.len() as f64 + 20.0) / pixels.1.max(1.0)).min(1.0);
     let fraction = |v: f64, lo: f64, hi: f64| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
     let mut samples = Vec::new();
@@ -240,7 +256,7 @@ fn legend_corner(series: &[Series], (x0, x1): (f64, f64), (y0, y1): (f64, f64), 
             best = (position, n);
         }
     }
-    best.0
+    best
 }
 
 /// Tick text for an axis spanning `span`: whole numbers only on an integer axis (epochs, counts), otherwise
@@ -299,13 +315,20 @@ fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &
     let legend = series.len() > 1 || series.first().is_some_and(|s| !s.name.is_empty());
     let (w, h) = area.dim_in_pixel();
     // The plotting area: the panel less its caption, axis label areas and margins.
-    let corner = legend_corner(series, (x0, x1), (y0, y1), (w as f64 - 80.0, h as f64 - 95.0));
+    let (corner, covered) = legend_corner(series, (x0, x1), (y0, y1), (w as f64 - 80.0, h as f64 - 95.0));
+    // Where every corner would hide part of a line, the legend goes beside the plot, in a margin kept for it.
+    let outside = legend && covered > 0;
+    if outside {
+        builder.margin_right(legend_width(series) as u32 + 15);
+    }
     let x_fmt = move |x: &f64| tick_text(*x, x1 - x0, x_integer);
     if p.log_y {
         let mut chart = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(draw_err)?;
         chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, *y, false)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
         draw_series_on(&mut chart, series, &shown, (y0, y1))?;
-        if legend {
+        if outside {
+            draw_side_legend(area, chart.plotting_area(), series, (y0, y1))?;
+        } else if legend {
             chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.85)).border_style(BLACK).position(corner).draw().map_err(draw_err)?;
         }
     } else {
@@ -313,9 +336,36 @@ fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &
         let y_integer = whole(ys()) && y1 - y0 >= 2.0;
         chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, y1 - y0, y_integer)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
         draw_series_on(&mut chart, series, &shown, (y0, y1))?;
-        if legend {
+        if outside {
+            draw_side_legend(area, chart.plotting_area(), series, (y0, y1))?;
+        } else if legend {
             chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.85)).border_style(BLACK).position(corner).draw().map_err(draw_err)?;
         }
+    }
+    Ok(())
+}
+
+/// The legend in the margin right of the plotting area `plot` (kept free for it), in the style of the legend
+/// plotters draws inside: a line sample per series, dashed where its line is.
+fn draw_side_legend<DB: DrawingBackend, X>(area: &DrawingArea<DB, Shift>, plot: &DrawingArea<DB, X>, series: &[Series], y_range: (f64, f64)) -> Result<()>
+where
+    X: plotters::coord::CoordTranslate,
+{
+    let (area_x, area_y) = area.get_base_pixel();
+    let (plot_x, plot_y) = plot.get_base_pixel();
+    let left = plot_x - area_x + plot.dim_in_pixel().0 as i32 + 12;
+    let top = plot_y - area_y;
+    let (row, width) = (20, legend_width(series) as i32);
+    let corners = [(left, top), (left + width, top + row * series.len() as i32 + 10)];
+    area.draw(&Rectangle::new(corners, WHITE.mix(0.85).filled())).map_err(draw_err)?;
+    area.draw(&Rectangle::new(corners, BLACK)).map_err(draw_err)?;
+    for (i, s) in series.iter().enumerate() {
+        let style = PALETTE[s.color.unwrap_or(i) % PALETTE.len()].stroke_width(2);
+        let y = top + 15 + row * i as i32;
+        let gap = if s.dashed || coincides(series, i, y_range) { 5 } else { 0 };
+        area.draw(&PathElement::new(vec![(left + 8, y), (left + 15, y)], style)).map_err(draw_err)?;
+        area.draw(&PathElement::new(vec![(left + 15 + gap, y), (left + 26, y)], style)).map_err(draw_err)?;
+        area.draw(&Text::new(s.name.clone(), (left + 32, y - 7), ("sans-serif", 13))).map_err(draw_err)?;
     }
     Ok(())
 }
@@ -391,6 +441,7 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                 .draw_series(counts.iter().enumerate().map(|(i, &c)| Rectangle::new([(edges[i], 0.0), (edges[i + 1], c)], PALETTE[0].mix(0.8).filled())))
                 .map_err(draw_err)?;
         }
+        PanelKind::Heatmap { width, height, values } => draw_heatmap(builder, *width, *height, values)?,
         PanelKind::Ranges { labels, ranges } => {
             let y = padded(ranges.iter().map(|r| r.0).fold(0.0, f64::min), ranges.iter().map(|r| r.1).fold(0.0, f64::max));
             let mut chart = category_chart(builder, p, labels, y)?;
@@ -402,6 +453,35 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                 .map_err(draw_err)?;
         }
     }
+    Ok(())
+}
+
+/// Viridis at five stops (matplotlib's values), interpolated linearly.
+fn viridis(t: f64) -> RGBColor {
+    const STOPS: [(f64, f64, f64); 5] = [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 } * (STOPS.len() - 1) as f64;
+    let i = (t.floor() as usize).min(STOPS.len() - 2);
+    let f = t - i as f64;
+    let mix = |a: f64, b: f64| (a + (b - a) * f).round() as u8;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+fn draw_heatmap<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, width: usize, height: usize, values: &[f64]) -> Result<()> {
+    if width == 0 || height == 0 || values.len() != width * height {
+        return Err(Error::Shape(format!("heat map of {height}×{width} needs {} values, got {}", width * height, values.len())));
+    }
+    let finite = || values.iter().copied().filter(|v| v.is_finite());
+    let (lo, hi) = (finite().fold(f64::INFINITY, f64::min), finite().fold(f64::NEG_INFINITY, f64::max));
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let mut chart = builder.x_label_area_size(0).y_label_area_size(0).build_cartesian_2d(0.0..width as f64, 0.0..height as f64).map_err(draw_err)?;
+    chart
+        .draw_series(values.iter().enumerate().map(|(i, v)| {
+            let (row, col) = ((i / width) as f64, (i % width) as f64);
+            let top = height as f64 - row;
+            Rectangle::new([(col, top - 1.0), (col + 1.0, top)], viridis((v - lo) / span).filled())
+        }))
+        .map_err(draw_err)?;
     Ok(())
 }
 
@@ -450,13 +530,42 @@ impl Figure {
         crate::io::commit_atomic(&partial, path)
     }
 
-    /// Shows the figure in an evcxr (Jupyter) cell; the SVG, or the error message as text.
+    /// The figure as PNG bytes.
+    pub fn to_png(&self) -> Result<Vec<u8>> {
+        let (w, h) = self.size;
+        let mut rgb = vec![0u8; w as usize * h as usize * 3];
+        self.draw(BitMapBackend::with_buffer(&mut rgb, self.size).into_drawing_area())?;
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(&rgb, w, h, image::ColorType::Rgb8)
+            .map_err(|e| Error::invalid("chart", format!("cannot encode the PNG: {e}")))?;
+        Ok(png)
+    }
+
+    /// Shows the figure in an evcxr (Jupyter) cell: the SVG, or a PNG for a figure of heat maps (one vector
+    /// rectangle per value would make a notebook megabytes long); the error message as text if it cannot draw.
     pub fn evcxr_display(&self) {
-        match self.to_svg() {
-            Ok(svg) => println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{svg}\nEVCXR_END_CONTENT"),
+        let raster = self.panels.iter().any(|p| matches!(p.kind, PanelKind::Heatmap { .. }));
+        let shown = if raster { self.to_png().map(|png| ("image/png", base64(&png))) } else { self.to_svg().map(|svg| ("image/svg+xml", svg)) };
+        match shown {
+            Ok((mime, content)) => println!("EVCXR_BEGIN_CONTENT {mime}\n{content}\nEVCXR_END_CONTENT"),
             Err(e) => println!("EVCXR_BEGIN_CONTENT text/plain\n{e}\nEVCXR_END_CONTENT"),
         }
     }
+}
+
+/// Standard base64 with padding (RFC 4648), how Jupyter carries binary images.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -468,8 +577,17 @@ mod tests {
     }
 
     #[test]
+    fn base64_matches_rfc_4648() {
+        let cases: [(&[u8], &str); 6] = [(b"", ""), (b"f", "Zg=="), (b"fo", "Zm8="), (b"foo", "Zm9v"), (b"foob", "Zm9vYg=="), (b"fooba", "Zm9vYmE=")];
+        for (bytes, text) in cases {
+            assert_eq!(base64(bytes), text);
+        }
+        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    #[test]
     fn the_legend_goes_where_the_lines_are_not() {
-        let corner = |s: &[Series]| format!("{:?}", legend_corner(s, (0.0, 1.0), (0.0, 1.0), (200.0, 200.0)));
+        let corner = |s: &[Series]| format!("{:?}", legend_corner(s, (0.0, 1.0), (0.0, 1.0), (200.0, 200.0)).0);
         // A line rising to the upper right: the legend goes to the lower right, below its end.
         assert_eq!(corner(&[line(&[(0.0, 0.0), (0.5, 0.9), (1.0, 1.0)])]), "LowerRight");
         // A line along the top and another along the bottom of the right half: the left is free at the top.

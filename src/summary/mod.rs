@@ -1,4 +1,6 @@
-//! Model summaries: sparsity helpers ([`sparsity`]), parameter counts, and the tables of [`tables`].
+//! Model summaries: sparsity helpers ([`sparsity`]), parameter counts, the tables of [`tables`], and what a network
+//! computes inside ([`feature_maps`]: module outputs and Grad-CAM).
+pub mod feature_maps;
 pub mod sparsity;
 pub mod tables;
 use serde::{Deserialize, Serialize};
