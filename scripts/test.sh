@@ -39,7 +39,7 @@ step "build"
 # side by side, a test that seeds it and then draws can get another test's draws, and a clean-clone run failed so
 # (tests/training.rs, resuming_a_pruning_schedule_restores_pruner_state: "conv1.weight differs after resume").
 # Binaries are separate processes, so two of them run at a time instead (cargo runs one after another): 320 s
-# where one at a time took 624 s.
+# wall where the binaries' own times add up to 637 s.
 export RUST_TEST_THREADS=1
 .venv/bin/python scripts/run_tests.py target/test-executables.json --jobs 2
 step "cargo test"
