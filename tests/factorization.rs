@@ -3,6 +3,7 @@
 use distill::factorization::{truncated_svd, Rank};
 use distill::models::{copy_model, create_model};
 use distill::nn::Model;
+use distill::thinning::Thinner;
 use distill::train::{fit, Checkpoint, Progress, TrainConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -139,4 +140,42 @@ fn a_factorized_network_fine_tunes() {
     let run = fit(&mut model, &data, None, &config).unwrap();
     assert!(!model.parameter("fc1.fc_sv.weight").unwrap().equal(&before), "the new layers train");
     assert!(run.best.top1 > 80.0, "{}", run.best.top1);
+}
+
+/// conv2's filters 0..6 zeroed, so that thinning removes them and, after the flatten, the matching blocks of
+/// fc1's (or fc1.fc_sv's) input columns.
+fn zero_conv2_filters(model: &Model) {
+    tch::no_grad(|| {
+        let _ = model.parameter("conv2.weight").unwrap().narrow(0, 0, 6).fill_(0.0);
+        let _ = model.parameter("conv2.bias").unwrap().narrow(0, 0, 6).fill_(0.0);
+    });
+}
+
+#[test]
+fn factorized_layers_thin_and_checkpoints_replay_both_in_either_order() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let x = input(3);
+    for svd_first in [true, false] {
+        let mut model = create_model("lenet", "mnist", Device::Cpu).unwrap();
+        zero_conv2_filters(&model);
+        if svd_first {
+            truncated_svd(&mut model, &[("fc1", Rank::Count(16))]).unwrap();
+        }
+        let before = model.forward_t(&x, false).unwrap();
+        Thinner::filters().apply(&mut model).unwrap();
+        assert_eq!(model.parameter("conv2.weight").unwrap().size(), [10, 6, 5, 5]);
+        let after = model.forward_t(&x, false).unwrap();
+        assert!(max_abs(&(&after - &before)) < 1e-4, "thinning changed the outputs (svd first: {svd_first})");
+        if !svd_first {
+            truncated_svd(&mut model, &[("fc1", Rank::Count(16))]).unwrap();
+        }
+        // After the thinning the factorized layer reads 10 · 25 columns.
+        assert_eq!(model.parameter("fc1.fc_sv.weight").unwrap().size(), [16, 250], "svd first: {svd_first}");
+        let path = dir.path().join(format!("both-{svd_first}.safetensors"));
+        Checkpoint::capture(&model, None, None, 0, 1, Vec::new()).save(&path).unwrap();
+        let loaded = distill::models::load_checkpoint(&path, Device::Cpu).unwrap();
+        let expected = model.forward_t(&x, false).unwrap();
+        assert!(loaded.forward_t(&x, false).unwrap().equal(&expected), "svd first: {svd_first}");
+        assert_eq!(loaded.factorizations()[0].after_thinning, if svd_first { 0 } else { 1 });
+    }
 }

@@ -142,6 +142,18 @@ fn masked_and_thinned_models_export_their_shapes() {
 }
 
 #[test]
+fn factorized_models_export_and_onnxruntime_agrees() {
+    use distill::factorization::{truncated_svd, Rank};
+    let dir = distill::io::TempDir::new().unwrap();
+    let mut lenet = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    truncated_svd(&mut lenet, &[("fc1", Rank::Count(16)), ("fc2", Rank::Ratio(0.5))]).unwrap();
+    let mut models = vec![("lenet_svd".to_string(), lenet)];
+    for (label, diff) in compare(&mut models, dir.path()) {
+        assert!(diff <= 1e-4, "{label}: onnxruntime differs by {diff:e}");
+    }
+}
+
+#[test]
 fn what_the_exporter_cannot_write_is_an_error_and_no_file() {
     let dir = distill::io::TempDir::new().unwrap();
     let vs = tch::nn::VarStore::new(Device::Cpu);
