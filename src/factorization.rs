@@ -211,9 +211,7 @@ pub fn truncated_svd(model: &mut Model, layers: &[(&str, Rank)]) -> Result<DataF
             return Err(e);
         }
     };
-    // The replaced layers' variables leave the store, so moving the model to a device does not carry them along.
-    let gone: Vec<String> = names.iter().flat_map(|n| [format!("{n}.weight"), format!("{n}.bias")]).collect();
-    model.forget_variables(&gone);
+    forget_replaced(model, &names);
     let df = df!(
         "layer" => outcomes.iter().map(|o| o.layer.clone()).collect::<Vec<_>>(),
         "out" => outcomes.iter().map(|o| o.out).collect::<Vec<_>>(),
@@ -232,7 +230,13 @@ pub fn truncated_svd(model: &mut Model, layers: &[(&str, Rank)]) -> Result<DataF
 pub(crate) fn replay(model: &mut Model, spec: &FactorizationSpec) -> Result<()> {
     let rank = Rank::Count(spec.rank);
     Rollback::transaction(model, |model, rollback| factorize(model, &spec.layer, rank, rollback).map(|_| ()))?;
-    model.forget_variables(&[format!("{}.weight", spec.layer), format!("{}.bias", spec.layer)]);
+    forget_replaced(model, std::slice::from_ref(&spec.layer));
     model.push_factorization(spec.clone());
     Ok(())
+}
+
+/// The replaced Linear layers' variables leave the store, so moving the model to a device does not carry them.
+fn forget_replaced(model: &mut Model, layers: &[String]) {
+    let gone: Vec<String> = layers.iter().flat_map(|n| [format!("{n}.weight"), format!("{n}.bias")]).collect();
+    model.forget_variables(&gone);
 }

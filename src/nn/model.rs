@@ -353,10 +353,15 @@ impl Model {
     /// model to another device does not move them too.
     pub(crate) fn forget_variables(&mut self, names: &[String]) {
         let in_tree: HashSet<String> = self.state_dict().into_iter().map(|(n, _)| n).collect();
+        self.retain_variables(|n| in_tree.contains(n) || !names.iter().any(|g| g == n));
+    }
+
+    /// Keeps only the `VarStore` variables whose name passes `keep`, in its named and its trainable lists.
+    pub(crate) fn retain_variables(&self, keep: impl Fn(&str) -> bool) {
         if let Ok(mut vars) = self.vs.variables_.lock() {
-            let gone: Vec<Tensor> = names.iter().filter(|n| !in_tree.contains(*n)).filter_map(|n| vars.named_variables.remove(n)).collect();
-            let gone: HashSet<usize> = gone.iter().map(|t| t.data_ptr() as usize).collect();
-            vars.trainable_variables.retain(|v| !gone.contains(&(v.tensor.data_ptr() as usize)));
+            vars.named_variables.retain(|n, _| keep(n));
+            let alive: HashSet<usize> = vars.named_variables.values().map(|t| t.data_ptr() as usize).collect();
+            vars.trainable_variables.retain(|v| alive.contains(&(v.tensor.data_ptr() as usize)));
         }
     }
 

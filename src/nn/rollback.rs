@@ -70,11 +70,6 @@ impl Rollback {
                 }
             }
         });
-        if let Ok(mut vars) = model.var_store().variables_.lock() {
-            let keep = &self.store_names;
-            vars.named_variables.retain(|n, _| keep.contains(n));
-            let alive: HashSet<usize> = vars.named_variables.values().map(|t| t.data_ptr() as usize).collect();
-            vars.trainable_variables.retain(|v| alive.contains(&(v.tensor.data_ptr() as usize)));
-        }
+        model.retain_variables(|n| self.store_names.contains(n));
     }
 }
