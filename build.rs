@@ -9,6 +9,7 @@ fn main() {
     onnx_types();
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = Path::new(&lib);
+    c10d_bridge(lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     // rustc links with --as-needed, so a binary that uses no CUDA symbol never loads libtorch_cuda and CUDA stays
     // unavailable at run time. Keep libtorch (and thus libtorch_cuda) only when the full CUDA set of the PyPI
@@ -32,4 +33,40 @@ fn onnx_types() {
     if let Err(e) = prost_build::Config::new().compile_fds(descriptors) {
         panic!("cannot generate the ONNX types: {e}");
     }
+}
+
+/// The C++ bridge to PyTorch's distributed engine (c10d: TCPStore, Gloo), compiled against the headers of the
+/// libtorch that torch-sys links (the PyPI wheel ships `include/` beside `lib/`). Where those headers lack c10d's
+/// Gloo process group (a libtorch built without distributed support) or the OS is not Linux, the bridge is left
+/// out and `distill::distributed` reports that at run time; `DISTILL_NO_C10D=1` leaves it out on purpose (a C++
+/// compiler too old for libtorch's headers).
+fn c10d_bridge(lib: &Path) {
+    println!("cargo::rustc-check-cfg=cfg(distill_c10d)");
+    println!("cargo:rerun-if-changed=src/distributed/bridge");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-env-changed=DISTILL_NO_C10D");
+    let include = lib.join("../include");
+    let header = include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp");
+    if std::env::var_os("DISTILL_NO_C10D").is_some() {
+        return;
+    }
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") || !header.exists() {
+        println!("cargo:warning=distill: no c10d headers at {}: distributed training is left out of this build", header.display());
+        return;
+    }
+    // As torch-sys decides it for its own C++ wrapper: the PyPI wheels use the C++11 ABI.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .file("src/distributed/bridge/c10d.cpp")
+        .include("src/distributed/bridge")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("USE_C10D_GLOO", None)
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .std("c++17")
+        .flag_if_supported("-Wno-c++20-extensions")
+        .warnings(false)
+        .compile("distill_c10d");
+    println!("cargo:rustc-cfg=distill_c10d");
 }

@@ -66,6 +66,8 @@ pub enum Error {
     Table(String),
     /// An error reported by libtorch.
     Torch(tch::TchError),
+    /// A failed rendezvous or collective of distributed training (a peer that died, a timeout, a bad launch).
+    Distributed(String),
 }
 
 impl Error {
@@ -128,6 +130,7 @@ impl fmt::Display for Error {
             Error::Schedule(problems) => write!(f, "{}", problems.join("\n")),
             Error::Table(message) => write!(f, "table: {message}"),
             Error::Torch(e) => write!(f, "libtorch: {}", torch_message(&e.to_string())),
+            Error::Distributed(message) => write!(f, "distributed: {}", torch_message(message)),
         }
     }
 }

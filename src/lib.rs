@@ -34,6 +34,7 @@ pub mod config;
 pub mod data;
 pub mod distillation;
 pub mod display;
+pub mod distributed;
 pub mod early_exit;
 pub mod export;
 pub mod factorization;

@@ -48,6 +48,17 @@ impl MetricsAccumulator {
         Ok(())
     }
 
+    /// The running sums: loss × samples, top-1 hits, top-5 hits and samples (data-parallel training adds them
+    /// across ranks).
+    pub fn sums(&self) -> [f64; 4] {
+        [self.loss_sum, self.correct1 as f64, self.correct5 as f64, self.samples as f64]
+    }
+
+    /// An accumulator holding [`MetricsAccumulator::sums`].
+    pub fn from_sums(sums: [f64; 4]) -> Self {
+        MetricsAccumulator { loss_sum: sums[0], correct1: sums[1] as i64, correct5: sums[2] as i64, samples: sums[3] as i64 }
+    }
+
     /// Samples seen so far.
     pub fn samples(&self) -> i64 {
         self.samples

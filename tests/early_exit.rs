@@ -153,6 +153,7 @@ fn config(epochs: usize, dir: Option<std::path::PathBuf>, ee: EarlyExit) -> Trai
         out_dir: dir,
         progress: Progress::Quiet,
         early_exit: Some(ee),
+        distributed: None,
     }
 }
 

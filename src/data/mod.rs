@@ -78,19 +78,45 @@ pub struct RandomCrop {
 }
 
 impl RandomCrop {
-    fn apply(&self, x: &Tensor, rng: &mut SplitMix64) -> Result<Tensor> {
+    /// Crops (and flips) each image of `x`. The draws are made for the `span`'s whole global batch in order and
+    /// this batch keeps its own samples' draws, so a data-parallel shard is augmented exactly as the same samples
+    /// are in one process.
+    fn apply(&self, x: &Tensor, rng: &mut SplitMix64, span: &Span) -> Result<Tensor> {
         let size = x.size();
         let (h, w, p) = (size[2], size[3], self.padding);
         let padded = x.f_pad([p, p, p, p], "constant", Some(self.fill))?;
-        let span = (2 * p + 1) as u64;
+        let range = (2 * p + 1) as u64;
+        let draws: Vec<(i64, i64, bool)> = (0..span.global_len)
+            .map(|_| {
+                let (dy, dx) = (rng.below(range) as i64, rng.below(range) as i64);
+                (dy, dx, self.horizontal_flip && rng.next_u64() & 1 == 1)
+            })
+            .collect();
         let mut crops = Vec::with_capacity(size[0] as usize);
         for i in 0..size[0] {
-            let (dy, dx) = (rng.below(span) as i64, rng.below(span) as i64);
+            let (dy, dx, flip) = draws[(span.offset + i * span.stride) as usize];
             let crop = padded.f_select(0, i)?.f_narrow(1, dy, h)?.f_narrow(2, dx, w)?;
-            let flip = self.horizontal_flip && rng.next_u64() & 1 == 1;
             crops.push(if flip { crop.f_flip([2])? } else { crop });
         }
         Ok(Tensor::f_stack(&crops, 0)?)
+    }
+}
+
+/// One mini-batch of a pass: `len` samples from position `start` of the pass's order. In a data-parallel shard
+/// the batch is this rank's part of a global batch of `global_len` samples, whose positions `offset`,
+/// `offset + stride`, ... it holds.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: i64,
+    len: i64,
+    global_len: i64,
+    offset: i64,
+    stride: i64,
+}
+
+impl Span {
+    fn whole(start: i64, len: i64) -> Span {
+        Span { start, len, global_len: len, offset: 0, stride: 1 }
     }
 }
 
@@ -239,15 +265,52 @@ impl Dataset {
 
     /// Mini-batches of `batch_size` moved to `device`, in order and unaugmented: for evaluation.
     pub fn batches(&self, batch_size: usize, device: Device) -> Result<Batches<'_>> {
-        self.make_batches(batch_size, None, device)
+        self.make_batches(batch_size, None, None, device)
     }
 
     /// Mini-batches for one training pass: in a random order and with random augmentation, both fixed by `seed`.
     pub fn train_batches(&self, batch_size: usize, seed: u64, device: Device) -> Result<Batches<'_>> {
-        self.make_batches(batch_size, Some(seed), device)
+        self.make_batches(batch_size, Some(seed), None, device)
     }
 
-    fn make_batches(&self, batch_size: usize, seed: Option<u64>, device: Device) -> Result<Batches<'_>> {
+    /// Number of global mini-batches of a data-parallel pass over `world_size` ranks: as [`Dataset::steps`], less
+    /// a last batch too small to give every rank a sample.
+    pub fn shard_steps(&self, batch_size: usize, world_size: usize) -> usize {
+        let (n, b) = (self.len(), batch_size.max(1));
+        if n % b != 0 && n % b < world_size {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// Rank `rank`'s part of the training pass [`Dataset::train_batches`] makes with `batch_size` and `seed`, for
+    /// data-parallel training over `world_size` ranks. Of each global mini-batch of `batch_size` samples, the
+    /// rank takes those at positions `rank`, `rank + world_size`, ... (PyTorch's `DistributedSampler` order), with
+    /// the augmentation they get in one process; so the ranks together see exactly the batches one process sees.
+    /// A last global batch with fewer samples than ranks is left out ([`Dataset::shard_steps`]).
+    pub fn train_shard_batches(&self, batch_size: usize, seed: u64, rank: usize, world_size: usize, device: Device) -> Result<Batches<'_>> {
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::invalid("data shard", format!("rank {rank} of {world_size}")));
+        }
+        if batch_size < world_size {
+            return Err(Error::invalid("batch size", format!("{batch_size} is smaller than the {world_size} ranks: each rank needs at least one sample of every mini-batch")));
+        }
+        self.make_batches(batch_size, Some(seed), Some((rank, world_size)), device)
+    }
+
+    /// The samples of block `rank` of `world_size` nearly equal contiguous blocks (for sharded evaluation).
+    pub fn shard(&self, rank: usize, world_size: usize) -> Result<Dataset> {
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::invalid("data shard", format!("rank {rank} of {world_size}")));
+        }
+        let n = self.len();
+        let (from, to) = (rank * n / world_size, (rank + 1) * n / world_size);
+        let indices: Vec<i64> = (from as i64..to as i64).collect();
+        self.subset(format!("{} [{rank}/{world_size}]", self.name), &indices)
+    }
+
+    fn make_batches(&self, batch_size: usize, seed: Option<u64>, shard: Option<(usize, usize)>, device: Device) -> Result<Batches<'_>> {
         if batch_size == 0 {
             return Err(Error::invalid("batch size", "must be at least 1"));
         }
@@ -259,20 +322,37 @@ impl Dataset {
             }
             None => (None, None),
         };
+        let (n, b) = (self.len() as i64, batch_size as i64);
+        let (order, spans) = match (shard, order) {
+            (Some((rank, world)), Some(global)) => {
+                let (rank, world) = (rank as i64, world as i64);
+                let mut local = Vec::with_capacity(global.len() / world as usize + 1);
+                let mut spans = Vec::new();
+                for step in 0..self.shard_steps(batch_size, world as usize) as i64 {
+                    let (first, global_len) = (step * b, b.min(n - step * b));
+                    let start = local.len() as i64;
+                    local.extend((rank..global_len).step_by(world as usize).map(|k| global[(first + k) as usize]));
+                    spans.push(Span { start, len: local.len() as i64 - start, global_len, offset: rank, stride: world });
+                }
+                (Some(local), spans)
+            }
+            (_, order) => (order, (0..n).step_by(batch_size).map(|start| Span::whole(start, b.min(n - start))).collect()),
+        };
         let decoded = match &self.samples {
             Samples::Memory(_) => None,
             Samples::Files(files) => {
                 let files = files.clone();
                 let order: Vec<i64> = order.clone().unwrap_or_else(|| (0..self.len() as i64).collect());
                 let (threads, depth) = (files.options.threads, files.options.prefetch);
-                Some(Prefetch::spawn(self.steps(batch_size), threads, depth, move |b| {
-                    let first = b * batch_size;
-                    files.decode_batch(&order[first..(first + batch_size).min(order.len())], first, seed)
+                let spans = spans.clone();
+                Some(Prefetch::spawn(spans.len(), threads, depth, move |i| {
+                    let Span { start, len, .. } = spans[i];
+                    files.decode_batch(&order[start as usize..(start + len) as usize], start as usize, seed)
                 }))
             }
         };
         let order = order.map(|o| Tensor::f_from_slice(&o)).transpose()?;
-        Ok(Batches { dataset: self, order, augment, decoded, batch_size: batch_size as i64, next: 0, device })
+        Ok(Batches { dataset: self, order, augment, decoded, spans, next: 0, device })
     }
 }
 
@@ -283,13 +363,14 @@ pub struct Batches<'a> {
     augment: Option<(RandomCrop, SplitMix64)>,
     /// A streamed dataset's batches, decoded ahead on worker threads.
     decoded: Option<Prefetch<Result<(Vec<u8>, Vec<i64>)>>>,
-    batch_size: i64,
-    next: i64,
+    spans: Vec<Span>,
+    next: usize,
     device: Device,
 }
 
 impl Batches<'_> {
-    fn batch(&mut self, start: i64, len: i64) -> Result<(Tensor, Tensor)> {
+    fn batch(&mut self, span: Span) -> Result<(Tensor, Tensor)> {
+        let Span { start, len, .. } = span;
         let d = self.dataset;
         let (x, y) = match (&d.samples, &mut self.decoded, &self.order) {
             (Samples::Files(files), Some(decoded), _) => {
@@ -311,7 +392,7 @@ impl Batches<'_> {
             (Samples::Files(_), None, _) => return Err(Error::invalid("data loading", "a streamed dataset's batches were not started")),
         };
         let x = match &mut self.augment {
-            Some((crop, rng)) => crop.apply(&x, rng)?,
+            Some((crop, rng)) => crop.apply(&x, rng, &span)?,
             None => x,
         };
         Ok((x.f_to_device(self.device)?, y.f_to_device(self.device)?))
@@ -322,19 +403,14 @@ impl Iterator for Batches<'_> {
     type Item = Result<(Tensor, Tensor)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let n = self.dataset.len() as i64;
-        if self.next >= n {
-            return None;
-        }
-        let len = self.batch_size.min(n - self.next);
-        let start = self.next;
-        self.next += len;
-        Some(self.batch(start, len))
+        let span = *self.spans.get(self.next)?;
+        self.next += 1;
+        Some(self.batch(span))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = ((self.dataset.len() as i64 - self.next).max(0) + self.batch_size - 1) / self.batch_size;
-        (left as usize, Some(left as usize))
+        let left = self.spans.len() - self.next;
+        (left, Some(left))
     }
 }
 

@@ -15,12 +15,14 @@ mod pytorch;
 mod progress;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Reduction, Tensor};
 
 use crate::data::{epoch_seed, DataSplits, Dataset};
+use crate::distributed::{data_parallel, ProcessGroup, ReduceOp};
 use crate::early_exit::{early_exit_loss, forward_exits, EarlyExit, ExitStats};
 use crate::logging::{CsvLogger, DataLogger, TensorBoardLogger};
 use crate::metrics::{Metrics, MetricsAccumulator};
@@ -69,6 +71,10 @@ pub struct TrainConfig {
     /// Train the model's early exits with these loss weights and validate with these thresholds (the model must
     /// have one exit per threshold: [`crate::early_exit::attach_exits`]).
     pub early_exit: Option<EarlyExit>,
+    /// Train data-parallel across this group's processes: each trains on its share of every mini-batch of
+    /// `batch_size` samples (the global batch, as in one process), gradients are averaged, and only rank 0
+    /// writes to `out_dir` and shows progress. See [`crate::distributed`].
+    pub distributed: Option<Arc<ProcessGroup>>,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +90,7 @@ impl Default for TrainConfig {
             out_dir: None,
             progress: Progress::Auto,
             early_exit: None,
+            distributed: None,
         }
     }
 }
@@ -207,11 +214,23 @@ pub fn validate(model: &mut Model, data: &Dataset, batch_size: usize) -> Result<
     eval_pass(model, data, batch_size, |_, _| Ok(()))
 }
 
+/// [`validate`] shared out over a process group: each rank evaluates its block of `data` and the sums are added
+/// up, so every rank gets the metrics of the whole set.
+pub fn validate_distributed(model: &mut Model, data: &Dataset, batch_size: usize, group: &ProcessGroup) -> Result<Metrics> {
+    let shard = data.shard(group.rank(), group.world_size())?;
+    let own = eval_sums(model, &shard, batch_size, |_, _| Ok(()))?;
+    Ok(data_parallel::reduce_metrics(group, &own)?.metrics())
+}
+
 /// The evaluation loop of [`validate`] and [`evaluate`]: `on_batch` sees each batch's logits and labels.
-fn eval_pass(model: &mut Model, data: &Dataset, batch_size: usize, mut on_batch: impl FnMut(&Tensor, &Tensor) -> Result<()>) -> Result<Metrics> {
+fn eval_pass(model: &mut Model, data: &Dataset, batch_size: usize, on_batch: impl FnMut(&Tensor, &Tensor) -> Result<()>) -> Result<Metrics> {
+    Ok(eval_sums(model, data, batch_size, on_batch)?.metrics())
+}
+
+fn eval_sums(model: &mut Model, data: &Dataset, batch_size: usize, mut on_batch: impl FnMut(&Tensor, &Tensor) -> Result<()>) -> Result<MetricsAccumulator> {
     let was_training = model.is_training();
     model.eval();
-    let result = tch::no_grad(|| -> Result<Metrics> {
+    let result = tch::no_grad(|| -> Result<MetricsAccumulator> {
         let mut acc = MetricsAccumulator::default();
         for batch in data.batches(batch_size, model.device())? {
             let (x, y) = batch?;
@@ -220,7 +239,7 @@ fn eval_pass(model: &mut Model, data: &Dataset, batch_size: usize, mut on_batch:
             acc.add(&logits, &y, loss)?;
             on_batch(&logits, &y)?;
         }
-        Ok(acc.metrics())
+        Ok(acc)
     });
     if was_training {
         model.train();
@@ -243,12 +262,17 @@ pub struct EpochSettings<'a> {
     /// Train the model's exits with this loss (the objective loss is then Distiller's `earlyexit_loss`, and the
     /// accuracy is the final classifier's).
     pub early_exit: Option<&'a EarlyExit>,
+    /// Train data-parallel across this group: `batch_size` is the global mini-batch, of which this rank trains
+    /// on its share ([`Dataset::train_shard_batches`]); gradients are averaged after each backward pass and
+    /// rank 0's buffers are copied to all before each forward pass, as in PyTorch's DistributedDataParallel.
+    /// The returned metrics are all ranks'; the loggers see this rank's running figures.
+    pub group: Option<&'a ProcessGroup>,
 }
 
 impl EpochSettings<'_> {
     /// Settings with no loggers and no progress display.
     pub fn quiet(batch_size: usize, shuffle_seed: u64) -> EpochSettings<'static> {
-        EpochSettings { batch_size, shuffle_seed, progress: Progress::Quiet, total_epochs: 1, loggers: &mut [], early_exit: None }
+        EpochSettings { batch_size, shuffle_seed, progress: Progress::Quiet, total_epochs: 1, loggers: &mut [], early_exit: None, group: None }
     }
 }
 
@@ -265,22 +289,33 @@ pub fn train_epoch(
     epoch: usize,
     settings: EpochSettings,
 ) -> Result<TrainEpochMetrics> {
-    let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers, early_exit } = settings;
+    let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers, early_exit, group } = settings;
     retain_freed_memory();
     if let Some(ee) = early_exit {
         ee.check_model(model)?;
     }
     model.train();
-    let per_epoch = data.steps(batch_size);
+    let per_epoch = match group {
+        Some(g) => data.shard_steps(batch_size, g.world_size()),
+        None => data.steps(batch_size),
+    };
+    let batches = match group {
+        Some(g) => data.train_shard_batches(batch_size, shuffle_seed, g.rank(), g.world_size(), model.device())?,
+        None => data.train_batches(batch_size, shuffle_seed, model.device())?,
+    };
+    let has_buffers = group.is_some() && !model.named_buffers().is_empty();
     let log_every = per_epoch.div_ceil(4).max(1);
     let started = Instant::now();
     let mut reporter = Reporter::new(progress, epoch, total_epochs, per_epoch);
     let mut acc = MetricsAccumulator::default();
     let mut overall_sum = 0.0;
     let mut components: Vec<(String, f64)> = Vec::new();
-    for (index, batch) in data.train_batches(batch_size, shuffle_seed, model.device())?.enumerate() {
+    for (index, batch) in batches.enumerate() {
         let (x, y) = batch?;
         let mb = Minibatch { index, per_epoch };
+        if let (Some(g), true) = (group, has_buffers) {
+            data_parallel::broadcast_buffers(g, model)?;
+        }
         if let Some(s) = scheduler.as_deref_mut() {
             s.on_minibatch_begin(model, epoch, mb, Some(optimizer))?;
         }
@@ -325,6 +360,10 @@ pub fn train_epoch(
         };
         optimizer.zero_grad();
         overall.f_backward()?;
+        if let Some(g) = group {
+            let global = batch_size.min(data.len() - index * batch_size);
+            data_parallel::average_gradients(g, optimizer, y.size()[0] as usize, global)?;
+        }
         if let Some(s) = scheduler.as_deref_mut() {
             s.before_parameter_optimization(model, epoch, mb, Some(optimizer))?;
         }
@@ -350,6 +389,16 @@ pub fn train_epoch(
             for l in loggers.iter_mut() {
                 l.log_training_progress("Performance/Training/", &stats, epoch, done, per_epoch)?;
             }
+        }
+    }
+    if let Some(g) = group {
+        acc = data_parallel::reduce_metrics(g, &acc)?;
+        let mut sums = Tensor::f_from_slice(&std::iter::once(overall_sum).chain(components.iter().map(|(_, v)| *v)).collect::<Vec<f64>>())?;
+        g.all_reduce(&mut sums, ReduceOp::Sum)?;
+        let sums = Vec::<f64>::try_from(&sums)?;
+        overall_sum = sums[0];
+        for ((_, v), total) in components.iter_mut().zip(&sums[1..]) {
+            *v = *total;
         }
     }
     let samples = acc.samples().max(1) as f64;
@@ -400,6 +449,20 @@ impl<'a> Trainer<'a> {
         }
         if let Some(ee) = &config.early_exit {
             ee.check_model(model)?;
+        }
+        let mut config = config;
+        if let Some(g) = &config.distributed {
+            if config.batch_size < g.world_size() {
+                return Err(Error::invalid(
+                    "batch size",
+                    format!("{} is the global mini-batch, shared by {} ranks: give at least one sample per rank", config.batch_size, g.world_size()),
+                ));
+            }
+            // Only rank 0 writes and talks.
+            if g.rank() != 0 {
+                config.out_dir = None;
+                config.progress = Progress::Quiet;
+            }
         }
         let optimizer = Optimizer::for_model(model, config.optimizer, config.lr)?;
         Ok(Trainer { model, optimizer, scheduler: None, config, history: Vec::new(), loggers: Vec::new(), warnings: Vec::new(), resumed_at: 0 })
@@ -518,6 +581,9 @@ impl<'a> Trainer<'a> {
             self.loggers.push(Box::new(TensorBoardLogger::new(dir)?));
             self.loggers.push(Box::new(CsvLogger::new(dir.clone())));
         }
+        if let Some(g) = &self.config.distributed {
+            data_parallel::broadcast_state(g, self.model)?;
+        }
         let start_epoch = self.next_epoch();
         for epoch in start_epoch..self.config.epochs {
             self.run_epoch(data, epoch)?;
@@ -538,7 +604,9 @@ impl<'a> Trainer<'a> {
     fn run_epoch(&mut self, data: &DataSplits, epoch: usize) -> Result<()> {
         let started = Instant::now();
         let seed = epoch_seed(self.config.seed, epoch);
-        tch::manual_seed(seed as i64);
+        // Ranks other than 0 draw their own dropout masks; the shuffle (below) is the same on every rank.
+        let rank = self.config.distributed.as_ref().map_or(0, |g| g.rank() as u64);
+        tch::manual_seed((seed ^ rank.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
         let lr = self.optimizer.lr();
         if let Some(s) = self.scheduler.as_deref_mut() {
             s.on_epoch_begin(self.model, epoch, Some(&mut self.optimizer))?;
@@ -550,6 +618,7 @@ impl<'a> Trainer<'a> {
             total_epochs: self.config.epochs,
             loggers: &mut self.loggers,
             early_exit: self.config.early_exit.as_ref(),
+            group: self.config.distributed.as_deref(),
         };
         let train = train_epoch(self.model, &data.train, &mut self.optimizer, self.scheduler.as_deref_mut(), epoch, settings)?;
         let (valid, exits) = self.validate(&data.valid)?;
@@ -568,6 +637,11 @@ impl<'a> Trainer<'a> {
         }
         if let Some(s) = self.scheduler.as_deref_mut() {
             s.on_epoch_end(self.model, epoch, &valid, Some(&mut self.optimizer))?;
+        }
+        if let Some(g) = &self.config.distributed {
+            let mut state = self.model.state_dict();
+            state.extend(self.scheduler.as_deref().map(|s| s.masks().tensors()).unwrap_or_default());
+            data_parallel::check_in_sync(g, &state, &format!("weights, buffers and masks after epoch {epoch}"))?;
         }
         let counts = parameter_counts(self.model)?;
         self.history.push(EpochRecord { epoch, lr, train, valid, counts, seconds: started.elapsed().as_secs_f64(), exits });
@@ -615,14 +689,20 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Plain validation, or with early exits the network as deployed with its exits.
+    /// Plain validation, or with early exits the network as deployed with its exits. Data-parallel, each rank
+    /// evaluates its block of the plain validation (with early exits, every rank evaluates all of it) with rank 0's
+    /// buffers.
     fn validate(&mut self, data: &Dataset) -> Result<(Metrics, Option<ExitStats>)> {
-        match &self.config.early_exit {
-            Some(ee) => {
+        if let Some(g) = &self.config.distributed {
+            data_parallel::broadcast_buffers(g, self.model)?;
+        }
+        match (&self.config.early_exit, &self.config.distributed) {
+            (Some(ee), _) => {
                 let stats = crate::early_exit::evaluate(self.model, data, self.config.batch_size, ee)?;
                 Ok((stats.overall, Some(stats)))
             }
-            None => Ok((validate(self.model, data, self.config.batch_size)?, None)),
+            (None, Some(g)) => Ok((validate_distributed(self.model, data, self.config.batch_size, g)?, None)),
+            (None, None) => Ok((validate(self.model, data, self.config.batch_size)?, None)),
         }
     }
 

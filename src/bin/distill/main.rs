@@ -597,6 +597,10 @@ struct TrainArgs {
     /// Progress display: auto, bar, lines or quiet.
     #[arg(long, default_value = "auto")]
     progress: String,
+    /// Train data-parallel in N local processes (c10d's Gloo on CPU), each on its share of every mini-batch of
+    /// --batch-size samples. Under torchrun (which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) leave it out.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
     #[command(flatten)]
     kd: KdArgs,
     #[command(flatten)]
@@ -725,8 +729,42 @@ fn load_data(dataset: &str, dir: Option<&PathBuf>, limit: Option<usize>) -> Resu
     }
 }
 
+/// `--nproc N` without a launcher's variables: start N ranks of this same command and wait for them.
+fn launch_ranks(nproc: usize) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| distill::Error::Distributed(format!("cannot find this program to start its ranks: {e}")))?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let status = distill::distributed::launch::run_local(nproc, std::time::Duration::from_secs(30), |_| {
+        let mut command = std::process::Command::new(&exe);
+        command.args(&argv);
+        command
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(distill::Error::Distributed(format!("the run of {nproc} ranks failed ({status}); the failing rank's output above says why")))
+    }
+}
+
+/// The process group of a run launched by torchrun or `--nproc` (None for a plain run).
+fn join_ranks(nproc: usize) -> Result<Option<std::sync::Arc<distill::distributed::ProcessGroup>>> {
+    let Some(rendezvous) = distill::distributed::Rendezvous::from_env()? else { return Ok(None) };
+    if nproc > 1 && nproc != rendezvous.world_size {
+        return Err(distill::Error::invalid("--nproc", format!("{nproc} disagrees with WORLD_SIZE={} set by the launcher: leave --nproc out under torchrun", rendezvous.world_size)));
+    }
+    Ok(Some(std::sync::Arc::new(distill::distributed::ProcessGroup::new(&rendezvous)?)))
+}
+
 fn train(args: TrainArgs) -> Result<()> {
-    let progress: Progress = args.progress.parse()?;
+    let group = join_ranks(args.nproc)?;
+    if group.is_none() && args.nproc > 1 {
+        return launch_ranks(args.nproc);
+    }
+    if args.nproc == 0 {
+        return Err(distill::Error::invalid("--nproc", "must be at least 1"));
+    }
+    // Rank 0 speaks for the run; the others only report their errors.
+    let is_main = group.as_ref().is_none_or(|g| g.rank() == 0);
+    let progress: Progress = if is_main { args.progress.parse()? } else { Progress::Quiet };
     tch::manual_seed(args.seed as i64);
     let mut model = args.model.model()?;
     let device = model.device();
@@ -752,24 +790,29 @@ fn train(args: TrainArgs) -> Result<()> {
         out_dir: Some(args.out.clone()),
         progress,
         early_exit: early_exit.clone(),
+        distributed: group.clone(),
     };
-    if let Some(ee) = &early_exit {
+    if let (Some(ee), true) = (&early_exit, is_main) {
         let at: Vec<String> = model.early_exits().iter().map(|e| e.at.clone()).collect();
         println!("early exits after {at:?}: loss weights {:?}, thresholds {:?} ({:?})", ee.loss_weights, ee.thresholds, ee.criterion);
     }
-    println!(
-        "distill: {} on {} ({} train / {} valid / {} test samples), {} parameters, {:?}",
-        args.model.arch,
-        args.model.dataset,
-        data.train.len(),
-        data.valid.len(),
-        data.test.len(),
-        model.num_parameters(),
-        device
-    );
+    if is_main {
+        println!(
+            "distill: {} on {} ({} train / {} valid / {} test samples), {} parameters, {:?}{}",
+            args.model.arch,
+            args.model.dataset,
+            data.train.len(),
+            data.valid.len(),
+            data.test.len(),
+            model.num_parameters(),
+            device,
+            group.as_ref().map_or(String::new(), |g| format!(", data-parallel on {} ranks", g.world_size()))
+        );
+    }
     let schedule = args.compress.as_ref().map(Schedule::from_file).transpose()?;
     let has_lr_schedule = schedule.as_ref().is_some_and(|s| !s.lr_schedulers.is_empty());
-    println!(
+    if is_main {
+        println!(
         "settings: {} lr {lr} ({}), batch {batch_size}, weight decay {weight_decay}{}",
         optimizer.name(),
         match (has_lr_schedule, lr_schedule) {
@@ -782,17 +825,22 @@ fn train(args: TrainArgs) -> Result<()> {
             OptimizerConfig::Adam { .. } => String::new(),
         }
     );
+    }
     let kd = args.kd.policy(&model, args.epochs)?;
     let mut scheduler = match &schedule {
         Some(schedule) => {
             let scheduler = schedule.build(&model)?;
-            print!("{}", schedule.preview(args.epochs, lr, Some(&model))?);
+            if is_main {
+                print!("{}", schedule.preview(args.epochs, lr, Some(&model))?);
+            }
             Some(scheduler)
         }
         None => None,
     };
     if let Some((policy, epochs)) = kd {
-        println!("distilling from {} (T = {}) in epochs {}..{}", args.kd.kd_resume.as_ref().map_or(String::new(), |p| p.display().to_string()), policy.temperature(), epochs.starting_epoch, epochs.ending_epoch);
+        if is_main {
+            println!("distilling from {} (T = {}) in epochs {}..{}", args.kd.kd_resume.as_ref().map_or(String::new(), |p| p.display().to_string()), policy.temperature(), epochs.starting_epoch, epochs.ending_epoch);
+        }
         scheduler.get_or_insert_with(|| distill::scheduler::CompressionScheduler::new(&model)).add_policy(Box::new(policy), epochs);
     }
     if lr_schedule == LrScheduleKind::Cosine && !has_lr_schedule && args.epochs > 0 {
@@ -806,10 +854,15 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     if let Some(ckpt) = &args.resume {
         trainer.resume(ckpt)?;
-        println!("resuming from {} after epoch {}", ckpt.display(), trainer.history().len().saturating_sub(1));
+        if is_main {
+            println!("resuming from {} after epoch {}", ckpt.display(), trainer.history().len().saturating_sub(1));
+        }
     }
     let summary = trainer.run(&data)?;
     drop(trainer);
+    if !is_main {
+        return Ok(());
+    }
     if progress == Progress::Quiet {
         // Shown during the run otherwise.
         summary.warnings.iter().for_each(|w| eprintln!("warning: {w}"));

@@ -1,0 +1,348 @@
+//! Data-parallel training on c10d (Gloo over localhost): the bridge's collectives, the launch variables and their
+//! errors, a dead peer, sharded batches, and a 2-rank run against one process; then the CLI's `--nproc`, a
+//! killed rank and `--resume`.
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use distill::config::Schedule;
+use distill::data::{DataSplits, Dataset, RandomCrop};
+use distill::distributed::{launch::free_local_port, ProcessGroup, ReduceOp, Rendezvous};
+use distill::models::create_model;
+use distill::train::{Progress, TrainConfig, Trainer};
+use tch::{Device, Kind, Tensor};
+
+/// Runs `body` on `world` ranks, one thread each, joined through a rendezvous on a free local port.
+fn on_ranks<T: Send + 'static>(world: usize, body: impl Fn(ProcessGroup) -> T + Send + Sync + 'static) -> Vec<T> {
+    let port = free_local_port().unwrap();
+    let body = Arc::new(body);
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let body = body.clone();
+            thread::spawn(move || {
+                let rendezvous = Rendezvous { timeout: Duration::from_secs(60), ..Rendezvous::local(rank, world, port) };
+                body(ProcessGroup::new(&rendezvous).unwrap())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap()
+}
+
+#[test]
+fn collectives_combine_every_rank() {
+    let results = on_ranks(3, |g| {
+        let r = g.rank() as f32 + 1.0;
+        let reduce = |op| {
+            let mut t = Tensor::from_slice(&[r, 10.0 * r]);
+            g.all_reduce(&mut t, op).unwrap();
+            values(&t)
+        };
+        let (sum, product, min, max) = (reduce(ReduceOp::Sum), reduce(ReduceOp::Product), reduce(ReduceOp::Min), reduce(ReduceOp::Max));
+        let mut ints = Tensor::from_slice(&[g.rank() as i64 + 1]);
+        g.all_reduce(&mut ints, ReduceOp::Sum).unwrap();
+        let mut b = Tensor::from_slice(&[r; 4]).view([2, 2]);
+        g.broadcast(&mut b, 2).unwrap();
+        let gathered: Vec<Vec<f64>> = g.all_gather(&Tensor::from_slice(&[g.rank() as f64, 2.0 * g.rank() as f64])).unwrap().iter().map(values).collect();
+        g.barrier().unwrap();
+        (sum, product, min, max, ints.int64_value(&[0]), values(&b), gathered)
+    });
+    for (sum, product, min, max, ints, b, gathered) in results {
+        assert_eq!(sum, [6.0, 60.0]);
+        assert_eq!(product, [6.0, 6000.0]);
+        assert_eq!(min, [1.0, 10.0]);
+        assert_eq!(max, [3.0, 30.0]);
+        assert_eq!(ints, 6);
+        assert_eq!(b, [3.0; 4], "rank 2's tensor everywhere");
+        assert_eq!(gathered, vec![vec![0.0, 0.0], vec![1.0, 2.0], vec![2.0, 4.0]]);
+    }
+}
+
+#[test]
+fn collectives_refuse_bad_tensors_and_roots() {
+    let errors = on_ranks(2, |g| {
+        let mut strided = Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)).tr();
+        let a = g.all_reduce(&mut strided, ReduceOp::Sum).unwrap_err().to_string();
+        let mut t = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        let b = g.broadcast(&mut t, 2).unwrap_err().to_string();
+        (a, b)
+    });
+    for (a, b) in errors {
+        assert!(a.contains("not contiguous"), "{a}");
+        assert!(b.contains("2 is not a rank of this group of 2"), "{b}");
+    }
+}
+
+#[test]
+fn launch_variables_are_read_like_torchrun_and_checked() {
+    let env = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Rendezvous::from_vars(move |name| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    };
+    assert_eq!(env(&[]).unwrap(), None, "no launcher: a plain run");
+    let ok = env(&[("RANK", "1"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "10.0.0.7"), ("MASTER_PORT", "29500"), ("LOCAL_RANK", "1"), ("DISTILL_DIST_TIMEOUT", "90")])
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ok,
+        Rendezvous { master_addr: "10.0.0.7".into(), master_port: 29500, rank: 1, world_size: 4, local_rank: 1, timeout: Duration::from_secs(90) }
+    );
+    let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+    let with = |key: &str, value: &str| -> String {
+        let pairs: Vec<(&str, &str)> = base.iter().map(|&(k, v)| if k == key { (k, value) } else { (k, v) }).collect();
+        env(&pairs).unwrap_err().to_string()
+    };
+    let without = |key: &str| -> String {
+        let pairs: Vec<(&str, &str)> = base.iter().copied().filter(|&(k, _)| k != key).collect();
+        env(&pairs).unwrap_err().to_string()
+    };
+    for (message, expected) in [
+        (with("RANK", "2"), "RANK=2 is outside WORLD_SIZE=2"),
+        (with("RANK", "-1"), "RANK=\"-1\" is not a non-negative integer"),
+        (with("WORLD_SIZE", "0"), "WORLD_SIZE=0 must lie in 1..="),
+        (with("WORLD_SIZE", "99999999"), "must lie in 1..="),
+        (with("MASTER_PORT", "70000"), "MASTER_PORT=\"70000\" is not a port number"),
+        (with("MASTER_PORT", "0"), "is not a port number"),
+        (with("MASTER_ADDR", " "), "MASTER_ADDR is not set"),
+        (without("WORLD_SIZE"), "WORLD_SIZE is not set"),
+        (without("MASTER_PORT"), "MASTER_PORT is not set"),
+        (without("MASTER_ADDR"), "MASTER_ADDR is not set"),
+    ] {
+        assert!(message.starts_with("distributed: "), "{message}");
+        assert!(message.contains(expected), "expected '{expected}' in: {message}");
+    }
+    let timeout = env(&[("DISTILL_DIST_TIMEOUT", "-3"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")]).unwrap_err();
+    assert!(timeout.to_string().contains("DISTILL_DIST_TIMEOUT=\"-3\""), "{timeout}");
+}
+
+#[test]
+fn a_bad_rendezvous_fails_within_its_timeout() {
+    let short = |rank, world, port| Rendezvous { timeout: Duration::from_secs(3), ..Rendezvous::local(rank, world, port) };
+    // Nobody serves the rendezvous.
+    let started = Instant::now();
+    let e = ProcessGroup::new(&short(1, 2, free_local_port().unwrap())).unwrap_err().to_string();
+    assert!(e.contains("rank 1 could not join the rendezvous at 127.0.0.1"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    // The port is taken.
+    let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let started = Instant::now();
+    let e = ProcessGroup::new(&short(0, 1, port)).unwrap_err().to_string();
+    assert!(e.contains("rank 0 could not join the rendezvous"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn a_rank_claimed_twice_is_refused() {
+    let port = free_local_port().unwrap();
+    let handles: Vec<_> = [0, 1, 1]
+        .into_iter()
+        .map(|rank| thread::spawn(move || ProcessGroup::new(&Rendezvous { timeout: Duration::from_secs(20), ..Rendezvous::local(rank, 2, port) }).map(|_| ())))
+        .collect();
+    let errors: Vec<String> = handles.into_iter().filter_map(|h| h.join().unwrap().err()).map(|e| e.to_string()).collect();
+    assert!(errors.iter().any(|e| e.contains("two processes claim RANK=1")), "{errors:?}");
+}
+
+#[test]
+fn a_collective_with_a_dead_peer_fails_instead_of_hanging() {
+    let results = on_ranks(2, |g| {
+        if g.rank() == 1 {
+            drop(g); // closes its connections, as a killed process's do
+            return None;
+        }
+        thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let mut t = Tensor::ones([4], (Kind::Float, Device::Cpu));
+        let e = g.all_reduce(&mut t, ReduceOp::Sum).unwrap_err().to_string();
+        Some((e, started.elapsed()))
+    });
+    let (e, took) = results[0].clone().unwrap();
+    assert!(e.contains("all_reduce on rank 0 of 2 failed"), "{e}");
+    assert!(took < Duration::from_secs(50), "took {took:?}");
+}
+
+#[test]
+fn shards_together_are_the_single_process_batches_with_their_augmentation() {
+    // Sample i is a 3x3 image of value i + 1; a 1-pixel random crop with flips moves zeros in from the border.
+    let n = 103;
+    let images = Tensor::arange(n, (Kind::Float, Device::Cpu)).f_add_scalar(1.0).unwrap().view([n, 1, 1, 1]).expand([n, 1, 3, 3], false).contiguous();
+    let labels = Tensor::zeros([n], (Kind::Int64, Device::Cpu));
+    let data = Dataset::new("ids", images, labels, 2).unwrap().with_augmentation(Some(RandomCrop { padding: 1, fill: 0.0, horizontal_flip: true }));
+    let id = |x: &Tensor| x.amax([1, 2, 3], false).to_kind(Kind::Int64);
+    let (batch, seed) = (16, 7);
+    let single: Vec<Tensor> = data.train_batches(batch, seed, Device::Cpu).unwrap().map(|b| b.unwrap().0).collect();
+    // 103 = 6 × 16 + 7: the last global batch has 7 samples, enough for 3 ranks; 4 × 26 ranks would leave it out.
+    assert_eq!(data.shard_steps(batch, 3), 7);
+    assert_eq!(data.shard_steps(batch, 8), 6);
+    let world = 3;
+    let shards: Vec<Vec<Tensor>> =
+        (0..world).map(|r| data.train_shard_batches(batch, seed, r, world, Device::Cpu).unwrap().map(|b| b.unwrap().0).collect()).collect();
+    for (step, whole) in single.iter().enumerate() {
+        let ids = Vec::<i64>::try_from(id(whole)).unwrap();
+        let mut seen = 0;
+        for (r, shard) in shards.iter().enumerate() {
+            let part = &shard[step];
+            let part_ids = Vec::<i64>::try_from(id(part)).unwrap();
+            let expected: Vec<i64> = ids.iter().skip(r).step_by(world).copied().collect();
+            assert_eq!(part_ids, expected, "step {step}, rank {r}");
+            for (k, _) in part_ids.iter().enumerate() {
+                assert!(part.get(k as i64).equal(&whole.get((r + k * world) as i64)), "step {step}, rank {r}: the same crop as in one process");
+            }
+            seen += part_ids.len();
+        }
+        assert_eq!(seen, ids.len());
+    }
+    assert!(data.train_shard_batches(2, seed, 0, 3, Device::Cpu).is_err(), "fewer samples per batch than ranks");
+    assert!(data.train_shard_batches(16, seed, 3, 3, Device::Cpu).is_err(), "rank outside the world");
+}
+
+/// LeNet under the README's AGP schedule (lr 0.02, global batch 64) on the first `samples` training digits, on one
+/// process or as one rank of a group. Returns the weights and the masks.
+fn lenet_agp(group: Option<Arc<ProcessGroup>>, samples: i64, epochs: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+    static INIT: Mutex<()> = Mutex::new(());
+    let mut model = {
+        // libtorch's generator is global: ranks in threads draw their initial weights one at a time.
+        let _one_at_a_time = INIT.lock().unwrap();
+        tch::manual_seed(1);
+        create_model("lenet", "mnist", Device::Cpu).unwrap()
+    };
+    let d = distill::data::mnist_bundled().unwrap();
+    let data = DataSplits { train: d.train.subset("train", &(0..samples).collect::<Vec<_>>()).unwrap(), valid: d.valid, test: d.test };
+    let mut scheduler = Schedule::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_agp.yaml")).unwrap().build(&model).unwrap();
+    let config = TrainConfig { epochs, batch_size: 64, lr: 0.02, progress: Progress::Quiet, distributed: group, ..TrainConfig::default() };
+    Trainer::new(&mut model, config).unwrap().with_scheduler(&mut scheduler).run(&data).unwrap();
+    (model.state_dict(), scheduler.masks().tensors())
+}
+
+fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-12)
+}
+
+/// 651 digits: ten global batches of 64 and a last one of 11, shared 6 + 5, so the gradient weights differ. Two
+/// epochs: the second epoch's AGP masks come from trained weights. (Over a whole epoch of 4,000 digits the runs
+/// drift apart to about 1e-2, as far as one process with 1 and with 2 libtorch threads drift apart: summation order
+/// differs, and a ReLU that flips turns a rounding difference into a real one. README, Distributed training.)
+#[test]
+fn two_ranks_of_32_train_as_one_process_of_64() {
+    let (samples, epochs) = (651, 2);
+    let (single, single_masks) = lenet_agp(None, samples, epochs);
+    let ranks = on_ranks(2, move |g| lenet_agp(Some(Arc::new(g)), samples, epochs));
+    let ((w0, m0), (w1, m1)) = (&ranks[0], &ranks[1]);
+    for ((name, a), (_, b)) in w0.iter().zip(w1) {
+        assert!(a.equal(b), "{name}: the ranks' weights are bit-identical");
+    }
+    assert_eq!(m0.len(), 3, "three pruned weights");
+    for ((name, a), (_, b)) in m0.iter().zip(m1) {
+        assert!(a.equal(b), "{name}: the ranks' masks are bit-identical");
+    }
+    for ((name, a), (_, b)) in m0.iter().zip(&single_masks) {
+        assert!(a.equal(b), "{name}: the same mask as one process");
+        assert!(a.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]) < 0.9, "{name} is pruned");
+    }
+    for ((name, a), (_, b)) in w0.iter().zip(&single) {
+        let relative = relative_difference(a, b);
+        assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
+    }
+}
+
+fn distill_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
+    c.args(args).env_remove("LD_LIBRARY_PATH").env("OMP_NUM_THREADS", "1");
+    for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn checkpoint_weights(path: &std::path::Path) -> Vec<(String, Tensor)> {
+    let mut t = Tensor::read_safetensors(path).unwrap();
+    t.retain(|(n, _)| n.ends_with(".weight") || n.ends_with(".bias"));
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn cli_nproc_2_matches_one_process_and_a_killed_rank_stops_the_run_which_resumes() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let args = |name: &str, epochs: &str| -> Vec<String> {
+        ["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", epochs, "--lr", "0.02", "--batch-size", "64", "--progress", "quiet", "--out", &out(name)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |a: Vec<String>| {
+        let o = distill_cmd(&a.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+        assert!(o.status.success(), "{a:?}:\n{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let summary = |name: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.path().join(name).join("summary.json")).unwrap()).unwrap() };
+    run(args("one", "1"));
+    for name in ["two", "again"] {
+        let mut two = args(name, "1");
+        two.extend(["--nproc".into(), "2".into()]);
+        let stdout = run(two);
+        assert!(stdout.contains("data-parallel on 2 ranks"), "{stdout}");
+        assert_eq!(stdout.matches("distill: lenet on mnist").count(), 1, "rank 0 alone reports:\n{stdout}");
+    }
+    let weights = |name: &str| checkpoint_weights(&dir.path().join(name).join("checkpoint.safetensors"));
+    let (one, two, again) = (weights("one"), weights("two"), weights("again"));
+    assert_eq!(one.len(), two.len());
+    for (((name, x), (_, y)), (_, z)) in one.iter().zip(&two).zip(&again) {
+        assert!(y.equal(z), "{name}: two runs of 2 ranks are bit-identical");
+        // A whole epoch: summation order differs, so only close (the library test checks 1e-5 over 22 steps).
+        let relative = relative_difference(y, x);
+        assert!(relative <= 5e-2, "{name}: {relative:e} from one process");
+    }
+    let (top1, top1_two) = (summary("one")["test"]["top1"].as_f64().unwrap(), summary("two")["test"]["top1"].as_f64().unwrap());
+    assert!((top1 - top1_two).abs() <= 2.0, "test top-1 {top1} in one process, {top1_two} on 2 ranks");
+
+    // torchrun-style: two processes from the environment; rank 1 is killed after the first epoch's checkpoint.
+    let port = free_local_port().unwrap().to_string();
+    let spawn = |rank: &str, extra: &[&str]| {
+        let mut a = args("killed", "3");
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let mut c = distill_cmd(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        c.env("RANK", rank).env("WORLD_SIZE", "2").env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", &port).env("DISTILL_DIST_TIMEOUT", "60");
+        c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let (rank0, mut rank1) = (spawn("0", &[]), spawn("1", &[]));
+    let checkpoint = dir.path().join("killed/checkpoint.safetensors");
+    let started = Instant::now();
+    while !checkpoint.exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint after 300 s");
+        thread::sleep(Duration::from_millis(50));
+    }
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    let killed_at = Instant::now();
+    let o = rank0.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "rank 0 must fail when rank 1 dies");
+    assert!(err.contains("distributed: ") && err.contains("rank 0 of 2 failed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(killed_at.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to notice", killed_at.elapsed());
+
+    let port = free_local_port().unwrap().to_string();
+    let resume = out("killed") + "/checkpoint.safetensors";
+    let resumed: Vec<_> = ["0", "1"]
+        .into_iter()
+        .map(|rank| {
+            let mut a = args("killed", "3");
+            a.extend(["--resume".to_string(), resume.clone()]);
+            let mut c = distill_cmd(&a.iter().map(String::as_str).collect::<Vec<_>>());
+            c.env("RANK", rank).env("WORLD_SIZE", "2").env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", &port);
+            c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for child in resumed {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(summary("killed")["epochs"], 3, "the resumed run completed all three epochs");
+}
+
