@@ -200,9 +200,9 @@ fn shards_together_are_the_single_process_batches_with_their_augmentation() {
     assert!(data.train_shard_batches(16, seed, 3, 3, Device::Cpu).is_err(), "rank outside the world");
 }
 
-/// LeNet under the README's AGP schedule (lr 0.02, global batch 64) on the first `samples` training digits, on one
-/// process or as one rank of a group. Returns the weights and the masks.
-fn lenet_agp(group: Option<Arc<ProcessGroup>>, samples: i64, epochs: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+/// LeNet under a schedule of `schedules/` (lr 0.02, global batch 64) on the first `samples` training digits, on one
+/// process or as one rank of a group. Returns the parameters and buffers, and the masks.
+fn lenet_run(schedule: &str, group: Option<Arc<ProcessGroup>>, samples: i64, epochs: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
     static INIT: Mutex<()> = Mutex::new(());
     let mut model = {
         // libtorch's generator is global: ranks in threads draw their initial weights one at a time.
@@ -212,7 +212,8 @@ fn lenet_agp(group: Option<Arc<ProcessGroup>>, samples: i64, epochs: usize) -> (
     };
     let d = distill::data::mnist_bundled().unwrap();
     let data = DataSplits { train: d.train.subset("train", &(0..samples).collect::<Vec<_>>()).unwrap(), valid: d.valid, test: d.test };
-    let mut scheduler = Schedule::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/schedules/lenet_agp.yaml")).unwrap().build(&model).unwrap();
+    let path = format!("{}/schedules/{schedule}", env!("CARGO_MANIFEST_DIR"));
+    let mut scheduler = Schedule::from_file(path).unwrap().build(&model).unwrap();
     let config = TrainConfig { epochs, batch_size: 64, lr: 0.02, progress: Progress::Quiet, distributed: group, ..TrainConfig::default() };
     Trainer::new(&mut model, config).unwrap().with_scheduler(&mut scheduler).run(&data).unwrap();
     (model.state_dict(), scheduler.masks().tensors())
@@ -229,8 +230,8 @@ fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn two_ranks_of_32_train_as_one_process_of_64() {
     let (samples, epochs) = (651, 2);
-    let (single, single_masks) = lenet_agp(None, samples, epochs);
-    let ranks = on_ranks(2, move |g| lenet_agp(Some(Arc::new(g)), samples, epochs));
+    let (single, single_masks) = lenet_run("lenet_agp.yaml", None, samples, epochs);
+    let ranks = on_ranks(2, move |g| lenet_run("lenet_agp.yaml", Some(Arc::new(g)), samples, epochs));
     let ((w0, m0), (w1, m1)) = (&ranks[0], &ranks[1]);
     for ((name, a), (_, b)) in w0.iter().zip(w1) {
         assert!(a.equal(b), "{name}: the ranks' weights are bit-identical");
@@ -246,6 +247,25 @@ fn two_ranks_of_32_train_as_one_process_of_64() {
     for ((name, a), (_, b)) in w0.iter().zip(&single) {
         let relative = relative_difference(a, b);
         assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
+    }
+}
+
+/// PACT's clip values are parameters: their gradients are averaged like the weights'. LeNet's QAT modules carry
+/// buffers too (the weights' quantization state), which rank 0 broadcasts.
+#[test]
+fn quantization_aware_training_with_learned_clip_values_runs_on_two_ranks_as_in_one_process() {
+    let (samples, epochs) = (320, 1);
+    let (single, _) = lenet_run("lenet_pact4.yaml", None, samples, epochs);
+    let ranks = on_ranks(2, move |g| lenet_run("lenet_pact4.yaml", Some(Arc::new(g)), samples, epochs));
+    let clip: Vec<&String> = single.iter().map(|(n, _)| n).filter(|n| n.contains("clip_val")).collect();
+    assert!(!clip.is_empty(), "PACT's clip values are in the state: {:?}", single.iter().map(|(n, _)| n).collect::<Vec<_>>());
+    assert_eq!(ranks[0].0.len(), single.len());
+    for (((name, a), (_, b)), (_, c)) in ranks[0].0.iter().zip(&ranks[1].0).zip(&single) {
+        assert!(a.equal(b), "{name}: bit-identical on both ranks");
+        if a.is_floating_point() {
+            let relative = relative_difference(a, c);
+            assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
+        }
     }
 }
 
