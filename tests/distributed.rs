@@ -148,6 +148,20 @@ fn a_rank_claimed_twice_is_refused() {
 }
 
 #[test]
+fn ranks_with_different_world_sizes_are_refused_at_once() {
+    let port = free_local_port().unwrap();
+    let started = Instant::now();
+    let handles: Vec<_> = [(0, 2), (1, 3)]
+        .into_iter()
+        .map(|(rank, world)| thread::spawn(move || ProcessGroup::new(&Rendezvous { timeout: Duration::from_secs(60), ..Rendezvous::local(rank, world, port) }).map(|_| ())))
+        .collect();
+    // Both fail; rank 1 may see rank 0's store close before it reads rank 0's size, so only one message is certain.
+    let errors: Vec<String> = handles.into_iter().map(|h| h.join().unwrap().unwrap_err().to_string()).collect();
+    assert!(errors.iter().any(|e| e.contains("with WORLD_SIZE=2") && e.contains("give every process the same WORLD_SIZE")), "{errors:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?} (the timeout is 60 s)", started.elapsed());
+}
+
+#[test]
 fn a_collective_with_a_dead_peer_fails_instead_of_hanging() {
     let results = on_ranks(2, |g| {
         if g.rank() == 1 {

@@ -29,6 +29,8 @@ extern "C" {
     ) -> *mut c_char;
     pub(super) fn distill_c10d_free_store(store: *mut RawStore);
     pub(super) fn distill_c10d_store_add(store: *mut RawStore, key: *const c_char, value: i64, out: *mut i64) -> *mut c_char;
+    pub(super) fn distill_c10d_store_set_i64(store: *mut RawStore, key: *const c_char, value: i64) -> *mut c_char;
+    pub(super) fn distill_c10d_store_get_i64(store: *mut RawStore, key: *const c_char, out: *mut i64) -> *mut c_char;
     pub(super) fn distill_c10d_gloo_group(store: *mut RawStore, rank: i32, size: i32, timeout_ms: i64, out: *mut *mut RawGroup) -> *mut c_char;
     pub(super) fn distill_c10d_free_group(group: *mut RawGroup);
     pub(super) fn distill_c10d_all_reduce(group: *mut RawGroup, tensor: *mut c_void, op: i32) -> *mut c_char;
@@ -71,6 +73,16 @@ mod unavailable {
 
     #[allow(clippy::missing_safety_doc)]
     pub(in crate::distributed) unsafe fn distill_c10d_store_add(_store: *mut RawStore, _key: *const c_char, _value: i64, _out: *mut i64) -> *mut c_char {
+        unavailable_message()
+    }
+
+    #[allow(clippy::missing_safety_doc)]
+    pub(in crate::distributed) unsafe fn distill_c10d_store_set_i64(_store: *mut RawStore, _key: *const c_char, _value: i64) -> *mut c_char {
+        unavailable_message()
+    }
+
+    #[allow(clippy::missing_safety_doc)]
+    pub(in crate::distributed) unsafe fn distill_c10d_store_get_i64(_store: *mut RawStore, _key: *const c_char, _out: *mut i64) -> *mut c_char {
         unavailable_message()
     }
 

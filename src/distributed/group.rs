@@ -164,12 +164,22 @@ impl ProcessGroup {
             &format!("rank {rank} could not join the rendezvous at {master_addr}:{master_port} (rank 0 serves it; check MASTER_ADDR, MASTER_PORT and that rank 0 runs)"),
         )?;
         let mut group = ProcessGroup { group: std::ptr::null_mut(), store, rank: *rank, world_size: *world_size, timeout: *timeout };
-        let key = std::ffi::CString::new(format!("distill/rank/{rank}")).expect("no NUL in a formatted key");
-        let mut joined = 0i64;
-        // SAFETY: the store is live; key and out-pointer valid.
-        check(unsafe { ffi::distill_c10d_store_add(group.store, key.as_ptr(), 1, &mut joined) }, "the rendezvous store")?;
-        if joined != 1 {
+        if group.store_add(&format!("distill/rank/{rank}"), 1)? != 1 {
             return Err(Error::Distributed(format!("two processes claim RANK={rank}: give each process its own rank in 0..{world_size}")));
+        }
+        // Every rank publishes its WORLD_SIZE; rank 0 checks everyone's and the others check rank 0's, so a
+        // mismatch fails at once instead of when Gloo gives up waiting for a rank that will never come.
+        group.store_set(&format!("distill/world_size/{rank}"), *world_size as i64)?;
+        let peers: Vec<usize> = if *rank == 0 { (1..*world_size).collect() } else { vec![0] };
+        for peer in peers {
+            let theirs = group.store_get(&format!("distill/world_size/{peer}")).map_err(|e| {
+                Error::Distributed(format!("rank {peer} did not join within {:.0} s ({e}): check that all {world_size} processes run, with the same MASTER_ADDR and MASTER_PORT", timeout.as_secs_f64()))
+            })?;
+            if theirs != *world_size as i64 {
+                return Err(Error::Distributed(format!(
+                    "rank {peer} was started with WORLD_SIZE={theirs} and rank {rank} with WORLD_SIZE={world_size}: give every process the same WORLD_SIZE"
+                )));
+            }
         }
         let mut raw = std::ptr::null_mut();
         // SAFETY: the store is live and outlives the group (dropped after it).
@@ -179,6 +189,29 @@ impl ProcessGroup {
         )?;
         group.group = raw;
         Ok(group)
+    }
+
+    fn store_add(&self, key: &str, value: i64) -> Result<i64> {
+        let key = std::ffi::CString::new(key).map_err(|_| Error::Distributed("a store key holds a NUL byte".into()))?;
+        let mut out = 0i64;
+        // SAFETY: the store is live; key and out-pointer valid.
+        check(unsafe { ffi::distill_c10d_store_add(self.store, key.as_ptr(), value, &mut out) }, "the rendezvous store")?;
+        Ok(out)
+    }
+
+    fn store_set(&self, key: &str, value: i64) -> Result<()> {
+        let key = std::ffi::CString::new(key).map_err(|_| Error::Distributed("a store key holds a NUL byte".into()))?;
+        // SAFETY: the store is live; key valid.
+        check(unsafe { ffi::distill_c10d_store_set_i64(self.store, key.as_ptr(), value) }, "the rendezvous store")
+    }
+
+    /// Waits for `key` up to the timeout.
+    fn store_get(&self, key: &str) -> Result<i64> {
+        let key = std::ffi::CString::new(key).map_err(|_| Error::Distributed("a store key holds a NUL byte".into()))?;
+        let mut out = 0i64;
+        // SAFETY: the store is live; key and out-pointer valid.
+        check(unsafe { ffi::distill_c10d_store_get_i64(self.store, key.as_ptr(), &mut out) }, "the rendezvous store")?;
+        Ok(out)
     }
 
     /// This process's rank.

@@ -92,6 +92,26 @@ char* distill_c10d_store_add(distill_store* store, const char* key, int64_t valu
   return guarded([&] { *out = store->store->add(key, value); });
 }
 
+// Sets key to an 8-byte little-endian integer.
+char* distill_c10d_store_set_i64(distill_store* store, const char* key, int64_t value) {
+  return guarded([&] {
+    std::vector<uint8_t> bytes(8);
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<uint8_t>(static_cast<uint64_t>(value) >> (8 * i));
+    store->store->set(key, bytes);
+  });
+}
+
+// Reads the integer at key, waiting for it up to the store's timeout.
+char* distill_c10d_store_get_i64(distill_store* store, const char* key, int64_t* out) {
+  return guarded([&] {
+    std::vector<uint8_t> bytes = store->store->get(key);
+    if (bytes.size() != 8) throw std::runtime_error(std::string("the store's value at ") + key + " is not an 8-byte integer");
+    uint64_t value = 0;
+    for (int i = 0; i < 8; ++i) value |= static_cast<uint64_t>(bytes[i]) << (8 * i);
+    *out = static_cast<int64_t>(value);
+  });
+}
+
 char* distill_c10d_gloo_group(
     distill_store* store,
     int32_t rank,
