@@ -226,7 +226,7 @@ fn lenet_run(schedule: &str, group: Option<Arc<ProcessGroup>>, samples: i64, epo
     };
     let d = distill::data::mnist_bundled().unwrap();
     let data = DataSplits { train: d.train.subset("train", &(0..samples).collect::<Vec<_>>()).unwrap(), valid: d.valid, test: d.test };
-    let path = format!("{}/schedules/{schedule}", env!("CARGO_MANIFEST_DIR"));
+    let path = if schedule.starts_with('/') { schedule.to_string() } else { format!("{}/schedules/{schedule}", env!("CARGO_MANIFEST_DIR")) };
     let mut scheduler = Schedule::from_file(path).unwrap().build(&model).unwrap();
     let config = TrainConfig { epochs, batch_size: 64, lr: 0.02, progress: Progress::Quiet, distributed: group, ..TrainConfig::default() };
     Trainer::new(&mut model, config).unwrap().with_scheduler(&mut scheduler).run(&data).unwrap();
@@ -280,6 +280,34 @@ fn quantization_aware_training_with_learned_clip_values_runs_on_two_ranks_as_in_
             let relative = relative_difference(a, c);
             assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
         }
+    }
+}
+
+/// Filter pruning, then thinning at the start of epoch 2: every rank removes the same filters from the model, the
+/// optimizer's momentum and the masks, and training goes on in the smaller network.
+#[test]
+fn thinning_during_training_happens_alike_on_every_rank() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let schedule = dir.path().join("thin.yaml");
+    std::fs::write(
+        &schedule,
+        "version: 1\npruners:\n  filters:\n    class: L1RankedStructureParameterPruner_AGP\n    initial_sparsity: 0.25\n    final_sparsity: 0.5\n    group_type: Filters\n    weights: [conv1.weight, conv2.weight]\nextensions:\n  thinner:\n    class: FilterRemover\n    thinning_func_str: remove_filters\n    arch: lenet\n    dataset: mnist\npolicies:\n  - pruner:\n      instance_name: filters\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n  - extension:\n      instance_name: thinner\n    epochs: [2]\n",
+    )
+    .unwrap();
+    let path = schedule.to_str().unwrap().to_string();
+    let (samples, epochs) = (320, 3);
+    let (single, _) = lenet_run(&path, None, samples, epochs);
+    let ranks = on_ranks(2, move |g| lenet_run(&path, Some(Arc::new(g)), samples, epochs));
+    let shape = |w: &[(String, Tensor)], name: &str| w.iter().find(|(n, _)| n == name).unwrap().1.size();
+    assert_eq!(shape(&single, "conv1.weight"), [3, 1, 5, 5], "half of conv1's 6 filters removed");
+    assert_eq!(shape(&single, "conv2.weight"), [8, 3, 5, 5]);
+    for ((name, a), (_, b)) in ranks[0].0.iter().zip(&ranks[1].0) {
+        assert!(a.equal(b), "{name}: bit-identical on both ranks");
+    }
+    for ((name, a), (_, b)) in ranks[0].0.iter().zip(&single) {
+        assert_eq!(a.size(), b.size(), "{name}: thinned alike");
+        let relative = relative_difference(a, b);
+        assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
     }
 }
 
@@ -380,3 +408,27 @@ fn cli_nproc_2_matches_one_process_and_a_killed_rank_stops_the_run_which_resumes
     assert_eq!(summary("killed")["epochs"], 3, "the resumed run completed all three epochs");
 }
 
+
+/// Knowledge distillation from the command line on two ranks: each rank runs the teacher on its own share of the
+/// batch, and the distillation term is summed over the ranks like the other loss terms.
+#[test]
+fn knowledge_distillation_runs_on_two_ranks() {
+    let dir = distill::io::TempDir::new().unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let common = ["train", "--dataset", "mnist", "--epochs", "1", "--lr", "0.02", "--batch-size", "64", "--progress", "quiet"];
+    let teacher = distill_cmd(&[&common[..], &["--arch", "simplenet_mnist", "--out", &out("teacher")]].concat()).output().unwrap();
+    assert!(teacher.status.success(), "{}", String::from_utf8_lossy(&teacher.stderr));
+    let kd = ["--arch", "lenet", "--kd-teacher", "simplenet_mnist", "--kd-resume", &(out("teacher") + "/checkpoint.safetensors"), "--kd-temperature", "4"];
+    let mut runs = Vec::new();
+    for (name, nproc) in [("one", "1"), ("two", "2")] {
+        let o = distill_cmd(&[&common[..], &kd[..], &["--out", &out(name), "--nproc", nproc]].concat()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(name).join("summary.json")).unwrap()).unwrap();
+        let terms = &summary["history"][0]["train"]["loss_components"];
+        let distill_loss = terms.as_array().unwrap().iter().find(|t| t[0] == "Distill Loss").map(|t| t[1].as_f64().unwrap());
+        runs.push((distill_loss.expect("a Distill Loss term"), summary["test"]["top1"].as_f64().unwrap()));
+    }
+    let ((kd1, top1), (kd2, top2)) = (runs[0], runs[1]);
+    assert!((kd1 - kd2).abs() <= 0.02 * kd1.abs(), "the distillation term averaged over all digits: {kd1} in one process, {kd2} on 2 ranks");
+    assert!((top1 - top2).abs() <= 2.0, "test top-1 {top1} and {top2}");
+}
