@@ -13,6 +13,14 @@ use distill::models::create_model;
 use distill::train::{Progress, TrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
 
+/// The tests of this file one at a time, whatever the harness's thread count: `free_local_port` hands out a port
+/// that is free *now*, and two tests running side by side could be handed the same one and join each other's
+/// rendezvous.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static NETWORK: Mutex<()> = Mutex::new(());
+    NETWORK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Runs `body` on `world` ranks, one thread each, joined through a rendezvous on a free local port.
 fn on_ranks<T: Send + 'static>(world: usize, body: impl Fn(ProcessGroup) -> T + Send + Sync + 'static) -> Vec<T> {
     let port = free_local_port().unwrap();
@@ -35,6 +43,7 @@ fn values(t: &Tensor) -> Vec<f64> {
 
 #[test]
 fn collectives_combine_every_rank() {
+    let _one_at_a_time = one_at_a_time();
     let results = on_ranks(3, |g| {
         let r = g.rank() as f32 + 1.0;
         let reduce = |op| {
@@ -64,6 +73,7 @@ fn collectives_combine_every_rank() {
 
 #[test]
 fn collectives_refuse_bad_tensors_and_roots() {
+    let _one_at_a_time = one_at_a_time();
     let errors = on_ranks(2, |g| {
         let mut strided = Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)).tr();
         let a = g.all_reduce(&mut strided, ReduceOp::Sum).unwrap_err().to_string();
@@ -79,6 +89,7 @@ fn collectives_refuse_bad_tensors_and_roots() {
 
 #[test]
 fn launch_variables_are_read_like_torchrun_and_checked() {
+    let _one_at_a_time = one_at_a_time();
     let env = |pairs: &[(&str, &str)]| {
         let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Rendezvous::from_vars(move |name| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
@@ -121,6 +132,7 @@ fn launch_variables_are_read_like_torchrun_and_checked() {
 
 #[test]
 fn a_bad_rendezvous_fails_within_its_timeout() {
+    let _one_at_a_time = one_at_a_time();
     let short = |rank, world, port| Rendezvous { timeout: Duration::from_secs(3), ..Rendezvous::local(rank, world, port) };
     // Nobody serves the rendezvous.
     let started = Instant::now();
@@ -138,6 +150,7 @@ fn a_bad_rendezvous_fails_within_its_timeout() {
 
 #[test]
 fn a_rank_claimed_twice_is_refused() {
+    let _one_at_a_time = one_at_a_time();
     let port = free_local_port().unwrap();
     let handles: Vec<_> = [0, 1, 1]
         .into_iter()
@@ -149,6 +162,7 @@ fn a_rank_claimed_twice_is_refused() {
 
 #[test]
 fn ranks_with_different_world_sizes_are_refused_at_once() {
+    let _one_at_a_time = one_at_a_time();
     let port = free_local_port().unwrap();
     let started = Instant::now();
     let handles: Vec<_> = [(0, 2), (1, 3)]
@@ -163,6 +177,7 @@ fn ranks_with_different_world_sizes_are_refused_at_once() {
 
 #[test]
 fn a_collective_with_a_dead_peer_fails_instead_of_hanging() {
+    let _one_at_a_time = one_at_a_time();
     let results = on_ranks(2, |g| {
         if g.rank() == 1 {
             drop(g); // closes its connections, as a killed process's do
@@ -181,6 +196,7 @@ fn a_collective_with_a_dead_peer_fails_instead_of_hanging() {
 
 #[test]
 fn shards_together_are_the_single_process_batches_with_their_augmentation() {
+    let _one_at_a_time = one_at_a_time();
     // Sample i is a 3x3 image of value i + 1; a 1-pixel random crop with flips moves zeros in from the border.
     let n = 103;
     let images = Tensor::arange(n, (Kind::Float, Device::Cpu)).f_add_scalar(1.0).unwrap().view([n, 1, 1, 1]).expand([n, 1, 3, 3], false).contiguous();
@@ -220,7 +236,7 @@ fn lenet_run(schedule: &str, group: Option<Arc<ProcessGroup>>, samples: i64, epo
     static INIT: Mutex<()> = Mutex::new(());
     let mut model = {
         // libtorch's generator is global: ranks in threads draw their initial weights one at a time.
-        let _one_at_a_time = INIT.lock().unwrap();
+        let _drawing = INIT.lock().unwrap();
         tch::manual_seed(1);
         create_model("lenet", "mnist", Device::Cpu).unwrap()
     };
@@ -243,6 +259,7 @@ fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
 /// differs, and a ReLU that flips turns a rounding difference into a real one. README, Distributed training.)
 #[test]
 fn two_ranks_of_32_train_as_one_process_of_64() {
+    let _one_at_a_time = one_at_a_time();
     let (samples, epochs) = (651, 2);
     let (single, single_masks) = lenet_run("lenet_agp.yaml", None, samples, epochs);
     let ranks = on_ranks(2, move |g| lenet_run("lenet_agp.yaml", Some(Arc::new(g)), samples, epochs));
@@ -268,6 +285,7 @@ fn two_ranks_of_32_train_as_one_process_of_64() {
 /// buffers too (the weights' quantization state), which rank 0 broadcasts.
 #[test]
 fn quantization_aware_training_with_learned_clip_values_runs_on_two_ranks_as_in_one_process() {
+    let _one_at_a_time = one_at_a_time();
     let (samples, epochs) = (320, 1);
     let (single, _) = lenet_run("lenet_pact4.yaml", None, samples, epochs);
     let ranks = on_ranks(2, move |g| lenet_run("lenet_pact4.yaml", Some(Arc::new(g)), samples, epochs));
@@ -287,6 +305,7 @@ fn quantization_aware_training_with_learned_clip_values_runs_on_two_ranks_as_in_
 /// optimizer's momentum and the masks, and training goes on in the smaller network.
 #[test]
 fn thinning_during_training_happens_alike_on_every_rank() {
+    let _one_at_a_time = one_at_a_time();
     let dir = distill::io::TempDir::new().unwrap();
     let schedule = dir.path().join("thin.yaml");
     std::fs::write(
@@ -329,6 +348,7 @@ fn checkpoint_weights(path: &std::path::Path) -> Vec<(String, Tensor)> {
 
 #[test]
 fn cli_nproc_2_matches_one_process_and_a_killed_rank_stops_the_run_which_resumes() {
+    let _one_at_a_time = one_at_a_time();
     let dir = distill::io::TempDir::new().unwrap();
     let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let args = |name: &str, epochs: &str| -> Vec<String> {
@@ -413,6 +433,7 @@ fn cli_nproc_2_matches_one_process_and_a_killed_rank_stops_the_run_which_resumes
 /// batch, and the distillation term is summed over the ranks like the other loss terms.
 #[test]
 fn knowledge_distillation_runs_on_two_ranks() {
+    let _one_at_a_time = one_at_a_time();
     let dir = distill::io::TempDir::new().unwrap();
     let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let common = ["train", "--dataset", "mnist", "--epochs", "1", "--lr", "0.02", "--batch-size", "64", "--progress", "quiet"];

@@ -135,6 +135,7 @@ pub struct ProcessGroup {
     store: *mut RawStore,
     rank: usize,
     world_size: usize,
+    local_rank: usize,
     timeout: Duration,
 }
 
@@ -154,7 +155,7 @@ impl ProcessGroup {
     /// use or a rank claimed twice is an error, never a hang.
     pub fn new(rendezvous: &Rendezvous) -> Result<ProcessGroup> {
         rendezvous.check()?;
-        let Rendezvous { master_addr, master_port, rank, world_size, timeout, .. } = rendezvous;
+        let Rendezvous { master_addr, master_port, rank, world_size, local_rank, timeout } = rendezvous;
         let host = std::ffi::CString::new(master_addr.as_str()).map_err(|_| Error::Distributed("MASTER_ADDR holds a NUL byte".into()))?;
         let timeout_ms = timeout.as_millis().min(i64::MAX as u128) as i64;
         let mut store = std::ptr::null_mut();
@@ -163,7 +164,8 @@ impl ProcessGroup {
             unsafe { ffi::distill_c10d_tcp_store(host.as_ptr(), *master_port, *world_size as i32, (*rank == 0) as i32, timeout_ms, &mut store) },
             &format!("rank {rank} could not join the rendezvous at {master_addr}:{master_port} (rank 0 serves it; check MASTER_ADDR, MASTER_PORT and that rank 0 runs)"),
         )?;
-        let mut group = ProcessGroup { group: std::ptr::null_mut(), store, rank: *rank, world_size: *world_size, timeout: *timeout };
+        let mut group =
+            ProcessGroup { group: std::ptr::null_mut(), store, rank: *rank, world_size: *world_size, local_rank: *local_rank, timeout: *timeout };
         if group.store_add(&format!("distill/rank/{rank}"), 1)? != 1 {
             return Err(Error::Distributed(format!("two processes claim RANK={rank}: give each process its own rank in 0..{world_size}")));
         }
@@ -217,6 +219,11 @@ impl ProcessGroup {
     /// This process's rank.
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// This process's rank among those of its machine (`LOCAL_RANK`): which GPU it should use.
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
     }
 
     /// Number of processes.

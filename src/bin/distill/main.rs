@@ -766,7 +766,17 @@ fn train(args: TrainArgs) -> Result<()> {
     let is_main = group.as_ref().is_none_or(|g| g.rank() == 0);
     let progress: Progress = if is_main { args.progress.parse()? } else { Progress::Quiet };
     tch::manual_seed(args.seed as i64);
-    let mut model = args.model.model()?;
+    let mut model = match (&group, args.model.device.as_str()) {
+        // `--device cuda` on several ranks: each rank of a machine takes its own GPU, as torchrun's LOCAL_RANK means.
+        (Some(g), "cuda") => {
+            let gpus = tch::Cuda::device_count() as usize;
+            if g.local_rank() >= gpus {
+                return Err(distill::Error::invalid("--device", format!("LOCAL_RANK={} but this machine has {gpus} GPU(s): start at most one rank per GPU", g.local_rank())));
+            }
+            models::create_model(&args.model.arch, &args.model.dataset, tch::Device::Cuda(g.local_rank()))?
+        }
+        _ => args.model.model()?,
+    };
     let device = model.device();
     if let Some(path) = &args.load_weights {
         distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
