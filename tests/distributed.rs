@@ -232,7 +232,9 @@ fn shards_together_are_the_single_process_batches_with_their_augmentation() {
 
 /// LeNet under a schedule of `schedules/` (lr 0.02, global batch 64) on the first `samples` training digits, on one
 /// process or as one rank of a group. Returns the parameters and buffers, and the masks.
-fn lenet_run(schedule: &str, group: Option<Arc<ProcessGroup>>, samples: i64, epochs: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+type LenetRun = (Vec<(String, Tensor)>, Vec<(String, Tensor)>);
+
+fn lenet_run(schedule: &str, group: Option<Arc<ProcessGroup>>, samples: i64, epochs: usize) -> LenetRun {
     static INIT: Mutex<()> = Mutex::new(());
     let mut model = {
         // libtorch's generator is global: ranks in threads draw their initial weights one at a time.
@@ -253,6 +255,27 @@ fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-12)
 }
 
+/// [`lenet_run`] in one process, then on two ranks: (one process's result, each rank's).
+fn one_process_and_two_ranks(schedule: &str, samples: i64, epochs: usize) -> (LenetRun, Vec<LenetRun>) {
+    let single = lenet_run(schedule, None, samples, epochs);
+    let schedule = schedule.to_string();
+    (single, on_ranks(2, move |g| lenet_run(&schedule, Some(Arc::new(g)), samples, epochs)))
+}
+
+/// Checks the ranks' tensors bit-identical to each other, and each floating-point one within 1e-5 relative of one
+/// process's.
+fn assert_ranks_agree_and_match(ranks: &[LenetRun], single: &[(String, Tensor)]) {
+    assert_eq!(ranks[0].0.len(), single.len());
+    for (((name, a), (_, b)), (_, c)) in ranks[0].0.iter().zip(&ranks[1].0).zip(single) {
+        assert!(a.equal(b), "{name}: bit-identical on both ranks");
+        assert_eq!(a.size(), c.size(), "{name}: the same shape as in one process");
+        if a.is_floating_point() {
+            let relative = relative_difference(a, c);
+            assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
+        }
+    }
+}
+
 /// 651 digits: ten global batches of 64 and a last one of 11, shared 6 + 5, so the gradient weights differ. Two
 /// epochs: the second epoch's AGP masks come from trained weights. (Over a whole epoch of 4,000 digits the runs
 /// drift apart to about 1e-2, as far as one process with 1 and with 2 libtorch threads drift apart: summation order
@@ -260,13 +283,9 @@ fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn two_ranks_of_32_train_as_one_process_of_64() {
     let _one_at_a_time = one_at_a_time();
-    let (samples, epochs) = (651, 2);
-    let (single, single_masks) = lenet_run("lenet_agp.yaml", None, samples, epochs);
-    let ranks = on_ranks(2, move |g| lenet_run("lenet_agp.yaml", Some(Arc::new(g)), samples, epochs));
-    let ((w0, m0), (w1, m1)) = (&ranks[0], &ranks[1]);
-    for ((name, a), (_, b)) in w0.iter().zip(w1) {
-        assert!(a.equal(b), "{name}: the ranks' weights are bit-identical");
-    }
+    let ((single, single_masks), ranks) = one_process_and_two_ranks("lenet_agp.yaml", 651, 2);
+    assert_ranks_agree_and_match(&ranks, &single);
+    let (m0, m1) = (&ranks[0].1, &ranks[1].1);
     assert_eq!(m0.len(), 3, "three pruned weights");
     for ((name, a), (_, b)) in m0.iter().zip(m1) {
         assert!(a.equal(b), "{name}: the ranks' masks are bit-identical");
@@ -275,10 +294,6 @@ fn two_ranks_of_32_train_as_one_process_of_64() {
         assert!(a.equal(b), "{name}: the same mask as one process");
         assert!(a.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]) < 0.9, "{name} is pruned");
     }
-    for ((name, a), (_, b)) in w0.iter().zip(&single) {
-        let relative = relative_difference(a, b);
-        assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
-    }
 }
 
 /// PACT's clip values are parameters: their gradients are averaged like the weights'. LeNet's QAT modules carry
@@ -286,19 +301,10 @@ fn two_ranks_of_32_train_as_one_process_of_64() {
 #[test]
 fn quantization_aware_training_with_learned_clip_values_runs_on_two_ranks_as_in_one_process() {
     let _one_at_a_time = one_at_a_time();
-    let (samples, epochs) = (320, 1);
-    let (single, _) = lenet_run("lenet_pact4.yaml", None, samples, epochs);
-    let ranks = on_ranks(2, move |g| lenet_run("lenet_pact4.yaml", Some(Arc::new(g)), samples, epochs));
+    let ((single, _), ranks) = one_process_and_two_ranks("lenet_pact4.yaml", 320, 1);
     let clip: Vec<&String> = single.iter().map(|(n, _)| n).filter(|n| n.contains("clip_val")).collect();
     assert!(!clip.is_empty(), "PACT's clip values are in the state: {:?}", single.iter().map(|(n, _)| n).collect::<Vec<_>>());
-    assert_eq!(ranks[0].0.len(), single.len());
-    for (((name, a), (_, b)), (_, c)) in ranks[0].0.iter().zip(&ranks[1].0).zip(&single) {
-        assert!(a.equal(b), "{name}: bit-identical on both ranks");
-        if a.is_floating_point() {
-            let relative = relative_difference(a, c);
-            assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
-        }
-    }
+    assert_ranks_agree_and_match(&ranks, &single);
 }
 
 /// Filter pruning, then thinning at the start of epoch 2: every rank removes the same filters from the model, the
@@ -313,21 +319,11 @@ fn thinning_during_training_happens_alike_on_every_rank() {
         "version: 1\npruners:\n  filters:\n    class: L1RankedStructureParameterPruner_AGP\n    initial_sparsity: 0.25\n    final_sparsity: 0.5\n    group_type: Filters\n    weights: [conv1.weight, conv2.weight]\nextensions:\n  thinner:\n    class: FilterRemover\n    thinning_func_str: remove_filters\n    arch: lenet\n    dataset: mnist\npolicies:\n  - pruner:\n      instance_name: filters\n    starting_epoch: 0\n    ending_epoch: 2\n    frequency: 1\n  - extension:\n      instance_name: thinner\n    epochs: [2]\n",
     )
     .unwrap();
-    let path = schedule.to_str().unwrap().to_string();
-    let (samples, epochs) = (320, 3);
-    let (single, _) = lenet_run(&path, None, samples, epochs);
-    let ranks = on_ranks(2, move |g| lenet_run(&path, Some(Arc::new(g)), samples, epochs));
+    let ((single, _), ranks) = one_process_and_two_ranks(schedule.to_str().unwrap(), 320, 3);
     let shape = |w: &[(String, Tensor)], name: &str| w.iter().find(|(n, _)| n == name).unwrap().1.size();
     assert_eq!(shape(&single, "conv1.weight"), [3, 1, 5, 5], "half of conv1's 6 filters removed");
     assert_eq!(shape(&single, "conv2.weight"), [8, 3, 5, 5]);
-    for ((name, a), (_, b)) in ranks[0].0.iter().zip(&ranks[1].0) {
-        assert!(a.equal(b), "{name}: bit-identical on both ranks");
-    }
-    for ((name, a), (_, b)) in ranks[0].0.iter().zip(&single) {
-        assert_eq!(a.size(), b.size(), "{name}: thinned alike");
-        let relative = relative_difference(a, b);
-        assert!(relative <= 1e-5, "{name}: relative difference {relative:e} from one process");
-    }
+    assert_ranks_agree_and_match(&ranks, &single);
 }
 
 fn distill_cmd(args: &[&str]) -> Command {

@@ -102,6 +102,14 @@ impl RandomCrop {
     }
 }
 
+/// A rank must lie inside its world.
+fn check_shard(rank: usize, world_size: usize) -> Result<()> {
+    if world_size == 0 || rank >= world_size {
+        return Err(Error::invalid("data shard", format!("rank {rank} of {world_size}")));
+    }
+    Ok(())
+}
+
 /// One mini-batch of a pass: `len` samples from position `start` of the pass's order. In a data-parallel shard
 /// the batch is this rank's part of a global batch of `global_len` samples, whose positions `offset`,
 /// `offset + stride`, ... it holds.
@@ -290,9 +298,7 @@ impl Dataset {
     /// the augmentation they get in one process; so the ranks together see exactly the batches one process sees.
     /// A last global batch with fewer samples than ranks is left out ([`Dataset::shard_steps`]).
     pub fn train_shard_batches(&self, batch_size: usize, seed: u64, rank: usize, world_size: usize, device: Device) -> Result<Batches<'_>> {
-        if world_size == 0 || rank >= world_size {
-            return Err(Error::invalid("data shard", format!("rank {rank} of {world_size}")));
-        }
+        check_shard(rank, world_size)?;
         if batch_size < world_size {
             return Err(Error::invalid("batch size", format!("{batch_size} is smaller than the {world_size} ranks: each rank needs at least one sample of every mini-batch")));
         }
@@ -301,9 +307,7 @@ impl Dataset {
 
     /// The samples of block `rank` of `world_size` nearly equal contiguous blocks (for sharded evaluation).
     pub fn shard(&self, rank: usize, world_size: usize) -> Result<Dataset> {
-        if world_size == 0 || rank >= world_size {
-            return Err(Error::invalid("data shard", format!("rank {rank} of {world_size}")));
-        }
+        check_shard(rank, world_size)?;
         let n = self.len();
         let (from, to) = (rank * n / world_size, (rank + 1) * n / world_size);
         let indices: Vec<i64> = (from as i64..to as i64).collect();

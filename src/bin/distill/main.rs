@@ -823,18 +823,18 @@ fn train(args: TrainArgs) -> Result<()> {
     let has_lr_schedule = schedule.as_ref().is_some_and(|s| !s.lr_schedulers.is_empty());
     if is_main {
         println!(
-        "settings: {} lr {lr} ({}), batch {batch_size}, weight decay {weight_decay}{}",
-        optimizer.name(),
-        match (has_lr_schedule, lr_schedule) {
-            (true, _) => "scheduled by --compress",
-            (false, LrScheduleKind::Cosine) => "cosine-annealed",
-            (false, LrScheduleKind::Constant) => "constant",
-        },
-        match optimizer {
-            OptimizerConfig::Sgd { momentum, .. } => format!(", momentum {momentum}"),
-            OptimizerConfig::Adam { .. } => String::new(),
-        }
-    );
+            "settings: {} lr {lr} ({}), batch {batch_size}, weight decay {weight_decay}{}",
+            optimizer.name(),
+            match (has_lr_schedule, lr_schedule) {
+                (true, _) => "scheduled by --compress",
+                (false, LrScheduleKind::Cosine) => "cosine-annealed",
+                (false, LrScheduleKind::Constant) => "constant",
+            },
+            match optimizer {
+                OptimizerConfig::Sgd { momentum, .. } => format!(", momentum {momentum}"),
+                OptimizerConfig::Adam { .. } => String::new(),
+            }
+        );
     }
     let kd = args.kd.policy(&model, args.epochs)?;
     let mut scheduler = match &schedule {
