@@ -229,8 +229,17 @@ fn quantize_writes_a_summary_with_fp32_quantized_and_sizes() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("mixed precision: fc1 "), "{}", String::from_utf8_lossy(&o.stdout));
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mixed.join("summary.json")).unwrap()).unwrap();
     assert!(s["config"].as_str().unwrap().ends_with("mixed_precision.yaml"), "{s}");
-    assert!(s["mixed_precision"]["weight_bytes"].as_f64().unwrap() <= s["mixed_precision"]["budget_bytes"].as_f64().unwrap());
+    assert!(s["mixed_precision"]["weight_bytes"].as_f64().unwrap() <= s["mixed_precision"]["budget"].as_f64().unwrap());
     assert!(mixed.join("mixed_precision.csv").is_file());
+    // A BOPs budget, by top-1.
+    let o = distill(&[&args[..], &["--budget-kind", "bops", "--sensitivity", "top1", "--out", mixed.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mixed.join("summary.json")).unwrap()).unwrap();
+    let m = &s["mixed_precision"];
+    assert_eq!((m["measure"].as_str(), m["budget_unit"].as_str()), (Some("top-1"), Some("BOPs")), "{s}");
+    assert!(m["bops"].as_f64().unwrap() <= m["budget"].as_f64().unwrap(), "{s}");
+    let csv = std::fs::read_to_string(mixed.join("mixed_precision.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().contains("sensitivity (top-1)"), "{csv}");
     let o = distill(&[&args[..3], &["--dataset", "mnist", "--checkpoint", ckpt.to_str().unwrap(), "--config", config, "--mixed-precision", "3", "--out", mixed.to_str().unwrap()]].concat());
     assert!(!o.status.success() && stderr(&o).contains("give --calibrate N"), "{}", stderr(&o));
 }

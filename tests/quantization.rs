@@ -67,6 +67,55 @@ fn ptq8_keeps_accuracy_and_sparsity_and_the_integer_export_agrees() {
     assert!((integer.top1 - q.top1).abs() <= 0.2, "simulated {:.2} vs integer {:.2}", q.top1, integer.top1);
 }
 
+/// Sub-8-bit weights are exported packed: 3- and 4-bit layers take `⌈weights · bits / 8⌉` bytes, read back to
+/// exactly the layer's integers, the file shrinks by what packing saves, and the integer evaluation agrees with
+/// the simulation.
+#[test]
+fn sub_byte_weights_are_exported_packed_and_read_back_exactly() {
+    use distill::quantization::export::{evaluate_integer, export_integer_model, read_integer_weight};
+    let data = distill::data::mnist_bundled().unwrap();
+    tch::manual_seed(3);
+    let mut float = create_model("lenet", "mnist", Device::Cpu).unwrap();
+    fit(&mut float, &data, None, &quiet(1)).unwrap();
+    let stats = collect_activation_stats(&mut float, &data.valid, 2, 128).unwrap();
+    let quantize = |body: &str| {
+        let text = format!("quantizers:\n  q:\n    class: PostTrainLinearQuantizer\n    per_channel_wts: true\n    mode: ASYMMETRIC_UNSIGNED\n{body}");
+        let config = PostTrainConfig { stats: Some(stats.clone()), ..PostTrainConfig::from_yaml_str(&text, "q.yaml").unwrap() };
+        let mut q = distill::models::copy_model(&float).unwrap();
+        PostTrainLinearQuantizer::new(config).prepare_model(&mut q).unwrap();
+        q
+    };
+    let mut mixed = quantize("    bits_parameters: 4\n    overrides:\n      conv1: {bits_weights: 3}\n      fc3: {bits_weights: 8}\n");
+    let eight = quantize("    bits_parameters: 8\n");
+    let dir = distill::io::TempDir::new().unwrap();
+    let exported = export_integer_model(&mixed, dir.path().join("mixed.safetensors")).unwrap();
+    let exported8 = export_integer_model(&eight, dir.path().join("eight.safetensors")).unwrap();
+    let kinds: Vec<(&str, &str)> = exported.integer_layers.iter().map(|(l, k)| (l.as_str(), k.as_str())).collect();
+    assert_eq!(kinds, [("conv1", "packed 3-bit"), ("conv2", "packed 4-bit"), ("fc1", "packed 4-bit"), ("fc2", "packed 4-bit"), ("fc3", "Uint8")]);
+    let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&exported.path).unwrap().into_iter().collect();
+    let mut saved = 0;
+    for (layer, weights, bits) in [("conv1", 150i64, 3i64), ("conv2", 2400, 4), ("fc1", 48000, 4), ("fc2", 10080, 4), ("fc3", 840, 8)] {
+        assert_eq!(stored[&format!("{layer}.weight")].numel() as i64, (weights * bits + 7) / 8, "{layer}");
+        let l = (mixed.module(layer).unwrap() as &dyn std::any::Any).downcast_ref::<RangeLinearQuantParamLayer>().unwrap();
+        let own = l.integer_weight().unwrap();
+        let read = read_integer_weight(&stored, layer).unwrap();
+        assert_eq!(read.size(), own.size(), "{layer}");
+        assert!(read.to_kind(Kind::Double).equal(&own.to_kind(Kind::Double)), "{layer}: the stored integers differ");
+        saved += weights - (weights * bits + 7) / 8;
+    }
+    // The three small int64 tensors per packed layer add a few hundred bytes of header and data.
+    let shrunk = exported8.file_bytes as i64 - exported.file_bytes as i64;
+    assert!(shrunk <= saved && shrunk >= saved - 2048, "the file shrank by {shrunk} bytes; packing saves {saved}");
+    println!("packed: {} bytes against {} at 8 bits (weights alone {saved} bytes fewer)", exported.file_bytes, exported8.file_bytes);
+    let simulated = validate(&mut mixed, &data.test, 256).unwrap().top1;
+    let integer = evaluate_integer(&exported, &mut mixed, &data.test, 256).unwrap().top1;
+    assert!((integer - simulated).abs() <= 0.2, "simulated {simulated:.2} vs integer {integer:.2}");
+    // A damaged file: a packed stream that does not fit its shape.
+    let mut broken = stored;
+    broken.insert("conv2.weight_shape".into(), Tensor::from_slice(&[16i64, 6, 5, 6]));
+    assert!(read_integer_weight(&broken, "conv2").unwrap_err().to_string().contains("do not hold 2880 codes"));
+}
+
 fn stats(min: f64, max: f64) -> TensorStats {
     TensorStats { range: RangeStats { min, max, avg_min: min, avg_max: max, mean: 0.0, std: 0.0, b: 0.0 }, shape: None, total_numel: None, histogram: None }
 }
@@ -717,7 +766,7 @@ fn mse_activation_ranges_hold_4_bit_activations_better_than_min_max() {
 /// and impossible requests are errors.
 #[test]
 fn mixed_precision_at_the_size_of_4_bits_is_no_worse_than_uniform_4_bits() {
-    use distill::quantization::mixed_precision::{MixedPrecision, WeightBudget};
+    use distill::quantization::mixed_precision::{Budget, Measure, MixedPrecision, Resource};
     use distill::quantization::post_train::Calibration;
     let data = distill::data::mnist_bundled().unwrap();
     let trained = pruned_lenet(&data);
@@ -726,8 +775,9 @@ fn mixed_precision_at_the_size_of_4_bits_is_no_worse_than_uniform_4_bits() {
     std::fs::write(&base, "quantizers:\n  q:\n    class: PostTrainLinearQuantizer\n    per_channel_wts: true\n    mode: ASYMMETRIC_UNSIGNED\n").unwrap();
     let config = PostTrainConfig::from_schedule_file(&base).unwrap();
     let calibration = Calibration::new(&data.valid, 2, 128);
-    let choice = MixedPrecision { candidates: vec![2, 3, 4, 5, 6, 8], budget: WeightBudget::AverageBits(4.0) }.search(&trained, &config, &calibration).unwrap();
-    assert!(choice.weight_bytes <= choice.budget_bytes, "{} > {}", choice.weight_bytes, choice.budget_bytes);
+    let choice = MixedPrecision { candidates: vec![2, 3, 4, 5, 6, 8], budget: Budget::AverageBits(4.0), measure: Measure::OutputMse }.search(&trained, &config, &calibration).unwrap();
+    assert_eq!((choice.resource, choice.limit), (Resource::WeightBytes, 61_470.0 * 4.0 / 8.0));
+    assert!(choice.weight_bytes <= choice.limit, "{} > {}", choice.weight_bytes, choice.limit);
     assert_eq!(choice.bits.len(), 5);
     assert_eq!(choice.sensitivities.len(), 5 * choice.sensitivities.iter().filter(|s| s.layer == "conv1").count());
     let frame = choice.frame().unwrap();
@@ -748,10 +798,10 @@ fn mixed_precision_at_the_size_of_4_bits_is_no_worse_than_uniform_4_bits() {
     let top1_mixed = validate(&mut mixed, &data.test, 256).unwrap().top1;
     println!(
         "mixed {:?}: {:.0} of {:.0} bytes, output MSE measured {:.3e} (predicted {:.3e}), top-1 {top1_mixed:.2}%; uniform 4 bits: MSE {mse4:.3e}, top-1 {top1_4:.2}%",
-        choice.bits, choice.weight_bytes, choice.budget_bytes, choice.measured_mse, choice.predicted_mse
+        choice.bits, choice.weight_bytes, choice.limit, choice.measured.output_mse, choice.predicted
     );
     // Measured: 6.0e-2 against 1.25e-1 (conv1 8, conv2 6, fc1 4, fc2 3, fc3 8 bits).
-    assert!(choice.measured_mse <= mse4, "{} vs {mse4}", choice.measured_mse);
+    assert!(choice.measured.output_mse <= mse4, "{} vs {mse4}", choice.measured.output_mse);
     assert!(choice.bits.iter().any(|(_, b)| *b != 4), "{:?}", choice.bits);
     // The schedule written with the choice loads and quantizes to the same widths.
     let written = dir.path().join("mixed.yaml");
@@ -768,11 +818,76 @@ fn mixed_precision_at_the_size_of_4_bits_is_no_worse_than_uniform_4_bits() {
         assert!(span <= (1u64 << bits) as f64 - 1.0, "{layer}: integer span {span} at {bits} bits");
     }
     // Impossible requests.
-    let search = |candidates: Vec<u32>, budget| MixedPrecision { candidates, budget }.search(&trained, &config, &calibration).map(|_| ()).unwrap_err().to_string();
-    assert!(search(vec![2, 4, 8], WeightBudget::AverageBits(1.5)).contains("no assignment fits"));
-    assert!(search(vec![1, 4], WeightBudget::AverageBits(4.0)).contains("outside 2–16"));
-    assert!(search(vec![4, 32], WeightBudget::AverageBits(4.0)).contains("outside 2–16"));
-    assert!(search(vec![], WeightBudget::AverageBits(4.0)).contains("at least one"));
+    let search = |candidates: Vec<u32>, budget| MixedPrecision { candidates, budget, measure: Measure::OutputMse }.search(&trained, &config, &calibration).map(|_| ()).unwrap_err().to_string();
+    assert!(search(vec![2, 4, 8], Budget::AverageBits(1.5)).contains("no assignment fits"));
+    assert!(search(vec![2, 4, 8], Budget::BopsOfUniform(1.5)).contains("no assignment fits"));
+    assert!(search(vec![2, 4, 8], Budget::Bops(f64::NAN)).contains("no assignment fits"));
+    assert!(search(vec![1, 4], Budget::AverageBits(4.0)).contains("outside 2–16"));
+    assert!(search(vec![4, 32], Budget::AverageBits(4.0)).contains("outside 2–16"));
+    assert!(search(vec![], Budget::AverageBits(4.0)).contains("at least one"));
     let float_weights = PostTrainConfig { bits_parameters: None, ..config.clone() };
     assert!(MixedPrecision::default().search(&trained, &float_weights, &calibration).unwrap_err().to_string().contains("bits_parameters"));
+}
+
+/// Mixed precision under a BOPs budget, by top-1: each layer's MACs and activation bits are LeNet's (computed here
+/// by hand), the choice is the cheapest assignment within the budget among all 3^5 (brute force over the reported
+/// sensitivities), the sensitivities are whole samples of the calibration batches, and the measured top-1 is the
+/// chosen model's on those batches.
+#[test]
+fn mixed_precision_under_a_bops_budget_by_top1_is_the_cheapest_assignment_that_fits() {
+    use distill::quantization::mixed_precision::{Budget, Measure, MixedPrecision, Resource};
+    use distill::quantization::post_train::Calibration;
+    let data = distill::data::mnist_bundled().unwrap();
+    let trained = pruned_lenet(&data);
+    let config = PostTrainConfig { per_channel_wts: true, ..PostTrainConfig::default() };
+    let calibration = Calibration::new(&data.valid, 2, 128);
+    let candidates = vec![2u32, 4, 8];
+    let choice = MixedPrecision { candidates: candidates.clone(), budget: Budget::BopsOfUniform(4.0), measure: Measure::Top1 }.search(&trained, &config, &calibration).unwrap();
+    // conv1 5x5 (padding 2) on 28x28 to 6 maps; conv2 5x5 on 14x14 (6 channels) to 16 maps of 10x10; fc1..fc3.
+    let macs = [6 * 28 * 28 * 25, 16 * 10 * 10 * 6 * 25, 400 * 120, 120 * 84, 84 * 10];
+    let names = ["conv1", "conv2", "fc1", "fc2", "fc3"];
+    assert_eq!(choice.resource, Resource::Bops);
+    assert_eq!(choice.limit, 4.0 * 8.0 * macs.iter().sum::<i64>() as f64);
+    for s in &choice.sensitivities {
+        let l = names.iter().position(|n| *n == s.layer).unwrap();
+        assert_eq!((s.macs, s.activation_bits), (macs[l], 8), "{}", s.layer);
+        let samples = s.sensitivity * 256.0 / 100.0;
+        assert!((samples - samples.round()).abs() < 1e-9, "{}: {} points is not a whole number of the 256 samples", s.layer, s.sensitivity);
+    }
+    // Cost: the top-1 drop, then (between equal drops) the output error's growth; negative ones count as 0.
+    let cost = |l: usize, b: u32| {
+        let s = choice.sensitivities.iter().find(|s| s.layer == names[l] && s.bits == b).unwrap();
+        (s.sensitivity.max(0.0), s.output_mse_growth.max(0.0))
+    };
+    let total = |pick: &[u32]| pick.iter().enumerate().fold((0.0, 0.0), |(a, m), (l, &b)| (a + cost(l, b).0, m + cost(l, b).1));
+    let (mut best, mut best_cost) = (f64::INFINITY, (f64::INFINITY, f64::INFINITY));
+    for code in 0..3usize.pow(5) {
+        let pick: Vec<u32> = (0..5).map(|l| candidates[code / 3usize.pow(l as u32) % 3]).collect();
+        let bops: f64 = pick.iter().zip(&macs).map(|(&b, &m)| (m * 8 * b as i64) as f64).sum();
+        let c = total(&pick);
+        if bops <= choice.limit && (c.0 < best_cost.0 - 1e-9 || (c.0 < best_cost.0 + 1e-9 && c.1 < best_cost.1)) {
+            (best, best_cost) = (bops, c);
+        }
+    }
+    let chosen: Vec<u32> = choice.bits.iter().map(|(_, b)| *b).collect();
+    let chosen_cost = total(&chosen);
+    let chosen_bops: f64 = chosen.iter().zip(&macs).map(|(&b, &m)| (m * 8 * b as i64) as f64).sum();
+    assert!(best.is_finite(), "nothing fits");
+    assert!((chosen_cost.0 - best_cost.0).abs() < 1e-9 && (chosen_cost.1 - best_cost.1).abs() <= 1e-9 * best_cost.1.max(1e-12), "{chosen:?} costs {chosen_cost:?}, the best {best_cost:?}");
+    assert_eq!(choice.bops, chosen_bops);
+    assert!(choice.bops <= choice.limit);
+    // The prediction adds the raw drops (a negative one too; the search itself counts those as 0).
+    let raw_drops: f64 = choice.bits.iter().map(|(l, b)| choice.sensitivities.iter().find(|s| s.layer == *l && s.bits == *b).unwrap().sensitivity).sum();
+    assert!((choice.predicted - (choice.baseline.top1 - raw_drops)).abs() < 1e-9);
+    // The measured top-1: the chosen model on the calibration batches.
+    let mut float = distill::models::copy_model(&trained).unwrap();
+    let stats = collect_activation_stats(&mut float, &data.valid, 2, 128).unwrap();
+    let mut mixed = distill::models::copy_model(&trained).unwrap();
+    PostTrainLinearQuantizer::new(PostTrainConfig { stats: Some(stats), ..choice.apply(&config).unwrap() }).prepare_model(&mut mixed).unwrap();
+    let correct: i64 = data.valid.batches(128, Device::Cpu).unwrap().take(2).map(|b| {
+        let (x, y) = b.unwrap();
+        mixed.forward_t(&x, false).unwrap().argmax(1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[])
+    }).sum();
+    assert_eq!(choice.measured.top1, 100.0 * correct as f64 / 256.0);
+    println!("BOPs choice {:?}: {:.4e} of {:.4e} BOPs, top-1 on calibration {:.2}% (predicted {:.2}%, 8 bits {:.2}%)", choice.bits, choice.bops, choice.limit, choice.measured.top1, choice.predicted, choice.baseline.top1);
 }

@@ -5,6 +5,7 @@ pub mod range_linear;
 pub mod stats;
 pub mod adaround;
 pub mod bias_correction;
+pub mod bit_packing;
 pub mod bn_fold;
 pub mod equalization;
 pub mod export;

@@ -873,12 +873,10 @@ impl PostTrainLinearQuantizer {
         &self.config
     }
 
-    /// [`prepare_model`](Self::prepare_model)'s work, recording its changes in `rollback`.
-    pub(crate) fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<PtqPrepared> {
+    /// Every module's settings (name, type, settings) as [`prepare_model`](Self::prepare_model) resolves them from
+    /// the configuration's defaults and overrides; every override must match a module.
+    pub fn resolved_settings(&self, model: &Model) -> Result<Vec<(String, String, ModuleQuantSettings)>> {
         let c = &self.config;
-        if let Some(st) = &c.stats {
-            st.check_model(model)?;
-        }
         let defaults = QuantDefaults {
             bits: QBits { acts: c.bits_activations, wts: c.bits_parameters, bias: c.bits_parameters.map(|_| 32) },
             mode: c.mode,
@@ -886,8 +884,17 @@ impl PostTrainLinearQuantizer {
             per_channel_wts: c.per_channel_wts,
             clip_half_range: c.clip_half_range,
         };
+        resolve_settings(model, &defaults, &c.overrides, POST_TRAIN_OVERRIDE_KEYS)
+    }
+
+    /// [`prepare_model`](Self::prepare_model)'s work, recording its changes in `rollback`.
+    pub(crate) fn prepare_steps(&self, model: &mut Model, rollback: &mut Rollback) -> Result<PtqPrepared> {
+        let c = &self.config;
+        if let Some(st) = &c.stats {
+            st.check_model(model)?;
+        }
         // Settings are resolved (and every override checked) before anything changes.
-        let mut settings = resolve_settings(model, &defaults, &c.overrides, POST_TRAIN_OVERRIDE_KEYS)?;
+        let mut settings = self.resolved_settings(model)?;
         let mut stats = c.stats.clone();
         let mut folded = Vec::new();
         if c.fold_batch_norms {

@@ -146,15 +146,42 @@ struct QuantizeArgs {
     /// summary.json then names) and mixed_precision.csv (the sensitivities).
     #[arg(long, value_name = "AVERAGE_BITS")]
     mixed_precision: Option<f64>,
-    /// The same with a budget in bytes of packed weights.
-    #[arg(long, conflicts_with = "mixed_precision")]
+    /// With --mixed-precision: what the budget limits, the packed weights' size or the bit operations per sample
+    /// (BOPs: MACs × weight bits × activation bits).
+    #[arg(long, value_enum, default_value = "size", requires = "mixed_precision")]
+    budget_kind: BudgetKindArg,
+    /// Mixed precision with a budget in bytes of packed weights.
+    #[arg(long, conflicts_with_all = ["mixed_precision", "budget_bops"])]
     budget_bytes: Option<f64>,
-    /// Candidate weight bit widths for --mixed-precision / --budget-bytes.
+    /// Mixed precision with a budget in bit operations per sample.
+    #[arg(long, conflicts_with = "mixed_precision")]
+    budget_bops: Option<f64>,
+    /// Candidate weight bit widths for mixed precision.
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     bits: Vec<u32>,
+    /// How mixed precision measures a layer's sensitivity on the calibration batches: the growth of the outputs'
+    /// error against the float model, or the drop of top-1 accuracy against the labels.
+    #[arg(long, value_enum, default_value = "output-mse")]
+    sensitivity: SensitivityArg,
     /// Output folder: summary.json, quantization_stats.yaml, quantized.safetensors.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BudgetKindArg {
+    /// Bytes of packed weights.
+    Size,
+    /// Bit operations per sample.
+    Bops,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SensitivityArg {
+    /// Growth of the outputs' mean squared error against the float model.
+    OutputMse,
+    /// Drop of top-1 accuracy against the labels.
+    Top1,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -913,37 +940,55 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out).map_err(|e| distill::Error::io(&args.out, e))?;
     let mut config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
-    let budget = match (args.mixed_precision, args.budget_bytes) {
-        (Some(bits), _) => Some(distill::quantization::mixed_precision::WeightBudget::AverageBits(bits)),
-        (None, Some(bytes)) => Some(distill::quantization::mixed_precision::WeightBudget::Bytes(bytes)),
-        (None, None) => None,
+    use distill::quantization::mixed_precision::{Budget, Measure, MixedPrecision, Resource};
+    let budget = match (args.mixed_precision, args.budget_kind, args.budget_bytes, args.budget_bops) {
+        (Some(bits), BudgetKindArg::Size, ..) => Some(Budget::AverageBits(bits)),
+        (Some(bits), BudgetKindArg::Bops, ..) => Some(Budget::BopsOfUniform(bits)),
+        (None, _, Some(bytes), _) => Some(Budget::Bytes(bytes)),
+        (None, _, None, Some(bops)) => Some(Budget::Bops(bops)),
+        (None, _, None, None) => None,
     };
     let mut mixed_precision = serde_json::Value::Null;
     if let Some(budget) = budget {
         let c = calibration.as_ref().ok_or_else(|| distill::Error::invalid("--mixed-precision", "measures each layer's sensitivity on calibration batches: give --calibrate N"))?;
         let started = std::time::Instant::now();
-        let search = distill::quantization::mixed_precision::MixedPrecision { candidates: args.bits.clone(), budget };
-        let choice = search.search(&model, &config, c)?;
+        let measure = match args.sensitivity {
+            SensitivityArg::OutputMse => Measure::OutputMse,
+            SensitivityArg::Top1 => Measure::Top1,
+        };
+        let choice = MixedPrecision { candidates: args.bits.clone(), budget, measure }.search(&model, &config, c)?;
         let written = args.out.join("mixed_precision.yaml");
         choice.write_schedule(&args.config, &written)?;
         distill::summary::tables::write_csv(&mut choice.frame()?, args.out.join("mixed_precision.csv"))?;
         let widths: Vec<String> = choice.bits.iter().map(|(l, b)| format!("{l} {b}")).collect();
+        let spent = match choice.resource {
+            Resource::WeightBytes => choice.weight_bytes,
+            Resource::Bops => choice.bops,
+        };
         println!(
-            "mixed precision: {} ({:.0} of {:.0} bytes of weights); output MSE {:.3e} measured, {:.3e} predicted, {:.3e} at {} bits everywhere; {:.1} s; configuration in {}",
+            "mixed precision: {} ({:.0} of {:.0} {}; {:.0} bytes of weights, {:.4e} BOPs); on the calibration batches: output MSE {:.3e}, top-1 {:.2}% ({} {:.4} predicted); at {} bits everywhere: output MSE {:.3e}, top-1 {:.2}%; {:.1} s; configuration in {}",
             widths.join(", "),
+            spent,
+            choice.limit,
+            choice.resource.unit(),
             choice.weight_bytes,
-            choice.budget_bytes,
-            choice.measured_mse,
-            choice.predicted_mse,
-            choice.baseline_mse,
+            choice.bops,
+            choice.measured.output_mse,
+            choice.measured.top1,
+            choice.measure.name(),
+            choice.predicted,
             args.bits.iter().max().unwrap_or(&8),
+            choice.baseline.output_mse,
+            choice.baseline.top1,
             started.elapsed().as_secs_f64(),
             written.display()
         );
         mixed_precision = serde_json::json!({
             "bits": choice.bits.iter().map(|(l, b)| serde_json::json!({"layer": l, "bits": b})).collect::<Vec<_>>(),
-            "weight_bytes": choice.weight_bytes, "budget_bytes": choice.budget_bytes,
-            "measured_mse": choice.measured_mse, "predicted_mse": choice.predicted_mse, "baseline_mse": choice.baseline_mse,
+            "measure": choice.measure.name(), "budget": choice.limit, "budget_unit": choice.resource.unit(),
+            "weight_bytes": choice.weight_bytes, "bops": choice.bops, "predicted": choice.predicted,
+            "measured_mse": choice.measured.output_mse, "measured_top1": choice.measured.top1,
+            "baseline_mse": choice.baseline.output_mse, "baseline_top1": choice.baseline.top1,
         });
         config = PostTrainConfig { stats: config.stats.clone(), ..PostTrainConfig::from_schedule_file(&written)? };
         config_path = std::fs::canonicalize(&written).unwrap_or(written);
