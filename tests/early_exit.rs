@@ -154,6 +154,7 @@ fn config(epochs: usize, dir: Option<std::path::PathBuf>, ee: EarlyExit) -> Trai
         progress: Progress::Quiet,
         early_exit: Some(ee),
         distributed: None,
+        sync_batch_norm: false,
     }
 }
 

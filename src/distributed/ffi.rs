@@ -37,6 +37,18 @@ extern "C" {
     pub(super) fn distill_c10d_broadcast(group: *mut RawGroup, tensor: *mut c_void, root: i32) -> *mut c_char;
     pub(super) fn distill_c10d_all_gather(group: *mut RawGroup, outputs: *const *mut c_void, n: usize, input: *mut c_void) -> *mut c_char;
     pub(super) fn distill_c10d_barrier(group: *mut RawGroup) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn distill_c10d_sync_batch_norm(
+        group: *mut RawGroup,
+        input: *mut c_void,
+        weight: *mut c_void,
+        bias: *mut c_void,
+        running_mean: *mut c_void,
+        running_var: *mut c_void,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
 }
 
 // Without the bridge (see build.rs) the same functions exist and fail with a message saying why, so the rest of
@@ -111,6 +123,21 @@ mod unavailable {
 
     #[allow(clippy::missing_safety_doc)]
     pub(in crate::distributed) unsafe fn distill_c10d_barrier(_group: *mut RawGroup) -> *mut c_char {
+        unavailable_message()
+    }
+
+    #[allow(clippy::missing_safety_doc, clippy::too_many_arguments)]
+    pub(in crate::distributed) unsafe fn distill_c10d_sync_batch_norm(
+        _group: *mut RawGroup,
+        _input: *mut c_void,
+        _weight: *mut c_void,
+        _bias: *mut c_void,
+        _running_mean: *mut c_void,
+        _running_var: *mut c_void,
+        _momentum: f64,
+        _eps: f64,
+        _out: *mut *mut c_void,
+    ) -> *mut c_char {
         unavailable_message()
     }
 }

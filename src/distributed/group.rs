@@ -273,6 +273,39 @@ impl ProcessGroup {
         self.call("barrier", |g| unsafe { ffi::distill_c10d_barrier(g) })
     }
 
+    /// Batch normalization in training mode over the samples of every rank (PyTorch's `SyncBatchNorm`): each
+    /// channel's mean and biased variance are those of all ranks' `input`s together (one all-reduce, in float64),
+    /// the running statistics move towards them (unbiased variance, `momentum`) identically on every rank, and the
+    /// backward pass sums across ranks what the input's gradient needs, so that each rank's input gradient is the
+    /// one a single process holding every rank's samples computes for this rank's samples. The gradients of
+    /// `weight` and `bias` stay this rank's, to be averaged with the others' as data-parallel training does.
+    /// Exact when every rank's loss is the mean over an equal share of the global batch (as with DDP).
+    ///
+    /// `input` is `[N, C, ...]` on the CPU, `weight`, `bias` and the running statistics `[C]`. Every rank must
+    /// call it at the same point of its forward pass; its backward pass is a collective too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync_batch_norm(&self, input: &Tensor, weight: &Tensor, bias: &Tensor, running_mean: &Tensor, running_var: &Tensor, momentum: f64, eps: f64) -> Result<Tensor> {
+        let channels = input.size().get(1).copied().unwrap_or(0);
+        if input.dim() < 2 || channels == 0 {
+            return Err(Error::Shape(format!("synchronized batch norm needs an input of [N, C, ...], not {:?}", input.size())));
+        }
+        for (name, t) in [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)] {
+            if t.size() != [channels] {
+                return Err(Error::Shape(format!("synchronized batch norm: {name} is {:?} for {channels} channels", t.size())));
+            }
+        }
+        if input.device() != tch::Device::Cpu {
+            return Err(Error::invalid("synchronized batch norm", format!("the input is on {:?}: Gloo reduces CPU tensors (NCCL is not bridged yet)", input.device())));
+        }
+        let (mut x, mut w, mut b, mut m, mut v) = (input.f_contiguous()?, weight.shallow_clone(), bias.shallow_clone(), running_mean.shallow_clone(), running_var.shallow_clone());
+        let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
+        self.call("synchronized batch norm", |g| unsafe {
+            ffi::distill_c10d_sync_batch_norm(g, x.as_mut_ptr().cast(), w.as_mut_ptr().cast(), b.as_mut_ptr().cast(), m.as_mut_ptr().cast(), v.as_mut_ptr().cast(), momentum, eps, &mut out)
+        })?;
+        // SAFETY: on success the bridge stored a new heap-allocated at::Tensor, whose ownership passes to tch here.
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
+
     fn call(&self, what: &str, f: impl FnOnce(*mut RawGroup) -> *mut std::ffi::c_char) -> Result<()> {
         check(
             f(self.group),

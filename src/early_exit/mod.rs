@@ -180,12 +180,17 @@ pub struct ExitOutputs {
 /// Runs `model` (train or eval mode) keeping every exit's output: what training and Distiller's validation see.
 /// The model must have exits.
 pub fn forward_exits(model: &Model, xs: &Tensor, train: bool) -> Result<ExitOutputs> {
+    forward_exits_in(model, model.pass(train), xs)
+}
+
+/// [`forward_exits`] in a pass the caller set up ([`Model::pass`], with synchronized batch norms for instance).
+pub fn forward_exits_in<'a>(model: &'a Model, pass: crate::nn::Forward<'a>, xs: &Tensor) -> Result<ExitOutputs> {
     let expected = model.early_exits().len();
     if expected == 0 {
         return Err(Error::invalid("early exit", format!("{} has no exits; attach them first (early_exit::attach_exits)", model.info().arch)));
     }
     let batch = xs.size().first().copied().unwrap_or(0);
-    let mut ctx = model.pass(train).with_state(ExitPass::collect(batch, model.device())?);
+    let mut ctx = pass.with_state(ExitPass::collect(batch, model.device())?);
     let final_ = model.forward_with(xs, &mut ctx)?;
     let pass = ctx.take_state::<ExitPass>().ok_or_else(|| Error::invalid("early exit", "the pass lost its state"))?;
     if pass.outputs.len() != expected {

@@ -3,6 +3,7 @@ use std::any::Any;
 use tch::Tensor;
 
 use super::{Module, ModuleCall, OpCall, SharedObserver, TensorOp};
+use crate::distributed::ProcessGroup;
 use crate::{Error, Result};
 
 /// The state of one forward pass: train or eval mode, the dotted name of the module being run, and the observers
@@ -17,6 +18,8 @@ pub struct Forward<'a> {
     annotations: Vec<(Tensor, Box<dyn Any>)>,
     /// State of the caller's own for this pass (an early-exit pass keeps its exits' outputs here).
     state: Option<Box<dyn Any>>,
+    /// Batch norms in training mode normalize over the samples of every rank of this group.
+    batch_norm_group: Option<&'a ProcessGroup>,
 }
 
 /// A tensor's identity within a forward pass: storage address, shape, strides and dtype (a reshaped view is
@@ -34,7 +37,7 @@ fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
 impl<'a> Forward<'a> {
     /// A forward pass in train (`true`) or eval mode, notifying `observers`.
     pub fn new(train: bool, observers: &'a [SharedObserver]) -> Self {
-        Forward { train, path: String::new(), observers, annotations: Vec::new(), state: None }
+        Forward { train, path: String::new(), observers, annotations: Vec::new(), state: None, batch_norm_group: None }
     }
 
     /// Whether the pass runs in training mode (dropout active, batch-norm statistics updated).
@@ -45,6 +48,19 @@ impl<'a> Forward<'a> {
     /// Dotted name of the module currently running (empty for the root).
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Makes the pass's batch norms, in training mode, normalize with the mean and variance of the samples of every
+    /// rank of `group` (PyTorch's `SyncBatchNorm`; see [`ProcessGroup::sync_batch_norm`]). Every rank must run the
+    /// same model on a batch of its own.
+    pub fn with_synchronized_batch_norm(mut self, group: &'a ProcessGroup) -> Self {
+        self.batch_norm_group = Some(group);
+        self
+    }
+
+    /// The group batch norms synchronize over in this pass, if any.
+    pub fn batch_norm_group(&self) -> Option<&'a ProcessGroup> {
+        self.batch_norm_group
     }
 
     /// Gives the pass a state of the caller's own, which modules of the tree reach with [`Forward::state_mut`]

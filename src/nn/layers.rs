@@ -279,7 +279,11 @@ impl BatchNorm2d {
         self
     }
 
-    fn normalize(&self, xs: &Tensor, training: bool) -> Result<Tensor> {
+    fn normalize(&self, xs: &Tensor, ctx: &Forward) -> Result<Tensor> {
+        let training = ctx.is_training();
+        if let (true, Some(group)) = (training, ctx.batch_norm_group()) {
+            return group.sync_batch_norm(xs, &self.weight, &self.bias, &self.running_mean, &self.running_var, self.momentum, self.eps);
+        }
         Ok(xs.f_batch_norm(
             Some(&self.weight),
             Some(&self.bias),
@@ -303,7 +307,7 @@ impl Module for BatchNorm2d {
     }
     fn forward(&self, xs: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         expect_dims("BatchNorm2d", xs, 4, 1, self.num_features)?;
-        self.normalize(xs, ctx.is_training())
+        self.normalize(xs, ctx)
     }
     fn parameters(&self) -> Vec<(&str, &Tensor)> {
         vec![("weight", &self.weight), ("bias", &self.bias)]
@@ -335,7 +339,7 @@ impl Module for BatchNorm1d {
     }
     fn forward(&self, xs: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
         expect_dims("BatchNorm1d", xs, 2, 1, self.0.num_features)?;
-        self.0.normalize(xs, ctx.is_training())
+        self.0.normalize(xs, ctx)
     }
     fn parameters(&self) -> Vec<(&str, &Tensor)> {
         self.0.parameters()

@@ -23,7 +23,7 @@ use tch::{Device, Reduction, Tensor};
 
 use crate::data::{epoch_seed, DataSplits, Dataset};
 use crate::distributed::{data_parallel, ProcessGroup, ReduceOp};
-use crate::early_exit::{early_exit_loss, forward_exits, EarlyExit, ExitStats};
+use crate::early_exit::{early_exit_loss, forward_exits_in, EarlyExit, ExitStats};
 use crate::logging::{CsvLogger, DataLogger, TensorBoardLogger};
 use crate::metrics::{Metrics, MetricsAccumulator};
 use crate::nn::Model;
@@ -75,6 +75,10 @@ pub struct TrainConfig {
     /// `batch_size` samples (the global batch, as in one process), gradients are averaged, and only rank 0
     /// writes to `out_dir` and shows progress. See [`crate::distributed`].
     pub distributed: Option<Arc<ProcessGroup>>,
+    /// With `distributed`: batch norms normalize over the samples of every rank, as PyTorch's `SyncBatchNorm`
+    /// ([`ProcessGroup::sync_batch_norm`]), instead of each rank's own (DDP's default). Data-parallel training of
+    /// a batch-norm network then computes what one process computes with the global batch.
+    pub sync_batch_norm: bool,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +95,7 @@ impl Default for TrainConfig {
             progress: Progress::Auto,
             early_exit: None,
             distributed: None,
+            sync_batch_norm: false,
         }
     }
 }
@@ -267,12 +272,14 @@ pub struct EpochSettings<'a> {
     /// rank 0's buffers are copied to all before each forward pass, as in PyTorch's DistributedDataParallel.
     /// The returned metrics are all ranks'; the loggers see this rank's running figures.
     pub group: Option<&'a ProcessGroup>,
+    /// With `group`: batch norms normalize over every rank's samples ([`TrainConfig::sync_batch_norm`]).
+    pub sync_batch_norm: bool,
 }
 
 impl EpochSettings<'_> {
     /// Settings with no loggers and no progress display.
     pub fn quiet(batch_size: usize, shuffle_seed: u64) -> EpochSettings<'static> {
-        EpochSettings { batch_size, shuffle_seed, progress: Progress::Quiet, total_epochs: 1, loggers: &mut [], early_exit: None, group: None }
+        EpochSettings { batch_size, shuffle_seed, progress: Progress::Quiet, total_epochs: 1, loggers: &mut [], early_exit: None, group: None, sync_batch_norm: false }
     }
 }
 
@@ -289,7 +296,8 @@ pub fn train_epoch(
     epoch: usize,
     settings: EpochSettings,
 ) -> Result<TrainEpochMetrics> {
-    let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers, early_exit, group } = settings;
+    let EpochSettings { batch_size, shuffle_seed, progress, total_epochs, loggers, early_exit, group, sync_batch_norm } = settings;
+    let batch_norm_group = group.filter(|_| sync_batch_norm);
     retain_freed_memory();
     if let Some(ee) = early_exit {
         ee.check_model(model)?;
@@ -319,12 +327,16 @@ pub fn train_epoch(
         if let Some(s) = scheduler.as_deref_mut() {
             s.on_minibatch_begin(model, epoch, mb, Some(optimizer))?;
         }
+        let mut pass = model.pass(true);
+        if let Some(g) = batch_norm_group {
+            pass = pass.with_synchronized_batch_norm(g);
+        }
         let (logits, exits) = match early_exit {
             Some(_) => {
-                let out = forward_exits(model, &x, true)?;
+                let out = forward_exits_in(model, pass, &x)?;
                 (out.final_.shallow_clone(), Some(out))
             }
-            None => (model.forward(&x)?, None),
+            None => (model.forward_with(&x, &mut pass)?, None),
         };
         if let Some(s) = scheduler.as_deref_mut() {
             s.after_forward(model, epoch, mb, &x, &logits, Some(optimizer))?;
@@ -449,6 +461,14 @@ impl<'a> Trainer<'a> {
         }
         if let Some(ee) = &config.early_exit {
             ee.check_model(model)?;
+        }
+        if config.sync_batch_norm {
+            if config.distributed.is_none() {
+                return Err(Error::invalid("sync_batch_norm", "synchronizes batch norms across the ranks of data-parallel training: set `distributed` (distill train --nproc N, or a torchrun launch)"));
+            }
+            if !model.named_modules().iter().any(|m| m.type_name.starts_with("BatchNorm")) {
+                return Err(Error::invalid("sync_batch_norm", format!("{} has no batch norm to synchronize", model.info().arch)));
+            }
         }
         let mut config = config;
         if let Some(g) = &config.distributed {
@@ -619,6 +639,7 @@ impl<'a> Trainer<'a> {
             loggers: &mut self.loggers,
             early_exit: self.config.early_exit.as_ref(),
             group: self.config.distributed.as_deref(),
+            sync_batch_norm: self.config.sync_batch_norm,
         };
         let train = train_epoch(self.model, &data.train, &mut self.optimizer, self.scheduler.as_deref_mut(), epoch, settings)?;
         let (valid, exits) = self.validate(&data.valid)?;

@@ -628,6 +628,10 @@ struct TrainArgs {
     /// --batch-size samples. Under torchrun (which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) leave it out.
     #[arg(long, default_value_t = 1)]
     nproc: usize,
+    /// With data-parallel training: batch norms normalize over the samples of every rank (PyTorch's SyncBatchNorm)
+    /// instead of each rank's own share.
+    #[arg(long)]
+    sync_batch_norm: bool,
     #[command(flatten)]
     kd: KdArgs,
     #[command(flatten)]
@@ -828,6 +832,7 @@ fn train(args: TrainArgs) -> Result<()> {
         progress,
         early_exit: early_exit.clone(),
         distributed: group.clone(),
+        sync_batch_norm: args.sync_batch_norm,
     };
     if let (Some(ee), true) = (&early_exit, is_main) {
         let at: Vec<String> = model.early_exits().iter().map(|e| e.at.clone()).collect();

@@ -2,6 +2,7 @@
 // a Gloo process group, with the four collectives data-parallel training needs, on the tensors tch hands over
 // (tch's C_tensor is a heap-allocated at::Tensor). Every function catches whatever c10d throws and returns the
 // message as a malloc'd string (NULL on success), so that no C++ exception crosses into Rust.
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -56,9 +57,119 @@ void finish(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::millisecond
   }
 }
 
+void sum_across(distill_group* group, at::Tensor& t) {
+  std::vector<at::Tensor> tensors{t};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+  options.timeout = group->timeout;
+  finish(group->backend->allreduce(tensors, options), group->timeout);
+}
+
+// Batch normalization over the samples of every rank (PyTorch's SyncBatchNorm): the forward pass sums each
+// channel's count, sum and centred sum of squares across ranks (in float64, one all-reduce) and normalizes with
+// the global mean and biased variance; the backward pass sums the two reductions the input's gradient needs
+// (Σ dy and Σ dy·x̂), so each rank's input gradient is the one a single process with every rank's samples would
+// compute for its own samples. The weight's and bias's gradients stay local: data-parallel training averages them
+// afterwards, as DDP does. Every rank runs the same collectives in the same order, also when a gradient is not
+// needed, so that no rank waits on another.
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
+  static std::vector<int64_t> reduced_dims(const at::Tensor& x) {
+    std::vector<int64_t> dims{0};
+    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+    return dims;
+  }
+
+  static std::vector<int64_t> channel_shape(const at::Tensor& x) {
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[1] = x.size(1);
+    return shape;
+  }
+
+  static at::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const at::Tensor& input,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      at::Tensor running_mean,
+      at::Tensor running_var,
+      double momentum,
+      double eps,
+      int64_t group_address) {
+    auto* group = reinterpret_cast<distill_group*>(group_address);
+    auto dims = reduced_dims(input);
+    auto shape = channel_shape(input);
+    const int64_t channels = input.size(1);
+    const double local_n = static_cast<double>(input.numel() / std::max<int64_t>(channels, 1));
+    auto local_mean = input.mean(dims).to(at::kDouble);
+    auto centred = input.to(at::kDouble) - local_mean.view(shape);
+    auto local_m2 = (centred * centred).sum(dims);
+    auto stats = at::cat({local_mean * local_n, local_m2 + local_mean * local_mean * local_n, at::full({1}, local_n, local_mean.options())});
+    sum_across(group, stats);
+    const double n = stats[2 * channels].item<double>();
+    auto mean = stats.narrow(0, 0, channels) / n;
+    auto var = (stats.narrow(0, channels, channels) / n - mean * mean).clamp_min(0.0);
+    auto invstd = (var + eps).rsqrt();
+    {
+      at::NoGradGuard no_grad;
+      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()) * momentum);
+      auto unbiased = n > 1.0 ? var * (n / (n - 1.0)) : var;
+      running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()) * momentum);
+    }
+    auto mean_t = mean.to(input.scalar_type());
+    auto invstd_t = invstd.to(input.scalar_type());
+    auto out = (input - mean_t.view(shape)) * (invstd_t * weight).view(shape) + bias.view(shape);
+    ctx->save_for_backward({input, weight, mean_t, invstd_t});
+    ctx->saved_data["n"] = n;
+    ctx->saved_data["group"] = group_address;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& input = saved[0];
+    const auto& weight = saved[1];
+    const auto& mean = saved[2];
+    const auto& invstd = saved[3];
+    const double n = ctx->saved_data["n"].toDouble();
+    auto* group = reinterpret_cast<distill_group*>(ctx->saved_data["group"].toInt());
+    auto dims = reduced_dims(input);
+    auto shape = channel_shape(input);
+    const int64_t channels = input.size(1);
+    auto dy = grads[0].defined() ? grads[0] : at::zeros_like(input);
+    auto xhat = (input - mean.view(shape)) * invstd.view(shape);
+    auto sum_dy = dy.sum(dims);
+    auto sum_dy_xhat = (dy * xhat).sum(dims);
+    auto both = at::cat({sum_dy, sum_dy_xhat}).to(at::kDouble);
+    sum_across(group, both);
+    auto mean_dy = (both.narrow(0, 0, channels) / n).to(input.scalar_type());
+    auto mean_dy_xhat = (both.narrow(0, channels, channels) / n).to(input.scalar_type());
+    auto grad_input = (dy - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * (weight * invstd).view(shape);
+    return {grad_input, sum_dy_xhat, sum_dy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 } // namespace
 
 extern "C" {
+
+// Synchronized batch normalization in training mode (see SyncBatchNorm above); *out receives a new tensor.
+char* distill_c10d_sync_batch_norm(
+    distill_group* group,
+    void* input,
+    void* weight,
+    void* bias,
+    void* running_mean,
+    void* running_var,
+    double momentum,
+    double eps,
+    void** out) {
+  return guarded([&] {
+    at::Tensor y = SyncBatchNorm::apply(
+        tensor(input), tensor(weight), tensor(bias), tensor(running_mean), tensor(running_var), momentum, eps,
+        reinterpret_cast<int64_t>(group));
+    *out = new at::Tensor(std::move(y));
+  });
+}
 
 void distill_c10d_free_message(char* message) {
   std::free(message);
