@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use distill::config::Schedule;
 use distill::data::{DataSplits, Dataset, RandomCrop};
-use distill::distributed::{launch::free_local_port, ProcessGroup, ReduceOp, Rendezvous};
+use distill::distributed::{launch::free_local_port, launch::local_listener, ProcessGroup, ReduceOp, Rendezvous};
 use distill::models::create_model;
 use distill::train::{Progress, TrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
@@ -21,15 +21,19 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     NETWORK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs `body` on `world` ranks, one thread each, joined through a rendezvous on a free local port.
+/// Runs `body` on `world` ranks, one thread each, joined through a rendezvous on a local port that rank 0's store
+/// serves on a socket bound beforehand (as `distill train --nproc` hands it over).
 fn on_ranks<T: Send + 'static>(world: usize, body: impl Fn(ProcessGroup) -> T + Send + Sync + 'static) -> Vec<T> {
-    let port = free_local_port().unwrap();
+    use std::os::fd::IntoRawFd;
+    let (listener, port) = local_listener().unwrap();
+    let mut listener = Some(listener);
     let body = Arc::new(body);
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             let body = body.clone();
+            let listen_fd = if rank == 0 { listener.take().map(|l| l.into_raw_fd()) } else { None };
             thread::spawn(move || {
-                let rendezvous = Rendezvous { timeout: Duration::from_secs(60), ..Rendezvous::local(rank, world, port) };
+                let rendezvous = Rendezvous { timeout: Duration::from_secs(60), listen_fd, ..Rendezvous::local(rank, world, port) };
                 body(ProcessGroup::new(&rendezvous).unwrap())
             })
         })
@@ -100,8 +104,10 @@ fn launch_variables_are_read_like_torchrun_and_checked() {
         .unwrap();
     assert_eq!(
         ok,
-        Rendezvous { master_addr: "10.0.0.7".into(), master_port: 29500, rank: 1, world_size: 4, local_rank: 1, timeout: Duration::from_secs(90) }
+        Rendezvous { master_addr: "10.0.0.7".into(), master_port: 29500, rank: 1, world_size: 4, local_rank: 1, timeout: Duration::from_secs(90), listen_fd: None }
     );
+    let handed = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("DISTILL_MASTER_LISTEN_FD", "7")]).unwrap().unwrap();
+    assert_eq!(handed.listen_fd, Some(7));
     let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
     let with = |key: &str, value: &str| -> String {
         let pairs: Vec<(&str, &str)> = base.iter().map(|&(k, v)| if k == key { (k, value) } else { (k, v) }).collect();
@@ -122,6 +128,8 @@ fn launch_variables_are_read_like_torchrun_and_checked() {
         (without("WORLD_SIZE"), "WORLD_SIZE is not set"),
         (without("MASTER_PORT"), "MASTER_PORT is not set"),
         (without("MASTER_ADDR"), "MASTER_ADDR is not set"),
+        (env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1"), ("DISTILL_MASTER_LISTEN_FD", "7")]).unwrap_err().to_string(), "only rank 0 serves the rendezvous"),
+        (env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1"), ("DISTILL_MASTER_LISTEN_FD", "x")]).unwrap_err().to_string(), "DISTILL_MASTER_LISTEN_FD=\"x\" is not a file descriptor"),
     ] {
         assert!(message.starts_with("distributed: "), "{message}");
         assert!(message.contains(expected), "expected '{expected}' in: {message}");

@@ -24,6 +24,7 @@ extern "C" {
         port: u16,
         world_size: i32,
         is_server: i32,
+        listen_fd: i32,
         timeout_ms: i64,
         out: *mut *mut RawStore,
     ) -> *mut c_char;
@@ -74,6 +75,7 @@ mod unavailable {
         _port: u16,
         _world_size: i32,
         _is_server: i32,
+        _listen_fd: i32,
         _timeout_ms: i64,
         _out: *mut *mut RawStore,
     ) -> *mut c_char {

@@ -22,6 +22,11 @@ pub struct Rendezvous {
     pub local_rank: usize,
     /// How long to wait for peers to join and for any one collective to complete.
     pub timeout: Duration,
+    /// For rank 0: a socket already listening on `master_port`, which its store then serves on instead of binding
+    /// the port itself (c10d's `masterListenFd`). A launcher that binds the port and hands the socket over leaves
+    /// no moment in which another process could take the port; `distill train --nproc` does so through
+    /// `DISTILL_MASTER_LISTEN_FD`. The store takes ownership of the descriptor and closes it.
+    pub listen_fd: Option<i32>,
 }
 
 /// The default [`Rendezvous::timeout`]: 10 minutes (PyTorch's is 30).
@@ -33,7 +38,7 @@ pub const MAX_WORLD_SIZE: usize = 1 << 16;
 impl Rendezvous {
     /// A rendezvous of `world_size` processes on this machine, served by rank 0 at `127.0.0.1:port`.
     pub fn local(rank: usize, world_size: usize, port: u16) -> Rendezvous {
-        Rendezvous { master_addr: "127.0.0.1".into(), master_port: port, rank, world_size, local_rank: rank, timeout: DEFAULT_TIMEOUT }
+        Rendezvous { master_addr: "127.0.0.1".into(), master_port: port, rank, world_size, local_rank: rank, timeout: DEFAULT_TIMEOUT, listen_fd: None }
     }
 
     /// Reads the launch variables `torchrun` sets. `None` when neither `RANK` nor `WORLD_SIZE` is set (a plain
@@ -76,7 +81,14 @@ impl Rendezvous {
                 _ => return Err(Error::Distributed(format!("DISTILL_DIST_TIMEOUT={v:?} must be a number of seconds in (0, 86400]"))),
             },
         };
-        let rendezvous = Rendezvous { master_addr: master_addr.trim().to_string(), master_port, rank, world_size, local_rank, timeout };
+        let listen_fd = match var("DISTILL_MASTER_LISTEN_FD") {
+            None => None,
+            Some(v) => match v.trim().parse::<i32>() {
+                Ok(fd) if fd >= 0 => Some(fd),
+                _ => return Err(Error::Distributed(format!("DISTILL_MASTER_LISTEN_FD={v:?} is not a file descriptor"))),
+            },
+        };
+        let rendezvous = Rendezvous { master_addr: master_addr.trim().to_string(), master_port, rank, world_size, local_rank, timeout, listen_fd };
         rendezvous.check()?;
         Ok(Some(rendezvous))
     }
@@ -99,6 +111,9 @@ impl Rendezvous {
         }
         if self.timeout.is_zero() {
             return Err(Error::Distributed("the timeout must be positive".into()));
+        }
+        if self.listen_fd.is_some() && self.rank != 0 {
+            return Err(Error::Distributed(format!("rank {} was handed a listening socket (DISTILL_MASTER_LISTEN_FD): only rank 0 serves the rendezvous", self.rank)));
         }
         Ok(())
     }
@@ -155,13 +170,13 @@ impl ProcessGroup {
     /// use or a rank claimed twice is an error, never a hang.
     pub fn new(rendezvous: &Rendezvous) -> Result<ProcessGroup> {
         rendezvous.check()?;
-        let Rendezvous { master_addr, master_port, rank, world_size, local_rank, timeout } = rendezvous;
+        let Rendezvous { master_addr, master_port, rank, world_size, local_rank, timeout, listen_fd } = rendezvous;
         let host = std::ffi::CString::new(master_addr.as_str()).map_err(|_| Error::Distributed("MASTER_ADDR holds a NUL byte".into()))?;
         let timeout_ms = timeout.as_millis().min(i64::MAX as u128) as i64;
         let mut store = std::ptr::null_mut();
         // SAFETY: valid C string and out-pointer; the bridge catches every C++ exception.
         check(
-            unsafe { ffi::distill_c10d_tcp_store(host.as_ptr(), *master_port, *world_size as i32, (*rank == 0) as i32, timeout_ms, &mut store) },
+            unsafe { ffi::distill_c10d_tcp_store(host.as_ptr(), *master_port, *world_size as i32, (*rank == 0) as i32, listen_fd.unwrap_or(-1), timeout_ms, &mut store) },
             &format!("rank {rank} could not join the rendezvous at {master_addr}:{master_port} (rank 0 serves it; check MASTER_ADDR, MASTER_PORT and that rank 0 runs)"),
         )?;
         let mut group =

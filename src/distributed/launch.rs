@@ -1,5 +1,6 @@
 //! `distill train --nproc N`: N local processes of the same command, launched the way `torchrun
 //! --standalone` does (each gets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`).
+use std::net::TcpListener;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -12,14 +13,26 @@ pub fn free_local_port() -> Result<u16> {
     Ok(listener.local_addr().map_err(|e| Error::Distributed(e.to_string()))?.port())
 }
 
+/// A socket listening on a port of 127.0.0.1 that the OS picked, with that port: handed to rank 0 as
+/// [`Rendezvous::listen_fd`](super::Rendezvous::listen_fd), it keeps the port taken from the moment it is chosen.
+pub fn local_listener() -> Result<(TcpListener, u16)> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| Error::Distributed(format!("no free local port for the rendezvous: {e}")))?;
+    let port = listener.local_addr().map_err(|e| Error::Distributed(e.to_string()))?.port();
+    Ok((listener, port))
+}
+
 /// Runs `make_command(rank)` for ranks `0..nproc` as child processes joined by a rendezvous on `127.0.0.1`, and
 /// waits for all of them. When one fails, the others get `grace` to fail on their own (their next collective
 /// reports the lost peer) and are then killed. Returns the first failure's status, or success.
+///
+/// The rendezvous port is bound here and its listening socket inherited by rank 0 (`DISTILL_MASTER_LISTEN_FD`),
+/// as torchrun hands its agent's store socket over, so no other process can take the port before rank 0 serves
+/// on it.
 pub fn run_local(nproc: usize, grace: Duration, mut make_command: impl FnMut(usize) -> Command) -> Result<ExitStatus> {
     if nproc == 0 || nproc > MAX_WORLD_SIZE {
         return Err(Error::invalid("--nproc", format!("{nproc} must lie in 1..={MAX_WORLD_SIZE}")));
     }
-    let port = free_local_port()?;
+    let (listener, port) = local_listener()?;
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
         let mut command = make_command(rank);
@@ -29,7 +42,11 @@ pub fn run_local(nproc: usize, grace: Duration, mut make_command: impl FnMut(usi
             .env("WORLD_SIZE", nproc.to_string())
             .env("LOCAL_WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string());
+            .env("MASTER_PORT", port.to_string())
+            .env_remove("DISTILL_MASTER_LISTEN_FD");
+        if rank == 0 {
+            inherit_socket(&mut command, &listener);
+        }
         match command.spawn() {
             Ok(child) => children.push((rank, child)),
             Err(e) => {
@@ -38,6 +55,8 @@ pub fn run_local(nproc: usize, grace: Duration, mut make_command: impl FnMut(usi
             }
         }
     }
+    // Rank 0 holds its own copy of the socket now.
+    drop(listener);
     let mut first_failure: Option<(usize, ExitStatus)> = None;
     let mut failed_at: Option<Instant> = None;
     while !children.is_empty() {
@@ -81,3 +100,26 @@ fn kill_all(children: &mut Vec<(usize, Child)>) {
     }
     children.clear();
 }
+
+/// Lets `command`'s process inherit `listener` (Rust opens every socket close-on-exec) and tells it the
+/// descriptor's number.
+#[cfg(unix)]
+fn inherit_socket(command: &mut Command, listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    command.env("DISTILL_MASTER_LISTEN_FD", fd.to_string());
+    // SAFETY: between fork and exec only fcntl runs, which is async-signal-safe, on a descriptor this process owns.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere rank 0 binds the port itself, a moment after it was found free.
+#[cfg(not(unix))]
+fn inherit_socket(_command: &mut Command, _listener: &TcpListener) {}

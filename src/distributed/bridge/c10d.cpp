@@ -180,12 +180,15 @@ char* distill_c10d_tcp_store(
     uint16_t port,
     int32_t world_size,
     int32_t is_server,
+    int32_t listen_fd,
     int64_t timeout_ms,
     distill_store** out) {
   return guarded([&] {
     c10d::TCPStoreOptions options;
     options.port = port;
     options.isServer = is_server != 0;
+    // A socket the launcher bound and listens on: the server uses it, so the port was never free in between.
+    if (is_server != 0 && listen_fd >= 0) options.masterListenFd = listen_fd;
     options.numWorkers = static_cast<std::size_t>(world_size);
     options.waitWorkers = true;
     options.timeout = std::chrono::milliseconds(timeout_ms);
