@@ -62,10 +62,10 @@ pub fn unpack(packed: &Tensor, bits: u32, low: i64, shape: &[i64]) -> Result<Ten
     if shape.iter().any(|&d| d < 0) {
         return Err(Error::Shape(format!("shape {shape:?} has a negative dimension")));
     }
-    let n: i64 = shape.iter().product();
-    let expected = (n as usize * bits as usize).div_ceil(8);
+    let n = shape.iter().try_fold(1i64, |a, &d| a.checked_mul(d)).ok_or_else(|| Error::Shape(format!("shape {shape:?} holds more values than fit in 64 bits")))?;
+    let expected = (n as u128 * bits as u128).div_ceil(8);
     let bytes: Vec<u8> = Vec::<u8>::try_from(&packed.f_to_device(tch::Device::Cpu)?)?;
-    if bytes.len() != expected {
+    if bytes.len() as u128 != expected {
         return Err(Error::Shape(format!("{} packed bytes do not hold {n} codes of {bits} bits ({expected} bytes expected for shape {shape:?})", bytes.len())));
     }
     let mask = (1u64 << bits) - 1;
@@ -132,6 +132,10 @@ mod tests {
         let packed = pack(&Tensor::from_slice(&[1i64, 2, 3]), 4, 0).unwrap();
         assert!(unpack(&packed, 4, 0, &[5]).unwrap_err().to_string().contains("do not hold 5 codes"));
         assert!(unpack(&Tensor::from_slice(&[1i64]), 4, 0, &[1]).unwrap_err().to_string().contains("uint8"));
+        // A damaged shape cannot make it allocate: the byte count must match first.
+        assert!(unpack(&packed, 4, 0, &[i64::MAX, 2]).unwrap_err().to_string().contains("more values than fit"));
+        assert!(unpack(&packed, 4, 0, &[1 << 40, 1 << 20]).unwrap_err().to_string().contains("do not hold"));
+        assert!(unpack(&packed, 4, 0, &[-1, 3]).unwrap_err().to_string().contains("negative"));
     }
 
     #[test]
