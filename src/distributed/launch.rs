@@ -8,9 +8,9 @@ use super::group::MAX_WORLD_SIZE;
 use crate::{Error, Result};
 
 /// A port on 127.0.0.1 that was free a moment ago (the OS picks it), for a local rendezvous.
+/// Prefer [`local_listener`] where the socket can be handed to rank 0: this port can be taken before it is used.
 pub fn free_local_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| Error::Distributed(format!("no free local port for the rendezvous: {e}")))?;
-    Ok(listener.local_addr().map_err(|e| Error::Distributed(e.to_string()))?.port())
+    Ok(local_listener()?.1)
 }
 
 /// A socket listening on a port of 127.0.0.1 that the OS picked, with that port: handed to rank 0 as
