@@ -1,6 +1,7 @@
 //! Charts, checked on the SVG they render: legends cover no data point, series that coincide stay visible,
 //! integer axes have integer ticks, counts print as integers, no "-0" tick, panels of one figure share their
-//! epoch axis, and lines come from any DataFrame.
+//! epoch axis, lines and bars come from any DataFrame, fitted distributions are drawn over histograms, and
+//! activation histograms count every output.
 use distill::plot::{lines_from_frame, Figure, Panel, PanelKind, Series};
 use distill::polars::prelude::*;
 use regex::Regex;
@@ -96,6 +97,12 @@ fn integer_axes_get_integer_ticks_and_no_minus_zero() {
     let t = texts(&svg);
     assert!(t.iter().any(|x| x == "3500" || x == "3000") && !t.iter().any(|x| x.ends_with("00.0")), "{t:?}");
     assert!(!t.iter().any(|x| x.starts_with("-0") && x.chars().skip(1).all(|c| c == '0' || c == '.')), "{t:?}");
+    // Counts on a logarithmic axis too.
+    let histogram = PanelKind::Histogram { edges: vec![0.0, 1.0, 2.0, 3.0, 4.0], counts: vec![1.0, 120.0, 80.0, 1500.0] };
+    let svg = Figure::new("h", vec![Panel::new("h", "value", "count", histogram).log_y()], 1).to_svg().unwrap();
+    let t = texts(&svg);
+    assert!(t.iter().any(|x| x == "1") && t.iter().any(|x| x == "1000"), "{t:?}");
+    assert!(!t.iter().any(|x| x.ends_with("0.0") || x == "1.0"), "{t:?}");
 }
 
 #[test]
@@ -141,4 +148,133 @@ fn heat_maps_draw_every_value_from_the_darkest_to_the_brightest_colour() {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(distill::plot::heatmaps("x", &maps, &["only one".into()], 2).is_err());
     assert!(distill::plot::heatmaps("x", &maps.flatten(0, -1), &[], 2).is_err());
+}
+
+/// Filled rectangles of one opacity: (x, y, width, height).
+fn rects(svg: &str, opacity: &str) -> Vec<(f64, f64, f64, f64)> {
+    let re = Regex::new(&format!(r#"<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)" opacity="{opacity}""#)).unwrap();
+    re.captures_iter(svg).map(|c| (c[1].parse().unwrap(), c[2].parse().unwrap(), c[3].parse().unwrap(), c[4].parse().unwrap())).collect()
+}
+
+fn overlaps(a: (f64, f64, f64, f64), b: (f64, f64, f64, f64)) -> bool {
+    a.0 < b.0 + b.2 && b.0 < a.0 + a.2 && a.1 < b.1 + b.3 && b.1 < a.1 + a.3
+}
+
+/// A deterministic Laplace sample (its quantiles at (i + ½)/n) fills `fc1.weight`: the Laplace fit scores higher
+/// than the Gaussian, both fits are drawn scaled to counts, and their legend covers no bar.
+#[test]
+fn fitted_distributions_are_drawn_over_a_histogram_and_their_legend_covers_no_bar() {
+    let model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu).unwrap();
+    let mut w = model.parameter("fc1.weight").unwrap();
+    let n = w.numel();
+    let b = 0.02;
+    let sample: Vec<f32> = (0..n)
+        .map(|i| {
+            let u = (i as f64 + 0.5) / n as f64 - 0.5;
+            (-b * u.signum() * (1.0 - 2.0 * u.abs()).ln()) as f32
+        })
+        .collect();
+    tch::no_grad(|| w.copy_(&tch::Tensor::from_slice(&sample).reshape(w.size())));
+    let figure = distill::plot::parameter_histograms(&model, &["fc1.weight"], 50, 1).unwrap();
+    let panel = &figure.panels[0];
+    // Independently: the median is 0 (a symmetric sample), b̂ = mean |x|, σ̂ = population standard deviation.
+    let values: Vec<f64> = sample.iter().map(|&v| v as f64).collect();
+    let b_hat = values.iter().map(|v| v.abs()).sum::<f64>() / n as f64;
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let sigma = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+    let laplace_ll = -(2.0 * b_hat).ln() - 1.0;
+    let gauss_ll = -0.5 * (2.0 * std::f64::consts::PI * sigma * sigma).ln() - 0.5;
+    assert!(laplace_ll > gauss_ll);
+    assert_eq!(panel.overlays[0].name, format!("Gaussian, log-lik. {gauss_ll:.2}"));
+    assert_eq!(panel.overlays[1].name, format!("Laplace, log-lik. {laplace_ll:.2}"));
+    // The Laplace curve's peak is the expected count of a bucket at the median: n · width / (2b̂).
+    let (lo, hi) = (values.iter().cloned().fold(f64::MAX, f64::min), values.iter().cloned().fold(f64::MIN, f64::max));
+    let peak = panel.overlays[1].points.iter().map(|p| p.1).fold(0.0, f64::max);
+    let expected = n as f64 * (hi - lo) / 50.0 / (2.0 * b_hat);
+    assert!((peak - expected).abs() / expected < 0.02, "peak {peak} against {expected}");
+    let svg = figure.to_svg().unwrap();
+    let bars = rects(&svg, "0.45");
+    assert_eq!(bars.len(), 50, "one bar per bucket");
+    let legend = legend_boxes(&svg);
+    assert_eq!(legend.len(), 1);
+    for bar in &bars {
+        assert!(!overlaps(*bar, legend[0]), "bar {bar:?} under the legend {legend:?}");
+    }
+    assert!(texts(&svg).iter().any(|t| t.starts_with("Laplace, log-lik.")));
+    assert!(distill::plot::parameter_histograms(&model, &["fc1.weigth"], 50, 1).unwrap_err().to_string().contains("fc1.weight"));
+    let _ = tch::no_grad(|| w.fill_(0.5));
+    assert!(distill::plot::parameter_histograms(&model, &["fc1.weight"], 50, 1).unwrap_err().to_string().contains("constant"));
+}
+
+/// Every layer's counts add up to its outputs over the batches, and equal libtorch's own `histc` of the same
+/// outputs over the same range; exact zeros are counted; a NaN weight and unknown names are errors.
+#[test]
+fn activation_histograms_count_every_output_of_every_layer() {
+    use distill::summary::activations::activation_histograms;
+    tch::manual_seed(0);
+    let mut model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu).unwrap();
+    let data = distill::data::Dataset::synthetic(40, [1, 28, 28], 10, 7).unwrap();
+    let h = activation_histograms(&mut model, &data, &[], 2, 16, 20).unwrap();
+    let layers: Vec<String> = h.column("Layer").unwrap().str().unwrap().iter().map(|s| s.unwrap().to_string()).collect();
+    let mut order: Vec<String> = Vec::new();
+    for l in &layers {
+        if !order.contains(l) {
+            order.push(l.clone());
+        }
+    }
+    assert_eq!(order[..4], ["conv1", "relu1", "pool1", "conv2"], "{order:?}");
+    assert_eq!(layers.len(), 20 * order.len());
+    // The same two batches through the model, the outputs captured by name.
+    let inputs: Vec<tch::Tensor> = data.batches(16, tch::Device::Cpu).unwrap().take(2).map(|b| b.unwrap().0).collect();
+    let input = tch::Tensor::cat(&inputs, 0);
+    let outputs = distill::summary::feature_maps::feature_maps(&mut model, &input, &["relu1", "fc3"]).unwrap();
+    for (name, y) in outputs {
+        let y = y.to_kind(tch::Kind::Double);
+        let rows = h.clone().lazy().filter(col("Layer").eq(lit(name.as_str()))).collect().unwrap();
+        let counts: Vec<i64> = rows.column("Count").unwrap().i64().unwrap().into_no_null_iter().collect();
+        assert_eq!(counts.iter().sum::<i64>(), y.numel() as i64, "{name}: every output counted");
+        let lo = y.min().double_value(&[]);
+        let first_low = rows.column("Low").unwrap().f64().unwrap().get(0).unwrap();
+        assert_eq!(first_low, lo);
+        // histc's range defaults to the values' own minimum and maximum.
+        let histc: Vec<f64> = Vec::try_from(&y.histc(20)).unwrap();
+        assert_eq!(counts, histc.iter().map(|&c| c as i64).collect::<Vec<_>>(), "{name}");
+        let zeros = 100.0 * y.eq(0.0).sum(tch::Kind::Int64).int64_value(&[]) as f64 / y.numel() as f64;
+        assert_eq!(rows.column("Zeros (%)").unwrap().f64().unwrap().get(0).unwrap(), zeros);
+        if name == "relu1" {
+            assert!(zeros > 10.0, "a ReLU's output has zeros: {zeros}%");
+        }
+    }
+    let figure = distill::plot::activation_histograms(&h, 3).unwrap();
+    assert_eq!(figure.panels.len(), order.len());
+    assert!(figure.panels.iter().all(|p| p.log_y), "counts on a log axis");
+    assert!(figure.to_svg().is_ok());
+    let err = activation_histograms(&mut model, &data, &["relu11"], 2, 16, 20).unwrap_err().to_string();
+    assert!(err.contains("relu1"), "{err}");
+    assert!(activation_histograms(&mut model, &data, &[], 2, 16, 0).is_err());
+    let _ = tch::no_grad(|| model.parameter("fc1.weight").unwrap().fill_(f64::NAN));
+    let err = activation_histograms(&mut model, &data, &[], 2, 16, 20).unwrap_err().to_string();
+    assert!(err.contains("fc1") && err.contains("non-finite"), "{err}");
+}
+
+/// Grouped bars: one bar per row and value column, each column in its colour, the legend beside the bars.
+#[test]
+fn grouped_bars_come_from_any_dataframe_with_the_legend_beside_them() {
+    let df = df!("layer" => ["conv1", "conv2", "fc1"], "weights" => [150i64, 2400, 48000], "outputs" => [4704i64, 1600, 120]).unwrap();
+    let figure = distill::plot::bars_from_frame(&df, "layer", &["weights", "outputs"]).unwrap();
+    let svg = figure.to_svg().unwrap();
+    let filled = |colour: &str| Regex::new(&format!(r#"<rect x="([\d.]+)" y="[\d.]+" width="[\d.]+" height="[\d.]+" opacity="1" fill="{colour}""#)).unwrap().captures_iter(&svg).map(|c| c[1].parse::<f64>().unwrap()).collect::<Vec<_>>();
+    let (blue, orange) = (filled("#1F77B4"), filled("#FF7F0E"));
+    // Three bars and one legend swatch each.
+    assert_eq!((blue.len(), orange.len()), (4, 4), "{svg}");
+    let legend = legend_boxes(&svg);
+    assert_eq!(legend.len(), 1);
+    let rightmost_bar = blue.iter().chain(&orange).filter(|x| **x < legend[0].0).fold(0.0f64, |a, b| a.max(*b));
+    assert!(legend[0].0 > rightmost_bar, "the legend is right of every bar");
+    for label in ["conv1", "conv2", "fc1", "weights", "outputs"] {
+        assert!(texts(&svg).iter().any(|t| t == label), "{label}");
+    }
+    let bad = PanelKind::GroupedBars { labels: vec!["a".into(), "b".into()], groups: vec![("g".into(), vec![1.0])] };
+    assert!(Figure::new("b", vec![Panel::new("p", "x", "y", bad)], 1).to_svg().unwrap_err().to_string().contains("'g' has 1 values for 2 labels"));
+    assert!(distill::plot::bars_from_frame(&df, "layer", &["weight"]).unwrap_err().to_string().contains("weights"));
 }

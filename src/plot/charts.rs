@@ -59,6 +59,122 @@ pub fn weight_histogram(model: &Model, name: &str, bins: usize) -> Result<Figure
     Ok(Figure::new("Weight histogram", vec![panel], 1))
 }
 
+/// Histograms of parameters `names` (empty: every convolution and fully connected weight), `bins` buckets each,
+/// `columns` panels per row, with the Gaussian (the values' mean and standard deviation) and the Laplace
+/// distribution (their median and mean absolute deviation from it) fitted to each drawn over it, scaled to counts
+/// (Distiller's `parameter_histograms` notebook). Each fit's legend gives its average log-likelihood per value,
+/// `−½·ln(2πσ²) − ½` and `−ln(2b) − 1`: the higher one fits better.
+///
+/// ```
+/// let model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+/// let figure = distill::plot::parameter_histograms(&model, &["conv2.weight", "fc1.weight"], 60, 2)?;
+/// assert_eq!(figure.panels[0].overlays.len(), 2);
+/// assert!(distill::plot::parameter_histograms(&model, &["fc1.weigth"], 60, 2).is_err());
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn parameter_histograms(model: &Model, names: &[&str], bins: usize, columns: usize) -> Result<Figure> {
+    let names: Vec<String> = if names.is_empty() {
+        model.named_parameters().into_iter().filter(|(_, t)| matches!(t.dim(), 2 | 4)).map(|(n, _)| n).collect()
+    } else {
+        names.iter().map(|n| n.to_string()).collect()
+    };
+    let mut panels = Vec::new();
+    for name in &names {
+        let t = model.parameter(name)?.f_detach()?.f_to_kind(Kind::Double)?.f_flatten(0, -1)?;
+        let n = t.numel();
+        if n < 2 {
+            return Err(Error::invalid("histogram", format!("'{name}' has {n} value(s); a fit needs at least two")));
+        }
+        let (edges, counts) = crate::summary::histogram(&t, bins)?;
+        let mean = t.f_mean(Kind::Double)?.f_double_value(&[])?;
+        let sigma = t.f_std(false)?.f_double_value(&[])?;
+        let median = t.f_median()?.f_double_value(&[])?;
+        let b = t.f_sub_scalar(median)?.f_abs()?.f_mean(Kind::Double)?.f_double_value(&[])?;
+        if !(sigma > 0.0 && b > 0.0 && sigma.is_finite()) {
+            return Err(Error::invalid("histogram", format!("'{name}': its values are constant or not finite (σ = {sigma}), so no distribution fits")));
+        }
+        let (lo, hi) = (edges[0], edges[edges.len() - 1]);
+        // A density times the values' count times the bucket width: the expected count of a bucket.
+        let to_counts = n as f64 * (hi - lo) / counts.len() as f64;
+        let curve = |density: &dyn Fn(f64) -> f64| -> Vec<(f64, f64)> {
+            (0..=200).map(|i| lo + (hi - lo) * i as f64 / 200.0).map(|x| (x, to_counts * density(x))).collect()
+        };
+        let gauss = curve(&|x| (-0.5 * ((x - mean) / sigma).powi(2)).exp() / (sigma * (2.0 * std::f64::consts::PI).sqrt()));
+        let laplace = curve(&|x| (-(x - median).abs() / b).exp() / (2.0 * b));
+        let gauss_ll = -0.5 * (2.0 * std::f64::consts::PI * sigma * sigma).ln() - 0.5;
+        let laplace_ll = -(2.0 * b).ln() - 1.0;
+        let panel = Panel::new(format!("{name} ({n} values)"), "value", "count", PanelKind::Histogram { edges, counts })
+            .overlay(Series::new(format!("Gaussian, log-lik. {gauss_ll:.2}"), gauss).color(1).without_markers())
+            .overlay(Series::new(format!("Laplace, log-lik. {laplace_ll:.2}"), laplace).color(3).dashed().without_markers());
+        panels.push(panel);
+    }
+    if panels.is_empty() {
+        return Err(Error::invalid("histogram", "the model has no convolution or fully connected weights to draw"));
+    }
+    Ok(Figure::new("Parameter histograms with fitted distributions", panels, columns.max(1)))
+}
+
+/// The histograms of [`crate::summary::activations::activation_histograms`], one panel per layer, `columns` per
+/// row, counts on a logarithmic axis (a ReLU's zeros outnumber its tail by orders of magnitude).
+///
+/// ```
+/// let mut model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+/// let data = distill::data::Dataset::synthetic(16, [1, 28, 28], 10, 1)?;
+/// let h = distill::summary::activations::activation_histograms(&mut model, &data, &["relu1", "fc3"], 2, 8, 32)?;
+/// assert_eq!(distill::plot::activation_histograms(&h, 2)?.panels.len(), 2);
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn activation_histograms(histograms: &DataFrame, columns: usize) -> Result<Figure> {
+    let (layers, lows, highs, counts, zeros) =
+        (str_col(histograms, "Layer")?, f64_col(histograms, "Low")?, f64_col(histograms, "High")?, f64_col(histograms, "Count")?, f64_col(histograms, "Zeros (%)")?);
+    let mut panels: Vec<Panel> = Vec::new();
+    let mut current: Option<(String, Vec<f64>, Vec<f64>, f64)> = None;
+    let mut finish = |c: Option<(String, Vec<f64>, Vec<f64>, f64)>| {
+        if let Some((layer, edges, counts, zeros)) = c {
+            let title = format!("{layer} ({zeros:.0}% zeros)");
+            panels.push(Panel::new(title, "output", "count", PanelKind::Histogram { edges, counts }).log_y());
+        }
+    };
+    for i in 0..layers.len() {
+        if current.as_ref().is_none_or(|c| c.0 != layers[i]) {
+            finish(current.take());
+            current = Some((layers[i].clone(), vec![lows[i]], Vec::new(), zeros[i]));
+        }
+        if let Some(c) = current.as_mut() {
+            c.1.push(highs[i]);
+            c.2.push(counts[i]);
+        }
+    }
+    finish(current);
+    if panels.is_empty() {
+        return Err(Error::invalid("activation histograms", "the table has no rows"));
+    }
+    Ok(Figure::new("Activation histograms", panels, columns.max(1)))
+}
+
+/// Bars from any DataFrame: one slot per row, labelled by column `label`, one bar per column of `values` in it
+/// (e.g. each layer's weights and output footprint from
+/// [`crate::summary::tables::model_performance_summary`]), legend beside the plot.
+///
+/// ```
+/// use distill::polars::prelude::*;
+/// let df = df!("layer" => ["conv1", "fc1"], "weights" => [150i64, 48000], "outputs" => [4704i64, 120])?;
+/// let figure = distill::plot::bars_from_frame(&df, "layer", &["weights", "outputs"])?;
+/// assert!(figure.to_svg()?.contains("outputs"));
+/// assert!(distill::plot::bars_from_frame(&df, "layer", &[]).is_err());
+/// # Ok::<(), distill::Error>(())
+/// ```
+pub fn bars_from_frame(df: &DataFrame, label: &str, values: &[&str]) -> Result<Figure> {
+    if values.is_empty() {
+        return Err(Error::invalid("bars", "name at least one column of values"));
+    }
+    let labels = str_col(df, label)?;
+    let groups = values.iter().map(|v| Ok((v.to_string(), f64_col(df, v)?))).collect::<Result<Vec<_>>>()?;
+    let y_label = if values.len() == 1 { values[0] } else { "value" };
+    let title = format!("{} by {label}", values.join(", "));
+    Ok(Figure::new(title, vec![Panel::new("", label, y_label, PanelKind::GroupedBars { labels, groups })], 1))
+}
+
 /// Training curves of one or several runs: loss, top-1, sparsity and learning rate against the epoch, as four
 /// panels of one figure sharing their epoch axis. Each run has one colour; validation lines are dashed.
 pub fn training_curves(runs: &[(&str, &[EpochRecord])]) -> Result<Figure> {

@@ -2,6 +2,7 @@
 //! inline in an evcxr cell. Text uses the DejaVu Sans font compiled into the library, so no system font is
 //! needed; every drawing error is an [`Error`], never a panic.
 mod charts;
+mod raster;
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -12,7 +13,10 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
-pub use charts::{early_exit_tradeoff, heatmaps, lines_from_frame, quantization_ranges, schedule_preview, sensitivity_curves, sparsity_bars, training_curves, weight_histogram};
+pub use charts::{
+    activation_histograms, bars_from_frame, early_exit_tradeoff, heatmaps, lines_from_frame, parameter_histograms, quantization_ranges, schedule_preview,
+    sensitivity_curves, sparsity_bars, training_curves, weight_histogram,
+};
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
@@ -37,12 +41,14 @@ pub struct Series {
     pub color: Option<usize>,
     /// Draw the line dashed. A series that coincides with an earlier one is dashed anyway, so both stay visible.
     pub dashed: bool,
+    /// Draw a marker at every point (the default; a dense curve such as a fitted density reads better without).
+    pub markers: bool,
 }
 
 impl Series {
     /// A solid line in the colour of its position.
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
-        Series { name: name.into(), points, color: None, dashed: false }
+        Series { name: name.into(), points, color: None, dashed: false, markers: true }
     }
 
     /// Uses palette colour `index` (series of one run can share a colour and differ by dashes).
@@ -54,6 +60,12 @@ impl Series {
     /// Draws the line dashed.
     pub fn dashed(mut self) -> Self {
         self.dashed = true;
+        self
+    }
+
+    /// Draws the line alone, without a marker at each point.
+    pub fn without_markers(mut self) -> Self {
+        self.markers = false;
         self
     }
 }
@@ -70,12 +82,21 @@ pub enum PanelKind {
         /// Bar heights.
         values: Vec<f64>,
     },
-    /// A histogram: `edges` has one more element than `counts`.
+    /// A histogram: `edges` has one more element than `counts`. It honours the panel's axis limits, its
+    /// logarithmic y axis and its [`Panel::overlays`] (fitted densities drawn over the bars).
     Histogram {
         /// Bucket edges.
         edges: Vec<f64>,
         /// Counts per bucket.
         counts: Vec<f64>,
+    },
+    /// Several bars per label, side by side, one colour per group, with the legend beside the plot: e.g. each
+    /// layer's weights and feature-map footprint.
+    GroupedBars {
+        /// Category labels.
+        labels: Vec<String>,
+        /// (group name, one value per label) per group.
+        groups: Vec<(String, Vec<f64>)>,
     },
     /// Low/high ranges per label (drawn as vertical spans).
     Ranges {
@@ -111,8 +132,10 @@ pub struct Panel {
     pub x_range: Option<(f64, f64)>,
     /// Y axis limits of a line panel; `None`: the data's range, padded.
     pub y_range: Option<(f64, f64)>,
-    /// A logarithmic y axis (line panels; values ≤ 0 are left out).
+    /// A logarithmic y axis (line and histogram panels; values ≤ 0 are left out).
     pub log_y: bool,
+    /// Lines drawn over a histogram, e.g. the densities fitted to it, scaled to counts.
+    pub overlays: Vec<Series>,
 }
 
 impl Panel {
@@ -127,7 +150,14 @@ impl Panel {
     /// # Ok::<(), distill::Error>(())
     /// ```
     pub fn new(title: impl Into<String>, x_label: impl Into<String>, y_label: impl Into<String>, kind: PanelKind) -> Self {
-        Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), kind, x_range: None, y_range: None, log_y: false }
+        Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), kind, x_range: None, y_range: None, log_y: false, overlays: Vec::new() }
+    }
+
+    /// Draws `series` over the panel's histogram (a fitted density, say), with a legend where it covers neither
+    /// the bars nor the lines.
+    pub fn overlay(mut self, series: Series) -> Self {
+        self.overlays.push(series);
+        self
     }
 
     /// Fixes the x axis to `lo..hi`.
@@ -216,6 +246,14 @@ fn category_chart<'a, 'b, DB: DrawingBackend>(
     Ok(chart)
 }
 
+/// A histogram's bar: from `x0` to `x1`, from the axis up to `height`.
+#[derive(Debug, Clone, Copy)]
+struct Bar {
+    x0: f64,
+    x1: f64,
+    height: f64,
+}
+
 /// The legend's width in pixels for `series` (13 px text beside an 18 px sample).
 fn legend_width(series: &[Series]) -> f64 {
     7.0 * series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as f64 + 60.0
@@ -223,22 +261,32 @@ fn legend_width(series: &[Series]) -> f64 {
 
 /// The corner where the legend of `series` covers the least of their lines, for a plotting area of `pixels`
 /// (width, height), and how many line samples it still covers there: each line is sampled along its segments and
-/// the samples inside each corner's legend box (13 px text, a row per series) are counted; ties go to upper
-/// right, lower right, upper left, lower left in that order.
-fn legend_corner(series: &[Series], (x0, x1): (f64, f64), (y0, y1): (f64, f64), pixels: (f64, f64)) -> (SeriesLabelPosition, usize) {
+/// the samples inside each corner's legend box (13 px text, a row per series) are counted, and so is every bar
+/// (by its top and its foot); ties go to upper right, lower right, upper left, lower left in that order.
+fn legend_corner(series: &[Series], bars: &[Bar], (x0, x1): (f64, f64), y_axis: (f64, f64), log_y: bool, pixels: (f64, f64)) -> (SeriesLabelPosition, usize) {
     let width = (legend_width(series) / pixels.0.max(1.0)).min(1.0);
     let height = ((20.0 * series.len() as f64 + 20.0) / pixels.1.max(1.0)).min(1.0);
     let fraction = |v: f64, lo: f64, hi: f64| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+    // On a logarithmic axis the fractions are those of the logarithms.
+    let scale = |v: f64| if log_y { v.max(f64::MIN_POSITIVE).ln() } else { v };
+    let (y0, y1) = (scale(y_axis.0), scale(y_axis.1));
+    let fraction_y = |v: f64| fraction(scale(v), y0, y1);
     let mut samples = Vec::new();
     for s in series {
         for pair in s.points.windows(2) {
             for k in 0..10 {
                 let t = k as f64 / 10.0;
                 let (x, y) = (pair[0].0 + t * (pair[1].0 - pair[0].0), pair[0].1 + t * (pair[1].1 - pair[0].1));
-                samples.push((fraction(x, x0, x1), fraction(y, y0, y1)));
+                samples.push((fraction(x, x0, x1), fraction_y(y)));
             }
         }
-        samples.extend(s.points.last().map(|&(x, y)| (fraction(x, x0, x1), fraction(y, y0, y1))));
+        samples.extend(s.points.last().map(|&(x, y)| (fraction(x, x0, x1), fraction_y(y))));
+    }
+    // A bar covers its column from the axis up to its top: sampled at its top and its foot, at its centre.
+    for bar in bars {
+        let x = fraction(0.5 * (bar.x0 + bar.x1), x0, x1);
+        samples.push((x, fraction_y(bar.height)));
+        samples.push((x, 0.0));
     }
     let corners = [
         (SeriesLabelPosition::UpperRight, true, true),
@@ -298,14 +346,26 @@ fn coincides(series: &[Series], j: usize, (y0, y1): (f64, f64)) -> bool {
     })
 }
 
-fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &DrawingArea<DB, Shift>, p: &Panel, series: &[Series]) -> Result<()> {
+/// Draws `series` as lines over `bars` (a histogram's, drawn first), with axes fitted to both unless the panel
+/// fixes them, and the legend of the series where it covers nothing, or beside the plot.
+fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &DrawingArea<DB, Shift>, p: &Panel, series: &[Series], bars: &[Bar]) -> Result<()> {
     let shown = |pt: &&(f64, f64)| pt.0.is_finite() && pt.1.is_finite() && (!p.log_y || pt.1 > 0.0);
-    let xs = || series.iter().flat_map(|s| s.points.iter().filter(shown).map(|p| p.0));
-    let ys = || series.iter().flat_map(|s| s.points.iter().filter(shown).map(|p| p.1));
+    let bars: Vec<Bar> = bars.iter().copied().filter(|b| b.x0.is_finite() && b.x1.is_finite() && b.height.is_finite() && (!p.log_y || b.height > 0.0)).collect();
+    // Bars stand on zero: on a linear axis zero is part of the range.
+    let bar_feet = if p.log_y || bars.is_empty() { None } else { Some(0.0) };
+    let xs = || series.iter().flat_map(|s| s.points.iter().filter(shown).map(|p| p.0)).chain(bars.iter().flat_map(|b| [b.x0, b.x1]));
+    let ys = || series.iter().flat_map(|s| s.points.iter().filter(shown).map(|p| p.1)).chain(bars.iter().map(|b| b.height)).chain(bar_feet);
     let (x0, x1) = p.x_range.unwrap_or_else(|| padded(xs().fold(f64::INFINITY, f64::min), xs().fold(f64::NEG_INFINITY, f64::max)));
     let (y0, y1) = p.y_range.unwrap_or_else(|| {
         let (lo, hi) = (ys().fold(f64::INFINITY, f64::min), ys().fold(f64::NEG_INFINITY, f64::max));
-        if p.log_y && lo.is_finite() && hi.is_finite() { (lo / 1.2, hi * 1.2) } else { padded(lo, hi) }
+        if p.log_y && lo.is_finite() && hi.is_finite() {
+            (lo / 1.2, hi * 1.2)
+        } else if bar_feet.is_some() && lo >= 0.0 {
+            // Bars of counts rise from the axis itself.
+            (0.0, padded(lo, hi).1)
+        } else {
+            padded(lo, hi)
+        }
     });
     if !(x0 < x1 && y0 < y1) || (p.log_y && y0 <= 0.0) {
         return Err(Error::invalid("chart", format!("panel '{}': empty or inverted axis range x {x0}..{x1}, y {y0}..{y1}", p.title)));
@@ -315,29 +375,36 @@ fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &
     let legend = series.len() > 1 || series.first().is_some_and(|s| !s.name.is_empty());
     let (w, h) = area.dim_in_pixel();
     // The plotting area: the panel less its caption, axis label areas and margins.
-    let (corner, covered) = legend_corner(series, (x0, x1), (y0, y1), (w as f64 - 80.0, h as f64 - 95.0));
+    let (corner, covered) = legend_corner(series, &bars, (x0, x1), (y0, y1), p.log_y, (w as f64 - 80.0, h as f64 - 95.0));
     // Where every corner would hide part of a line, the legend goes beside the plot, in a margin kept for it.
     let outside = legend && covered > 0;
     if outside {
         builder.margin_right(legend_width(series) as u32 + 15);
     }
+    // No more tick labels than fit side by side (8 px a character and a gap), so that none runs into the next.
+    let plot_width = w as f64 - 80.0 - if outside { legend_width(series) + 15.0 } else { 0.0 };
+    let label_chars = [x0, x1].iter().map(|x| tick_text(*x, x1 - x0, x_integer).chars().count()).max().unwrap_or(1).max(1);
+    let x_labels = x_labels.min(((plot_width / (8.0 * label_chars as f64 + 24.0)) as usize).max(3));
     let x_fmt = move |x: &f64| tick_text(*x, x1 - x0, x_integer);
+    // Counts (whole numbers) get whole-number ticks on either axis.
+    let y_integer = whole(ys()) && (p.log_y || y1 - y0 >= 2.0);
     if p.log_y {
         let mut chart = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(draw_err)?;
-        chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, *y, false)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+        chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, *y, y_integer)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+        chart.draw_series(bars.iter().map(|b| Rectangle::new([(b.x0, y0), (b.x1, b.height)], PALETTE[0].mix(0.45).filled()))).map_err(draw_err)?;
         draw_series_on(&mut chart, series, &shown, (y0, y1))?;
         if outside {
-            draw_side_legend(area, chart.plotting_area(), series, (y0, y1))?;
+            draw_side_legend(area, chart.plotting_area(), series, (y0, y1), false)?;
         } else if legend {
             chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.85)).border_style(BLACK).position(corner).draw().map_err(draw_err)?;
         }
     } else {
         let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(draw_err)?;
-        let y_integer = whole(ys()) && y1 - y0 >= 2.0;
         chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, y1 - y0, y_integer)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
+        chart.draw_series(bars.iter().map(|b| Rectangle::new([(b.x0, 0.0), (b.x1, b.height)], PALETTE[0].mix(0.45).filled()))).map_err(draw_err)?;
         draw_series_on(&mut chart, series, &shown, (y0, y1))?;
         if outside {
-            draw_side_legend(area, chart.plotting_area(), series, (y0, y1))?;
+            draw_side_legend(area, chart.plotting_area(), series, (y0, y1), false)?;
         } else if legend {
             chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.85)).border_style(BLACK).position(corner).draw().map_err(draw_err)?;
         }
@@ -346,8 +413,8 @@ fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &
 }
 
 /// The legend in the margin right of the plotting area `plot` (kept free for it), in the style of the legend
-/// plotters draws inside: a line sample per series, dashed where its line is.
-fn draw_side_legend<DB: DrawingBackend, X>(area: &DrawingArea<DB, Shift>, plot: &DrawingArea<DB, X>, series: &[Series], y_range: (f64, f64)) -> Result<()>
+/// plotters draws inside: a line sample per series, dashed where its line is, or a filled swatch for bars.
+fn draw_side_legend<DB: DrawingBackend, X>(area: &DrawingArea<DB, Shift>, plot: &DrawingArea<DB, X>, series: &[Series], y_range: (f64, f64), swatches: bool) -> Result<()>
 where
     X: plotters::coord::CoordTranslate,
 {
@@ -362,9 +429,14 @@ where
     for (i, s) in series.iter().enumerate() {
         let style = PALETTE[s.color.unwrap_or(i) % PALETTE.len()].stroke_width(2);
         let y = top + 15 + row * i as i32;
-        let gap = if s.dashed || coincides(series, i, y_range) { 5 } else { 0 };
-        area.draw(&PathElement::new(vec![(left + 8, y), (left + 15, y)], style)).map_err(draw_err)?;
-        area.draw(&PathElement::new(vec![(left + 15 + gap, y), (left + 26, y)], style)).map_err(draw_err)?;
+        if swatches {
+            let color = PALETTE[s.color.unwrap_or(i) % PALETTE.len()];
+            area.draw(&Rectangle::new([(left + 8, y - 6), (left + 26, y + 6)], color.filled())).map_err(draw_err)?;
+        } else {
+            let gap = if s.dashed || coincides(series, i, y_range) { 5 } else { 0 };
+            area.draw(&PathElement::new(vec![(left + 8, y), (left + 15, y)], style)).map_err(draw_err)?;
+            area.draw(&PathElement::new(vec![(left + 15 + gap, y), (left + 26, y)], style)).map_err(draw_err)?;
+        }
         area.draw(&Text::new(s.name.clone(), (left + 32, y - 7), ("sans-serif", 13))).map_err(draw_err)?;
     }
     Ok(())
@@ -393,6 +465,9 @@ fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
             let gap = if dashed { 5 } else { 0 };
             EmptyElement::at((x, y)) + PathElement::new(vec![(0, 0), (7, 0)], style) + PathElement::new(vec![(7 + gap, 0), (18, 0)], style)
         });
+        if !s.markers {
+            continue;
+        }
         match i % 4 {
             0 => chart.draw_series(points.iter().map(|&pt| Circle::new(pt, 3, color.filled()))).map(|_| ()),
             1 => chart.draw_series(points.iter().map(|&pt| TriangleMarker::new(pt, 4, color.filled()))).map(|_| ()),
@@ -404,6 +479,33 @@ fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
     Ok(())
 }
 
+/// Bars of several groups per label, side by side within the label's slot, legend beside the plot.
+fn draw_grouped_bars<DB: DrawingBackend>(builder: ChartBuilder<'_, '_, DB>, area: &DrawingArea<DB, Shift>, p: &Panel, labels: &[String], groups: &[(String, Vec<f64>)]) -> Result<()> {
+    if let Some((name, values)) = groups.iter().find(|(_, v)| v.len() != labels.len()) {
+        return Err(Error::Shape(format!("grouped bars '{}': group '{name}' has {} values for {} labels", p.title, values.len(), labels.len())));
+    }
+    let legend: Vec<Series> = groups.iter().map(|(name, _)| Series::new(name.clone(), Vec::new())).collect();
+    let mut builder = builder;
+    builder.margin_right(legend_width(&legend) as u32 + 15);
+    let values = || groups.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite());
+    let y = p.y_range.unwrap_or_else(|| {
+        let (lo, hi) = (values().fold(0.0, f64::min), values().fold(0.0, f64::max));
+        let (padded_lo, padded_hi) = padded(lo, hi);
+        // Bars rise from the axis itself when none is negative.
+        (if lo >= 0.0 { 0.0 } else { padded_lo }, padded_hi)
+    });
+    let mut chart = category_chart(builder, p, labels, y)?;
+    let width = 0.8 / groups.len().max(1) as f64;
+    for (g, (_, values)) in groups.iter().enumerate() {
+        let color = PALETTE[g % PALETTE.len()];
+        let left = -0.4 + width * g as f64;
+        chart
+            .draw_series(values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| Rectangle::new([(i as f64 + left, 0.0), (i as f64 + left + width * 0.9, v)], color.filled())))
+            .map_err(draw_err)?;
+    }
+    draw_side_legend(area, chart.plotting_area(), &legend, y, true)
+}
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()> {
     let mut builder = ChartBuilder::on(area);
     // A figure of one panel may leave the panel untitled rather than repeat the figure's title.
@@ -412,7 +514,7 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
     }
     builder.margin(10).x_label_area_size(45).y_label_area_size(60);
     match &p.kind {
-        PanelKind::Lines(series) => draw_lines(builder, area, p, series)?,
+        PanelKind::Lines(series) => draw_lines(builder, area, p, series, &[])?,
         PanelKind::Bars { labels, values } => {
             let y = padded(values.iter().copied().fold(0.0, f64::min), values.iter().copied().fold(0.0, f64::max));
             let mut chart = category_chart(builder, p, labels, y)?;
@@ -424,23 +526,13 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                 .map_err(draw_err)?;
         }
         PanelKind::Histogram { edges, counts } => {
-            let (x0, x1) = padded(edges.first().copied().unwrap_or(0.0), edges.last().copied().unwrap_or(1.0));
-            let y1 = counts.iter().copied().fold(0.0, f64::max).max(1.0) * 1.05;
-            let mut chart = builder.build_cartesian_2d(x0..x1, 0.0..y1).map_err(draw_err)?;
-            let integer = whole(counts.iter().copied());
-            chart
-                .configure_mesh()
-                .x_desc(&p.x_label)
-                .y_desc(&p.y_label)
-                .x_label_formatter(&|x| tick_text(*x, x1 - x0, false))
-                .y_label_formatter(&|y| tick_text(*y, y1, integer))
-                .label_style(("sans-serif", 13))
-                .draw()
-                .map_err(draw_err)?;
-            chart
-                .draw_series(counts.iter().enumerate().map(|(i, &c)| Rectangle::new([(edges[i], 0.0), (edges[i + 1], c)], PALETTE[0].mix(0.8).filled())))
-                .map_err(draw_err)?;
+            if edges.len() != counts.len() + 1 {
+                return Err(Error::Shape(format!("histogram '{}': {} edges for {} counts (one more edge than counts)", p.title, edges.len(), counts.len())));
+            }
+            let bars: Vec<Bar> = counts.iter().enumerate().map(|(i, &height)| Bar { x0: edges[i], x1: edges[i + 1], height }).collect();
+            draw_lines(builder, area, p, &p.overlays, &bars)?
         }
+        PanelKind::GroupedBars { labels, groups } => draw_grouped_bars(builder, area, p, labels, groups)?,
         PanelKind::Heatmap { width, height, values } => draw_heatmap(builder, *width, *height, values)?,
         PanelKind::Ranges { labels, ranges } => {
             let y = padded(ranges.iter().map(|r| r.0).fold(0.0, f64::min), ranges.iter().map(|r| r.1).fold(0.0, f64::max));
@@ -522,7 +614,7 @@ impl Figure {
     pub fn save_png(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let partial = crate::io::partial_path(path);
-        let drawn = self.draw(BitMapBackend::new(&partial, self.size).into_drawing_area());
+        let drawn = raster::PngBackend::new(BitMapBackend::new(&partial, self.size), FONT).and_then(|b| self.draw(b.into_drawing_area()));
         if let Err(e) = drawn {
             let _ = std::fs::remove_file(&partial);
             return Err(e);
@@ -534,7 +626,7 @@ impl Figure {
     pub fn to_png(&self) -> Result<Vec<u8>> {
         let (w, h) = self.size;
         let mut rgb = vec![0u8; w as usize * h as usize * 3];
-        self.draw(BitMapBackend::with_buffer(&mut rgb, self.size).into_drawing_area())?;
+        self.draw(raster::PngBackend::new(BitMapBackend::with_buffer(&mut rgb, self.size), FONT)?.into_drawing_area())?;
         let mut png = Vec::new();
         image::codecs::png::PngEncoder::new(&mut png)
             .write_image(&rgb, w, h, image::ColorType::Rgb8)
@@ -587,7 +679,7 @@ mod tests {
 
     #[test]
     fn the_legend_goes_where_the_lines_are_not() {
-        let corner = |s: &[Series]| format!("{:?}", legend_corner(s, (0.0, 1.0), (0.0, 1.0), (200.0, 200.0)).0);
+        let corner = |s: &[Series]| format!("{:?}", legend_corner(s, &[], (0.0, 1.0), (0.0, 1.0), false, (200.0, 200.0)).0);
         // A line rising to the upper right: the legend goes to the lower right, below its end.
         assert_eq!(corner(&[line(&[(0.0, 0.0), (0.5, 0.9), (1.0, 1.0)])]), "LowerRight");
         // A line along the top and another along the bottom of the right half: the left is free at the top.

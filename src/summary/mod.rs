@@ -1,5 +1,7 @@
 //! Model summaries: sparsity helpers ([`sparsity`]), parameter counts, the tables of [`tables`], and what a network
-//! computes inside ([`feature_maps`]: module outputs and Grad-CAM).
+//! computes inside ([`feature_maps`]: module outputs and Grad-CAM; [`activations`]: histograms of every layer's
+//! outputs).
+pub mod activations;
 pub mod feature_maps;
 pub mod sparsity;
 pub mod tables;
@@ -51,8 +53,14 @@ pub fn histogram(t: &tch::Tensor, bins: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let bins = bins.max(1);
     let (lo, hi) = (v.f_min()?.f_double_value(&[])?, v.f_max()?.f_double_value(&[])?);
     let hi = if hi > lo { hi } else { lo + 1.0 };
-    let idx = v.f_sub_scalar(lo)?.f_div_scalar((hi - lo) / bins as f64)?.f_floor()?.f_clamp(0.0, (bins - 1) as f64)?.f_to_kind(Kind::Int64)?;
-    let counts = Vec::<f64>::try_from(&idx.f_bincount(None::<tch::Tensor>, bins as i64)?.f_to_kind(Kind::Double)?)?;
+    let counts = bucket_counts(&v, lo, hi, bins)?;
     let edges = (0..=bins).map(|i| lo + (hi - lo) * i as f64 / bins as f64).collect();
     Ok((edges, counts))
+}
+
+/// Counts of `v`'s values in `bins` equal-width buckets from `lo` to `hi` (`hi > lo`); values outside go to the
+/// first or last bucket.
+pub(crate) fn bucket_counts(v: &tch::Tensor, lo: f64, hi: f64, bins: usize) -> Result<Vec<f64>> {
+    let idx = v.f_sub_scalar(lo)?.f_div_scalar((hi - lo) / bins as f64)?.f_floor()?.f_clamp(0.0, (bins - 1) as f64)?.f_to_kind(Kind::Int64)?;
+    Ok(Vec::<f64>::try_from(&idx.f_flatten(0, -1)?.f_bincount(None::<tch::Tensor>, bins as i64)?.f_to_kind(Kind::Double)?)?)
 }
