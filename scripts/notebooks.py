@@ -50,8 +50,8 @@ def execute(nb, kernel=KERNEL, timeout=1800):
 
 
 # A cell's value that shows Rust's debug formatting instead of a result a reader can use: a unit, an Ok/Err/Some
-# wrapper, a quoted string, a tuple or a list of tuples.
-DEBUG_VALUE = re.compile(r'^(\(\)$|Ok\(|Err\(|Some\(|None$|"|\(|\[\()')
+# wrapper, a quoted string, a tuple, a list of tuples or a struct (`Figure { title: ... }`).
+DEBUG_VALUE = re.compile(r'^(\(\)$|Ok\(|Err\(|Some\(|None$|"|\(|\[\(|[A-Z][A-Za-z0-9_]* \{)')
 MAX_LINE = 100
 
 

@@ -278,3 +278,17 @@ fn grouped_bars_come_from_any_dataframe_with_the_legend_beside_them() {
     assert!(Figure::new("b", vec![Panel::new("p", "x", "y", bad)], 1).to_svg().unwrap_err().to_string().contains("'g' has 1 values for 2 labels"));
     assert!(distill::plot::bars_from_frame(&df, "layer", &["weight"]).unwrap_err().to_string().contains("weights"));
 }
+
+/// A point marked by the first series stays visible under the lines of the series after it: markers are drawn
+/// over every line.
+#[test]
+fn markers_are_drawn_over_the_lines_of_later_series() {
+    let point = Series::new("minimum", vec![(0.5, 0.0)]);
+    let through = Series::new("path", vec![(0.0, 0.0), (1.0, 0.0)]).without_markers();
+    let svg = lines(vec![point, through]).to_svg().unwrap();
+    let marker = svg.find("<circle").expect("the point's marker");
+    // The path's line: the first polyline in its colour (the legend's samples come at the end).
+    let line = svg.find(r##"<polyline fill="none" opacity="1" stroke="#FF7F0E""##).expect("the path's line");
+    assert!(marker > line, "the marker comes after (over) the line");
+    assert_eq!(markers(&svg).len(), 1, "the path has no markers");
+}

@@ -442,8 +442,9 @@ where
     Ok(())
 }
 
-/// Draws each series in order: its line (dashed when asked or when it coincides with an earlier series, so both
-/// stay visible) and its markers, whose shape cycles with the series (circle, triangle, cross, ring).
+/// Draws each series' line in order (dashed when asked or when it coincides with an earlier series, so both stay
+/// visible), then every series' markers over the lines, their shape cycling with the series (circle, triangle,
+/// cross, ring).
 fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
     series: &[Series],
@@ -465,9 +466,14 @@ fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
             let gap = if dashed { 5 } else { 0 };
             EmptyElement::at((x, y)) + PathElement::new(vec![(0, 0), (7, 0)], style) + PathElement::new(vec![(7 + gap, 0), (18, 0)], style)
         });
+    }
+    // Markers over every line, so that a point is never hidden under a later series' line.
+    for (i, s) in series.iter().enumerate() {
         if !s.markers {
             continue;
         }
+        let color = PALETTE[s.color.unwrap_or(i) % PALETTE.len()];
+        let points: Vec<(f64, f64)> = s.points.iter().filter(shown).copied().collect();
         match i % 4 {
             0 => chart.draw_series(points.iter().map(|&pt| Circle::new(pt, 3, color.filled()))).map(|_| ()),
             1 => chart.draw_series(points.iter().map(|&pt| TriangleMarker::new(pt, 4, color.filled()))).map(|_| ()),
