@@ -3,7 +3,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::{normalize_name, BoxModule, Forward, Module, Observer, ObserverId, SharedObserver};
 use crate::early_exit::ExitSpec;
@@ -194,8 +194,25 @@ impl Model {
     }
 
     /// Forward pass in train (`true`) or eval mode, whatever the current mode.
+    ///
+    /// A floating-point input is first converted to the kind of the model's parameters, so a model turned to
+    /// float64 (`model.var_store_mut().double()`, for numerical checks) takes the datasets' float32 images as
+    /// they are.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        Forward::new(train, &self.observers).run(self.root.as_ref(), &[xs])
+        let xs = self.input_kind(xs)?;
+        Forward::new(train, &self.observers).run(self.root.as_ref(), &[&xs])
+    }
+
+    /// `xs` in the kind of the model's first floating-point parameter (unchanged when it is not floating point,
+    /// already of that kind, or the model has no parameters).
+    fn input_kind(&self, xs: &Tensor) -> Result<Tensor> {
+        fn first_kind(m: &dyn Module) -> Option<Kind> {
+            m.parameters().iter().find(|(_, t)| t.is_floating_point()).map(|(_, t)| t.kind()).or_else(|| m.children().into_iter().find_map(|(_, c)| first_kind(c)))
+        }
+        match first_kind(self.root.as_ref()) {
+            Some(kind) if xs.is_floating_point() && xs.kind() != kind => Ok(xs.f_to_kind(kind)?),
+            _ => Ok(xs.shallow_clone()),
+        }
     }
 
     /// A forward-pass context that notifies this model's observers, for a pass that carries a state of its own
@@ -204,9 +221,11 @@ impl Model {
         Forward::new(train, &self.observers)
     }
 
-    /// Runs the tree on `xs` in the context `ctx` (from [`Model::pass`]).
+    /// Runs the tree on `xs` in the context `ctx` (from [`Model::pass`]), converting a floating-point input as
+    /// [`Model::forward_t`] does.
     pub fn forward_with(&self, xs: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
-        ctx.run(self.root.as_ref(), &[xs])
+        let xs = self.input_kind(xs)?;
+        ctx.run(self.root.as_ref(), &[&xs])
     }
 
     /// The root module.

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -43,6 +44,43 @@ char* guarded(F&& body) {
     return copy_message("an unknown C++ exception in c10d");
   }
 }
+
+// While a rendezvous connects, c10d logs every failed try, with a C++ stack trace, to stderr; the error that ends
+// it comes back to Rust and says the same once. So c10 logging is raised to FATAL for the duration (unless the user
+// asked for c10's logs with TORCH_CPP_LOG_LEVEL), counted so that ranks in threads of one process restore it once.
+class QuietC10Logs {
+ public:
+  QuietC10Logs() : active_(std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) {
+    if (!active_) return;
+    std::lock_guard<std::mutex> lock(mutex());
+    if (depth()++ == 0) {
+      saved() = FLAGS_caffe2_log_level;
+      FLAGS_caffe2_log_level = 3;
+    }
+  }
+  ~QuietC10Logs() {
+    if (!active_) return;
+    std::lock_guard<std::mutex> lock(mutex());
+    if (--depth() == 0) FLAGS_caffe2_log_level = saved();
+  }
+  QuietC10Logs(const QuietC10Logs&) = delete;
+  QuietC10Logs& operator=(const QuietC10Logs&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static int& depth() {
+    static int d = 0;
+    return d;
+  }
+  static int& saved() {
+    static int s = 0;
+    return s;
+  }
+  bool active_;
+};
 
 const at::Tensor& tensor(const void* t) {
   return *static_cast<const at::Tensor*>(t);
@@ -192,6 +230,7 @@ char* distill_c10d_tcp_store(
     options.numWorkers = static_cast<std::size_t>(world_size);
     options.waitWorkers = true;
     options.timeout = std::chrono::milliseconds(timeout_ms);
+    QuietC10Logs quiet;
     auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
     *out = new distill_store{store};
   });
@@ -246,6 +285,7 @@ char* distill_c10d_gloo_group(
       }
     }
     if (options->devices.empty()) options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    QuietC10Logs quiet;
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store->store, rank, size, options);
     *out = new distill_group{group, timeout};
   });
