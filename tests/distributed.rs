@@ -282,9 +282,7 @@ fn lenet_run_in(kind: Kind, schedule: &str, group: Option<Arc<ProcessGroup>>, sa
         tch::manual_seed(1);
         create_model("lenet", "mnist", Device::Cpu).unwrap()
     };
-    if kind == Kind::Double {
-        model.var_store_mut().double();
-    }
+    model.to_kind(kind).unwrap();
     let d = distill::data::mnist_bundled().unwrap();
     let data = DataSplits { train: d.train.subset("train", &(0..samples).collect::<Vec<_>>()).unwrap(), valid: d.valid, test: d.test };
     let path = if schedule.starts_with('/') { schedule.to_string() } else { format!("{}/schedules/{schedule}", env!("CARGO_MANIFEST_DIR")) };

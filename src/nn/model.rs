@@ -53,6 +53,8 @@ pub struct Model {
     thinning: Vec<ThinningRecipe>,
     exits: Vec<ExitSpec>,
     factorizations: Vec<FactorizationSpec>,
+    /// Set by [`Model::to_kind`]: the kind floating-point inputs are converted to on the way in.
+    input_kind: Option<Kind>,
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -97,7 +99,7 @@ impl Model {
     /// Checks that child names are non-empty, dot-free and unique among siblings, and that the tree's parameter
     /// and buffer names are exactly the `VarStore`'s, so checkpoints, optimizers and schedules all agree.
     pub fn new(vs: VarStore, root: impl Module, info: ModelInfo) -> Result<Model> {
-        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new(), exits: Vec::new(), factorizations: Vec::new() };
+        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new(), exits: Vec::new(), factorizations: Vec::new(), input_kind: None };
         model.check_tree()?;
         Ok(model)
     }
@@ -194,22 +196,40 @@ impl Model {
     }
 
     /// Forward pass in train (`true`) or eval mode, whatever the current mode.
-    ///
-    /// A floating-point input is first converted to the kind of the model's parameters, so a model turned to
-    /// float64 (`model.var_store_mut().double()`, for numerical checks) takes the datasets' float32 images as
-    /// they are.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = self.input_kind(xs)?;
+        let xs = self.converted_input(xs)?;
         Forward::new(train, &self.observers).run(self.root.as_ref(), &[&xs])
     }
 
-    /// `xs` in the kind of the model's first floating-point parameter (unchanged when it is not floating point,
-    /// already of that kind, or the model has no parameters).
-    fn input_kind(&self, xs: &Tensor) -> Result<Tensor> {
-        fn first_kind(m: &dyn Module) -> Option<Kind> {
-            m.parameters().iter().find(|(_, t)| t.is_floating_point()).map(|(_, t)| t.kind()).or_else(|| m.children().into_iter().find_map(|(_, c)| first_kind(c)))
+    /// Converts every floating-point parameter and buffer to `kind` (`Kind::Double` for numerical checks,
+    /// `Kind::Float` back), and from then on converts floating-point inputs to it on the way in, so the datasets'
+    /// float32 images go in as they are. Any other kind is an error.
+    ///
+    /// ```
+    /// let mut model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;
+    /// model.to_kind(tch::Kind::Double)?;
+    /// let x = tch::Tensor::zeros([2, 1, 28, 28], (tch::Kind::Float, tch::Device::Cpu));
+    /// assert_eq!(model.forward(&x)?.kind(), tch::Kind::Double);
+    /// assert!(model.to_kind(tch::Kind::Int64).is_err());
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn to_kind(&mut self, kind: Kind) -> Result<()> {
+        match kind {
+            Kind::Double => self.vs.double(),
+            Kind::Float => self.vs.float(),
+            Kind::Half => self.vs.half(),
+            Kind::BFloat16 => self.vs.bfloat16(),
+            other => return Err(Error::invalid("kind", format!("{other:?} is not a floating-point kind a model can compute in (Float, Double, Half or BFloat16)"))),
         }
-        match first_kind(self.root.as_ref()) {
+        // Modules that keep a host-side copy of a buffer drop it: the buffer's kind changed.
+        self.for_each_module(|_, m| m.buffers_loaded());
+        self.input_kind = Some(kind);
+        Ok(())
+    }
+
+    /// `xs` converted to the kind set by [`Model::to_kind`], when it is floating point and of another kind.
+    fn converted_input(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.input_kind {
             Some(kind) if xs.is_floating_point() && xs.kind() != kind => Ok(xs.f_to_kind(kind)?),
             _ => Ok(xs.shallow_clone()),
         }
@@ -224,7 +244,7 @@ impl Model {
     /// Runs the tree on `xs` in the context `ctx` (from [`Model::pass`]), converting a floating-point input as
     /// [`Model::forward_t`] does.
     pub fn forward_with(&self, xs: &Tensor, ctx: &mut Forward) -> Result<Tensor> {
-        let xs = self.input_kind(xs)?;
+        let xs = self.converted_input(xs)?;
         ctx.run(self.root.as_ref(), &[&xs])
     }
 
