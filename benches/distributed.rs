@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use distill::data::Dataset;
-use distill::distributed::{data_parallel, launch::local_listener, ProcessGroup, Rendezvous};
+use distill::distributed::{data_parallel, ProcessGroup, Rendezvous};
 use distill::models::create_model;
 use distill::optim::{Optimizer, OptimizerConfig};
 use distill::train::{train_epoch, EpochSettings};
@@ -70,15 +70,13 @@ fn main() {
         tch::set_num_threads(2);
         let threads = rank_run(arch, dataset, &data, batch, epochs, None);
         tch::set_num_threads(1);
-        let (listener, port) = local_listener().unwrap();
-        let mut listener = Some(listener);
-        let handles: Vec<_> = (0..2)
-            .map(|rank| {
-                let listen_fd = if rank == 0 { listener.take().map(std::os::fd::IntoRawFd::into_raw_fd) } else { None };
+        let handles: Vec<_> = Rendezvous::local_world(2, Duration::from_secs(120))
+            .unwrap()
+            .into_iter()
+            .map(|rendezvous| {
                 thread::spawn(move || {
                     let data = Dataset::synthetic(samples, shape, 10, 1).unwrap();
                     tch::set_num_threads(1);
-                    let rendezvous = Rendezvous { timeout: Duration::from_secs(120), listen_fd, ..Rendezvous::local(rank, 2, port) };
                     let group = ProcessGroup::new(&rendezvous).unwrap();
                     rank_run(arch, dataset, &data, batch, epochs, Some(&group))
                 })

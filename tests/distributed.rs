@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use distill::config::Schedule;
 use distill::data::{DataSplits, Dataset, RandomCrop};
-use distill::distributed::{launch::free_local_port, launch::local_listener, ProcessGroup, ReduceOp, Rendezvous};
+use distill::distributed::{launch::free_local_port, ProcessGroup, ReduceOp, Rendezvous};
 use distill::models::create_model;
 use distill::train::{Progress, TrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
@@ -24,18 +24,13 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// Runs `body` on `world` ranks, one thread each, joined through a rendezvous on a local port that rank 0's store
 /// serves on a socket bound beforehand (as `distill train --nproc` hands it over).
 fn on_ranks<T: Send + 'static>(world: usize, body: impl Fn(ProcessGroup) -> T + Send + Sync + 'static) -> Vec<T> {
-    use std::os::fd::IntoRawFd;
-    let (listener, port) = local_listener().unwrap();
-    let mut listener = Some(listener);
     let body = Arc::new(body);
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
+    let handles: Vec<_> = Rendezvous::local_world(world, Duration::from_secs(60))
+        .unwrap()
+        .into_iter()
+        .map(|rendezvous| {
             let body = body.clone();
-            let listen_fd = if rank == 0 { listener.take().map(|l| l.into_raw_fd()) } else { None };
-            thread::spawn(move || {
-                let rendezvous = Rendezvous { timeout: Duration::from_secs(60), listen_fd, ..Rendezvous::local(rank, world, port) };
-                body(ProcessGroup::new(&rendezvous).unwrap())
-            })
+            thread::spawn(move || body(ProcessGroup::new(&rendezvous).unwrap()))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -41,6 +41,33 @@ impl Rendezvous {
         Rendezvous { master_addr: "127.0.0.1".into(), master_port: port, rank, world_size, local_rank: rank, timeout: DEFAULT_TIMEOUT, listen_fd: None }
     }
 
+    /// The rendezvous of every rank of a `world_size` world on this machine, in rank order: one local port, bound
+    /// here and handed to rank 0 as its [`Rendezvous::listen_fd`], so no other process can take it before rank 0's
+    /// store serves on it. For ranks run as threads of one process (tests, benchmarks); `distill train --nproc`
+    /// hands the socket to a child process instead. Rank 0's rendezvous owns the descriptor: pass it to
+    /// [`ProcessGroup::new`](super::ProcessGroup::new), which closes it.
+    ///
+    /// ```
+    /// let ranks = distill::distributed::Rendezvous::local_world(2, std::time::Duration::from_secs(60))?;
+    /// assert_eq!((ranks[1].rank, ranks[1].master_port), (1, ranks[0].master_port));
+    /// assert!(ranks[0].listen_fd.is_some() && ranks[1].listen_fd.is_none());
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn local_world(world_size: usize, timeout: Duration) -> Result<Vec<Rendezvous>> {
+        use std::os::fd::IntoRawFd;
+        if world_size == 0 || world_size > MAX_WORLD_SIZE {
+            return Err(Error::Distributed(format!("a world of {world_size} ranks: it needs 1 to {MAX_WORLD_SIZE}")));
+        }
+        let (listener, port) = super::launch::local_listener()?;
+        let mut listener = Some(listener);
+        Ok((0..world_size)
+            .map(|rank| {
+                let listen_fd = if rank == 0 { listener.take().map(|l| l.into_raw_fd()) } else { None };
+                Rendezvous { timeout, listen_fd, ..Rendezvous::local(rank, world_size, port) }
+            })
+            .collect())
+    }
+
     /// Reads the launch variables `torchrun` sets. `None` when neither `RANK` nor `WORLD_SIZE` is set (a plain
     /// single-process run); an error when they are inconsistent or incomplete. `DISTILL_DIST_TIMEOUT` (seconds)
     /// overrides the default timeout.
