@@ -30,6 +30,21 @@ fn forward_ms(model: &Model, x: &Tensor, repeats: usize) -> f64 {
     })
 }
 
+/// The median over `rounds` of each (model, input)'s forward time, the four measured in turn each round so that all
+/// see the same machine load.
+fn interleaved_medians(runs: [(&Model, &Tensor); 4], rounds: usize, repeats: usize) -> [f64; 4] {
+    let mut times: [Vec<f64>; 4] = Default::default();
+    for _ in 0..rounds {
+        for (t, (model, x)) in times.iter_mut().zip(runs) {
+            t.push(forward_ms(model, x, repeats));
+        }
+    }
+    times.map(|mut v| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    })
+}
+
 /// Zeroes the weakest half (L1) of the filters of every block's conv1, and their batch norm's scale and shift,
 /// as a filter pruner with a batch-norm-aware mask would.
 fn prune_half_of_first_convs(model: &Model) {
@@ -60,18 +75,7 @@ fn compare(dense: &mut Model, model: &mut Model, thinner: Thinner, label: &str, 
     let (p0, p1, m0, m1) = (get("Weights (dense)"), get("Weights"), get("MACs (dense)"), get("MACs"));
     // The same batch in channels-last layout, which libtorch's CPU convolutions run faster at these sizes.
     let x_nhwc = x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
-    // Interleaved, so that both models see the same machine load.
-    let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        times[0].push(forward_ms(dense, x, repeats));
-        times[1].push(forward_ms(model, x, repeats));
-        times[2].push(forward_ms(dense, &x_nhwc, repeats));
-        times[3].push(forward_ms(model, &x_nhwc, repeats));
-    }
-    let [t0, t1, c0, c1] = times.map(|mut v| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    });
+    let [t0, t1, c0, c1] = interleaved_medians([(dense, x), (model, x), (dense, &x_nhwc), (model, &x_nhwc)], rounds, repeats);
     let mac_cut = 1.0 - m1 as f64 / m0 as f64;
     let (time_cut, nhwc_cut) = (1.0 - t1 / t0, 1.0 - c1 / c0);
     let batch = x.size()[0];
@@ -88,17 +92,7 @@ fn compare(dense: &mut Model, model: &mut Model, thinner: Thinner, label: &str, 
         fold_batch_norms(m).unwrap();
     }
     let diff = tch::no_grad(|| (folded[1].forward_t(x, false).unwrap() - masked_out).abs().max().double_value(&[]));
-    let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        times[0].push(forward_ms(&folded[0], x, repeats));
-        times[1].push(forward_ms(&folded[1], x, repeats));
-        times[2].push(forward_ms(&folded[0], &x_nhwc, repeats));
-        times[3].push(forward_ms(&folded[1], &x_nhwc, repeats));
-    }
-    let [f0, f1, g0, g1] = times.map(|mut v| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    });
+    let [f0, f1, g0, g1] = interleaved_medians([(&folded[0], x), (&folded[1], x), (&folded[0], &x_nhwc), (&folded[1], &x_nhwc)], rounds, repeats);
     let (fold_cut, fold_nhwc_cut) = (1.0 - f1 / f0, 1.0 - g1 / g0);
     println!("  batch norms folded (max |thinned - masked| = {diff:.1e}): {f0:.2} ms -> {f1:.2} ms ({:.1}% faster; ratio {:.2}); channels-last {g0:.2} ms -> {g1:.2} ms ({:.1}% faster; ratio {:.2})", 100.0 * fold_cut, fold_cut / mac_cut, 100.0 * fold_nhwc_cut, fold_nhwc_cut / mac_cut);
 }

@@ -391,8 +391,7 @@ fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &
     if p.log_y {
         let mut chart = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(draw_err)?;
         chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, *y, y_integer)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
-        chart.draw_series(bars.iter().map(|b| Rectangle::new([(b.x0, y0), (b.x1, b.height)], PALETTE[0].mix(0.45).filled()))).map_err(draw_err)?;
-        draw_series_on(&mut chart, series, &shown, (y0, y1))?;
+        draw_series_on(&mut chart, series, (&bars, y0), &shown, (y0, y1))?;
         if outside {
             draw_side_legend(area, chart.plotting_area(), series, (y0, y1), false)?;
         } else if legend {
@@ -401,8 +400,7 @@ fn draw_lines<DB: DrawingBackend>(mut builder: ChartBuilder<'_, '_, DB>, area: &
     } else {
         let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(draw_err)?;
         chart.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).x_labels(x_labels).x_label_formatter(&x_fmt).y_label_formatter(&|y| tick_text(*y, y1 - y0, y_integer)).label_style(("sans-serif", 13)).draw().map_err(draw_err)?;
-        chart.draw_series(bars.iter().map(|b| Rectangle::new([(b.x0, 0.0), (b.x1, b.height)], PALETTE[0].mix(0.45).filled()))).map_err(draw_err)?;
-        draw_series_on(&mut chart, series, &shown, (y0, y1))?;
+        draw_series_on(&mut chart, series, (&bars, 0.0), &shown, (y0, y1))?;
         if outside {
             draw_side_legend(area, chart.plotting_area(), series, (y0, y1), false)?;
         } else if legend {
@@ -442,18 +440,22 @@ where
     Ok(())
 }
 
-/// Draws each series' line in order (dashed when asked or when it coincides with an earlier series, so both stay
-/// visible), then every series' markers over the lines, their shape cycling with the series (circle, triangle,
-/// cross, ring).
+/// Draws `bars` (a histogram's, standing on `bar_base`), then each series' line in order (dashed when asked or when
+/// it coincides with an earlier series, so both stay visible), then every series' markers over the lines, their
+/// shape cycling with the series (circle, triangle, cross, ring).
 fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
     series: &[Series],
+    bars: (&[Bar], f64),
     shown: &dyn Fn(&&(f64, f64)) -> bool,
     y_range: (f64, f64),
 ) -> Result<()> {
-    for (i, s) in series.iter().enumerate() {
-        let color = PALETTE[s.color.unwrap_or(i) % PALETTE.len()];
-        let points: Vec<(f64, f64)> = s.points.iter().filter(shown).copied().collect();
+    let (bars, bar_base) = bars;
+    chart.draw_series(bars.iter().map(|b| Rectangle::new([(b.x0, bar_base), (b.x1, b.height)], PALETTE[0].mix(0.45).filled()))).map_err(draw_err)?;
+    let drawn: Vec<(RGBColor, Vec<(f64, f64)>)> =
+        series.iter().enumerate().map(|(i, s)| (PALETTE[s.color.unwrap_or(i) % PALETTE.len()], s.points.iter().filter(shown).copied().collect())).collect();
+    for (i, (s, (color, points))) in series.iter().zip(&drawn).enumerate() {
+        let color = *color;
         let style = color.stroke_width(2);
         let dashed = s.dashed || coincides(series, i, y_range);
         let annotation = if dashed {
@@ -468,12 +470,11 @@ fn draw_series_on<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
         });
     }
     // Markers over every line, so that a point is never hidden under a later series' line.
-    for (i, s) in series.iter().enumerate() {
+    for (i, (s, (color, points))) in series.iter().zip(&drawn).enumerate() {
         if !s.markers {
             continue;
         }
-        let color = PALETTE[s.color.unwrap_or(i) % PALETTE.len()];
-        let points: Vec<(f64, f64)> = s.points.iter().filter(shown).copied().collect();
+        let color = *color;
         match i % 4 {
             0 => chart.draw_series(points.iter().map(|&pt| Circle::new(pt, 3, color.filled()))).map(|_| ()),
             1 => chart.draw_series(points.iter().map(|&pt| TriangleMarker::new(pt, 4, color.filled()))).map(|_| ()),

@@ -18,7 +18,7 @@ enum Pass {
     /// Minimum, maximum, count and zeros of the outputs.
     Range(HashMap<String, (f64, f64, i64, i64)>),
     /// Bucket counts over the ranges of the first pass.
-    Counts { ranges: HashMap<String, (f64, f64)>, counts: HashMap<String, Tensor> },
+    Counts { ranges: HashMap<String, (f64, f64)>, counts: HashMap<String, Vec<f64>> },
 }
 
 struct Collector {
@@ -55,13 +55,9 @@ impl Collector {
             }
             Pass::Counts { ranges, counts } => {
                 let Some(&(lo, hi)) = ranges.get(name) else { return Ok(()) };
-                let c = Tensor::from_slice(&super::bucket_counts(y, lo, hi, self.bins)?);
-                match counts.get_mut(name) {
-                    Some(total) => *total += c,
-                    None => {
-                        counts.insert(name.to_string(), c);
-                    }
-                }
+                let batch = super::bucket_counts(y, lo, hi, self.bins)?;
+                let total = counts.entry(name.to_string()).or_insert_with(|| vec![0.0; batch.len()]);
+                total.iter_mut().zip(batch).for_each(|(t, c)| *t += c);
             }
         }
         Ok(())
@@ -136,12 +132,12 @@ pub fn activation_histograms(model: &mut Model, data: &Dataset, modules: &[&str]
     let (mut layer, mut kind, mut low, mut high, mut count, mut zero_share) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     for name in &c.order {
         let (lo, hi) = ranges[name];
-        let counts = Vec::<f64>::try_from(&counts[name])?;
-        for (i, n) in counts.into_iter().enumerate() {
+        let edges = super::bucket_edges(lo, hi, bins);
+        for (i, &n) in counts[name].iter().enumerate() {
             layer.push(name.clone());
             kind.push(types.get(name).cloned().unwrap_or_default());
-            low.push(lo + (hi - lo) * i as f64 / bins as f64);
-            high.push(lo + (hi - lo) * (i + 1) as f64 / bins as f64);
+            low.push(edges[i]);
+            high.push(edges[i + 1]);
             count.push(n as i64);
             zero_share.push(zeros[name]);
         }

@@ -53,9 +53,12 @@ pub fn histogram(t: &tch::Tensor, bins: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let bins = bins.max(1);
     let (lo, hi) = (v.f_min()?.f_double_value(&[])?, v.f_max()?.f_double_value(&[])?);
     let hi = if hi > lo { hi } else { lo + 1.0 };
-    let counts = bucket_counts(&v, lo, hi, bins)?;
-    let edges = (0..=bins).map(|i| lo + (hi - lo) * i as f64 / bins as f64).collect();
-    Ok((edges, counts))
+    Ok((bucket_edges(lo, hi, bins), bucket_counts(&v, lo, hi, bins)?))
+}
+
+/// The `bins + 1` edges of `bins` equal-width buckets from `lo` to `hi`.
+pub(crate) fn bucket_edges(lo: f64, hi: f64, bins: usize) -> Vec<f64> {
+    (0..=bins).map(|i| lo + (hi - lo) * i as f64 / bins as f64).collect()
 }
 
 /// Counts of `v`'s values in `bins` equal-width buckets from `lo` to `hi` (`hi > lo`); values outside go to the
