@@ -1,6 +1,6 @@
 //! Beyond Distiller's simulation: a quantized model's weights exported as real integer tensors with their
 //! scales and zero points (safetensors), sub-8-bit weights packed several to a byte
-//! ([`bit_packing`](super::bit_packing)), its size on disk against FP32, and an evaluation of the exported
+//! ([`bit_packing`]), its size on disk against FP32, and an evaluation of the exported
 //! integers in exact integer arithmetic.
 use std::any::Any;
 use std::collections::HashMap;
@@ -51,7 +51,7 @@ fn integer_kind(lo: f64, hi: f64) -> Kind {
 /// Returns the file's size.
 ///
 /// Weights of 8 bits and more are `<module>.weight` in the smallest integer type that holds their range (uint8
-/// or int8 at 8 bits). Narrower weights are packed ([`bit_packing::pack`](super::bit_packing::pack)):
+/// or int8 at 8 bits). Narrower weights are packed ([`bit_packing::pack`]):
 /// `<module>.weight` is then the 1-D uint8 stream, with `<module>.weight_bits` (its bits per value),
 /// `<module>.weight_low` (the integer the code 0 stands for) and `<module>.weight_shape`, each int64.
 pub fn export_integer_model(model: &Model, path: impl AsRef<Path>) -> Result<ExportedModel> {

@@ -1,7 +1,7 @@
 //! Thinning ("network surgery"): physically removing pruned filters and channels, so a structure-pruned model
 //! really has fewer parameters, MACs and bytes (Distiller's `thinning.py`).
 //!
-//! The channels to remove come from the model's data-flow [`Graph`]: a channel is one [`ChannelClass`], removed
+//! The channels to remove come from the model's data-flow [`Graph`]: a channel is one [`ChannelClass`](crate::graph::ChannelClass), removed
 //! from every tensor it flows through and from every layer that writes or reads it. Removing **filters** takes out
 //! the channels whose every writer (convolution filter, fully connected row) is zero; removing **channels** takes
 //! out those whose every reader (convolution input channel, classifier columns) is zero. In a residual network a

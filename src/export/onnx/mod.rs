@@ -1,6 +1,6 @@
 //! ONNX export of a model, written from its data-flow graph with ONNX's own protobuf messages (opset 13):
 //! floating-point models (dense, masked or thinned) as they are, and post-training quantized models in QDQ form
-//! ([`qdq`]: integer weights behind `DequantizeLinear`, activations through `QuantizeLinear`/`DequantizeLinear`
+//! (`qdq`: integer weights behind `DequantizeLinear`, activations through `QuantizeLinear`/`DequantizeLinear`
 //! pairs with distill's scales and zero points). Initializers carry the model's parameter names
 //! (`layer1.0.conv1.weight`) and every node's output carries its module's name, so a layer is easy to find in a
 //! viewer or a runtime's profile.
@@ -51,7 +51,7 @@ pub struct OnnxExport {
     /// Size of the file in bytes.
     pub file_bytes: u64,
     /// Quantized layers whose weights are written as integers but computed in floating point: per-channel
-    /// weights whose zero points differ, which onnxruntime's integer kernels do not take ([`qdq`]).
+    /// weights whose zero points differ, which onnxruntime's integer kernels do not take (see `qdq.rs`).
     pub float_weight_layers: Vec<String>,
 }
 
