@@ -1,12 +1,13 @@
 //! Time per training step of LeNet-5 (MNIST shape, batch 64) and ResNet-20 (CIFAR-10 shape, batch 32) on
 //! synthetic data: a plain tch loop (tch::nn layers and tch's SGD) against `distill::train::train_epoch` with no
-//! compression, so later work can show what compression costs on top.
+//! compression, so later work can show what compression costs on top. Below it, distill's step with the model
+//! laid out row-major and channels-last (`Model::to_memory_format`), timed alternately.
 //!
-//! A second table reports what an AGP schedule over every 2-D and 4-D weight costs per training step (masks
+//! The next table reports what an AGP schedule over every 2-D and 4-D weight costs per training step (masks
 //! applied before the forward pass and re-applied after the optimizer step), and, separately, the mask-update
 //! step that recomputes all masks at an epoch's start.
 //!
-//! A third table reports quantization: the per-step cost of quantization-aware training (8-bit range-linear
+//! A further table reports quantization: the per-step cost of quantization-aware training (8-bit range-linear
 //! fake quantization with STE on weights and ReLU outputs) against the float step, timed in alternating rounds
 //! with the ratio taken round by round, and the time of a post-training calibration (two passes over the
 //! calibration batches) plus quantization. A last table splits LeNet's step into forward, backward and optimizer
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use distill::config::{PolicyConfig, PrunerConfig, Schedule};
 use distill::data::Dataset;
+use distill::nn::MemoryFormat;
 use distill::optim::{Optimizer, OptimizerConfig};
 use distill::train::{train_epoch, EpochSettings};
 use tch::nn::{self, ModuleT, OptimizerConfig as _};
@@ -82,8 +84,9 @@ fn time_tch(build: fn(&nn::Path) -> nn::SequentialT, data: &Dataset, batch: i64,
     t.elapsed().as_secs_f64() * 1e3 / steps as f64
 }
 
-fn time_distill(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usize) -> f64 {
+fn time_distill(arch: &str, dataset: &str, data: &Dataset, batch: usize, steps: usize, format: MemoryFormat) -> f64 {
     let mut model = distill::models::create_model(arch, dataset, Device::Cpu).unwrap();
+    model.to_memory_format(format).unwrap();
     let mut opt = Optimizer::for_model(&model, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
     let warm = data.subset("warm", &(0..3 * batch as i64).collect::<Vec<_>>()).unwrap();
     let timed = data.subset("timed", &(0..(steps * batch) as i64).collect::<Vec<_>>()).unwrap();
@@ -257,8 +260,21 @@ fn main() {
     for (arch, dataset, shape, batch, build) in cases {
         let data = Dataset::synthetic(steps * batch + 3 * batch, shape, 10, 1).unwrap();
         let plain = time_tch(build, &data, batch as i64, steps);
-        let ours = time_distill(arch, dataset, &data, batch, steps);
+        let ours = time_distill(arch, dataset, &data, batch, steps, MemoryFormat::Contiguous);
         println!("{arch:<16} {batch:>6} {plain:>14.2} {ours:>18.2} {:>8.3}", ours / plain);
+    }
+    println!();
+    println!("Channels-last layout (Model::to_memory_format), distill's step, the two layouts alternately ({rounds} rounds, medians):");
+    println!("{:<16} {:>6} {:>18} {:>22} {:>8}", "model", "batch", "row-major ms/step", "channels-last ms/step", "ratio");
+    for (arch, dataset, shape, batch) in [("lenet", "mnist", [1, 28, 28], 64), ("resnet20_cifar", "cifar10", [3, 32, 32], 32), ("resnet20_cifar", "cifar10", [3, 32, 32], 64)] {
+        let data = Dataset::synthetic(steps * batch + 3 * batch, shape, 10, 1).unwrap();
+        let (mut rows, mut last) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            rows.push(time_distill(arch, dataset, &data, batch, steps, MemoryFormat::Contiguous));
+            last.push(time_distill(arch, dataset, &data, batch, steps, MemoryFormat::ChannelsLast));
+        }
+        let (rows, last) = (median(rows), median(last));
+        println!("{arch:<16} {batch:>6} {rows:>18.2} {last:>22.2} {:>8.3}", last / rows);
     }
     println!();
     println!("AGP over every 2-D/4-D weight, per training step (masks applied before forward and after the step):");

@@ -350,8 +350,12 @@ fn a_thinned_checkpoint_loads_everywhere_and_thin_shrinks_a_masked_one() {
     assert!(std::fs::metadata(&qdq).unwrap().len() < std::fs::metadata(&onnx).unwrap().len() / 2);
     let o = distill(&["export", "--arch", "lenet", "--dataset", "mnist", "--checkpoint", c, "--quantized", config, "--out", qdq.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("dynamic ranges"), "{}", stderr(&o));
-    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--load-weights", c, "--out", dir.path().join("ft").to_str().unwrap()]);
+    // Fine-tuning the thinned weights, laid out channels-last.
+    let ft = dir.path().join("ft");
+    let o = distill(&["train", "--arch", "lenet", "--dataset", "mnist", "--epochs", "1", "--progress", "quiet", "--load-weights", c, "--channels-last", "--out", ft.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ft.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["test"]["top1"].as_f64().unwrap() >= 95.0, "{summary}");
 
     // A masked (not thinned) checkpoint: `distill thin` removes its zero filters and writes a smaller checkpoint.
     let masked = dir.path().join("masked");

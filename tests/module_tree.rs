@@ -190,3 +190,119 @@ fn user_trees_with_bad_names_are_rejected() {
     let err = distill::nn::Model::new(vs, distill::nn::Sequential::new().add("fc", stray), info).err().unwrap().to_string();
     assert!(err.contains("'fc.weight' is not in the VarStore"), "{err}");
 }
+
+/// A model laid out channels-last computes what the row-major one does, and stays channels-last, through what
+/// rewrites its weights: thinning, copying, SGD steps, a checkpoint, cross-layer equalization, batch-norm folding
+/// and the post-training quantizer.
+#[test]
+fn a_channels_last_model_computes_what_the_contiguous_one_does() {
+    use distill::models::copy_model;
+    use distill::nn::{MemoryFormat, Model};
+    use distill::optim::{Optimizer, OptimizerConfig};
+    use distill::quantization::range_linear::{PostTrainConfig, PostTrainLinearQuantizer};
+    use distill::quantization::{bn_fold::fold_batch_norms, equalization::equalize_cross_layer};
+
+    /// The layout of the first convolution's input, seen from inside the forward pass.
+    struct InputLayout(Option<MemoryFormat>);
+    impl Observer for InputLayout {
+        fn observe(&mut self, call: &ModuleCall) {
+            if call.name == "conv1" {
+                self.0 = Some(MemoryFormat::of(call.inputs[0]));
+            }
+        }
+    }
+    fn close(a: &Tensor, b: &Tensor, tolerance: f64, what: &str) {
+        let (diff, scale) = ((a - b).abs().max().double_value(&[]), b.abs().max().double_value(&[]));
+        assert!(diff <= tolerance * scale, "{what}: differ by {diff} at scale {scale}");
+    }
+    // Every weight whose layout tells the two formats apart (more than one input channel and pixel) is channels-last.
+    fn channels_last(model: &Model, what: &str) {
+        for (name, p) in model.named_parameters() {
+            if p.dim() == 4 && p.size()[1] > 1 && p.size()[2] * p.size()[3] > 1 {
+                assert_eq!(MemoryFormat::of(&p), MemoryFormat::ChannelsLast, "{what}: {name} {:?}", p.stride());
+            }
+        }
+    }
+    let eval = |m: &Model, x: &Tensor| tch::no_grad(|| m.forward_t(x, false).unwrap());
+
+    tch::manual_seed(7);
+    let mut rows = create_model("resnet20_cifar", "cifar10", Device::Cpu).unwrap();
+    let mut last = copy_model(&rows).unwrap();
+    last.to_memory_format(MemoryFormat::ChannelsLast).unwrap();
+    assert_eq!((rows.memory_format(), last.memory_format()), (MemoryFormat::Contiguous, MemoryFormat::ChannelsLast));
+    channels_last(&last, "converted");
+    let x = input(&rows, 8);
+    assert_eq!(MemoryFormat::of(&x), MemoryFormat::Contiguous);
+    let seen = Arc::new(Mutex::new(InputLayout(None)));
+    let id = last.attach_observer(seen.clone());
+    close(&eval(&last, &x), &eval(&rows, &x), 1e-5, "converted");
+    last.detach_observer(id);
+    assert_eq!(seen.lock().unwrap().0, Some(MemoryFormat::ChannelsLast), "a row-major input is converted on the way in");
+
+    // Thinning: the weakest half of two blocks' first filters, zeroed alike in both, then removed.
+    for m in [&rows, &last] {
+        tch::no_grad(|| {
+            for block in ["layer1.0", "layer2.1"] {
+                let idx = Tensor::arange_start(0, 8, (Kind::Int64, Device::Cpu));
+                for p in [format!("{block}.conv1.weight"), format!("{block}.bn1.weight"), format!("{block}.bn1.bias")] {
+                    let _ = m.parameter(&p).unwrap().index_fill_(0, &idx, 0.0);
+                }
+            }
+        });
+    }
+    for m in [&mut rows, &mut last] {
+        distill::thinning::thin_filters(m).unwrap();
+    }
+    assert_eq!(last.parameter("layer2.1.conv2.weight").unwrap().size(), [32, 24, 3, 3]);
+    channels_last(&last, "thinned");
+    close(&eval(&last, &x), &eval(&rows, &x), 1e-5, "thinned");
+    let copy = copy_model(&last).unwrap();
+    assert_eq!(copy.memory_format(), MemoryFormat::ChannelsLast);
+    channels_last(&copy, "copied");
+
+    // Training (on copies): three SGD steps with momentum give the same losses, and the weights stay channels-last.
+    // Gradients themselves may differ by a few percent where one ReLU input of the two models lies on the other
+    // side of zero by rounding (float32 against float64 does the same), so only the losses are compared.
+    let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
+    let mut losses = Vec::new();
+    let mut trained = [copy_model(&rows).unwrap(), copy_model(&last).unwrap()];
+    for m in &mut trained {
+        m.train();
+        let mut opt = Optimizer::for_model(m, OptimizerConfig::sgd(0.9, 1e-4), 0.01).unwrap();
+        for _ in 0..3 {
+            opt.zero_grad();
+            let loss = m.forward(&x).unwrap().cross_entropy_for_logits(&y);
+            loss.backward();
+            opt.step().unwrap();
+            losses.push(loss.double_value(&[]));
+        }
+    }
+    assert!(losses[2] < losses[0] - 0.01, "the model learns: {losses:?}");
+    for i in 0..3 {
+        assert!((losses[i] - losses[i + 3]).abs() < 1e-3 * losses[i], "step {i}: {losses:?}");
+    }
+    channels_last(&trained[1], "trained");
+
+    // A checkpoint stores values: loaded, the model is row-major and computes the same function.
+    let dir = distill::io::TempDir::new().unwrap();
+    let path = dir.path().join("last.safetensors");
+    distill::train::Checkpoint::capture(&last, None, None, 0, 1, Vec::new()).save(&path).unwrap();
+    let loaded = distill::models::load_checkpoint(&path, Device::Cpu).unwrap();
+    assert_eq!(loaded.memory_format(), MemoryFormat::Contiguous);
+    close(&eval(&loaded, &x), &eval(&last, &x), 1e-5, "loaded");
+
+    // Equalization and folding rewrite weights in place; the quantizer wraps them.
+    for m in [&mut rows, &mut last] {
+        equalize_cross_layer(m).unwrap();
+    }
+    channels_last(&last, "equalized");
+    close(&eval(&last, &x), &eval(&rows, &x), 1e-4, "equalized");
+    for m in [&mut rows, &mut last] {
+        fold_batch_norms(m).unwrap();
+    }
+    close(&eval(&last, &x), &eval(&rows, &x), 1e-4, "folded");
+    for m in [&mut rows, &mut last] {
+        PostTrainLinearQuantizer::new(PostTrainConfig::default()).prepare_model(m).unwrap();
+    }
+    close(&eval(&last, &x), &eval(&rows, &x), 1e-3, "quantized");
+}

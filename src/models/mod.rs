@@ -200,8 +200,8 @@ pub fn create_model(arch: &str, dataset: &str, device: Device) -> Result<Model> 
 }
 
 /// An independent copy of a floating-point zoo model: the same architecture, the same thinning, and copies of its
-/// weights and buffers, on the same device. For comparing variants of one trained model (masked, thinned,
-/// quantized) without training it again. A model built outside the zoo, or a quantized one, is an error: build
+/// weights and buffers, on the same device, in the same memory format. For comparing variants of one trained model
+/// (masked, thinned, quantized) without training it again. A model built outside the zoo, or a quantized one, is an error: build
 /// it again and load its state dict.
 ///
 /// ```
@@ -217,6 +217,7 @@ pub fn copy_model(model: &Model) -> Result<Model> {
     let mut copy = create_model(&info.arch, &info.dataset, model.device())?;
     crate::train::replay_structure(&mut copy, crate::train::StructureLog::of(model), None)?;
     copy.load_state_dict(&model.state_dict(), true)?;
+    copy.to_memory_format(model.memory_format())?;
     Ok(copy)
 }
 

@@ -28,6 +28,7 @@
 //! ```
 mod forward;
 pub mod layers;
+pub mod layout;
 mod model;
 mod module;
 mod names;
@@ -42,6 +43,7 @@ pub use layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ConstantPad3d, Conv2d, Conv2dConfig, Dropout, EltwiseAdd,
     Flatten, Identity, Linear, MaxPool2d, ReLU, ReLU6,
 };
+pub use layout::MemoryFormat;
 pub use model::{Model, ModelInfo, ModuleInfo, Snapshot};
 pub use module::{BoxModule, Module};
 pub use names::{canonical_param_name, normalize_name};

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::{normalize_name, BoxModule, Forward, Module, Observer, ObserverId, SharedObserver};
+use super::{normalize_name, BoxModule, Forward, MemoryFormat, Module, Observer, ObserverId, SharedObserver};
 use crate::early_exit::ExitSpec;
 use crate::factorization::FactorizationSpec;
 use crate::thinning::ThinningRecipe;
@@ -55,6 +55,8 @@ pub struct Model {
     factorizations: Vec<FactorizationSpec>,
     /// Set by [`Model::to_kind`]: the kind floating-point inputs are converted to on the way in.
     input_kind: Option<Kind>,
+    /// Set by [`Model::to_memory_format`]: the layout of 4-D tensors, inputs included.
+    memory_format: MemoryFormat,
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -99,7 +101,7 @@ impl Model {
     /// Checks that child names are non-empty, dot-free and unique among siblings, and that the tree's parameter
     /// and buffer names are exactly the `VarStore`'s, so checkpoints, optimizers and schedules all agree.
     pub fn new(vs: VarStore, root: impl Module, info: ModelInfo) -> Result<Model> {
-        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new(), exits: Vec::new(), factorizations: Vec::new(), input_kind: None };
+        let model = Model { vs, root: Box::new(root), info, training: true, observers: Vec::new(), next_observer_id: 0, thinning: Vec::new(), exits: Vec::new(), factorizations: Vec::new(), input_kind: None, memory_format: MemoryFormat::Contiguous };
         model.check_tree()?;
         Ok(model)
     }
@@ -227,11 +229,57 @@ impl Model {
         Ok(())
     }
 
-    /// `xs` converted to the kind set by [`Model::to_kind`], when it is floating point and of another kind.
+    /// Lays out every 4-D parameter and buffer (convolution weights) in `format`, and from then on 4-D inputs too
+    /// on the way in, so that the forward and backward passes stay in it. `MemoryFormat::ChannelsLast` spares
+    /// libtorch's CPU convolutions a reorder of their input and output at every call (see [`super::layout`] for
+    /// figures); values do not change, convolutions may round differently. Thinning and the optimizer's in-place
+    /// updates keep the layout; [`copy_model`](crate::models::copy_model) copies it; a checkpoint stores values,
+    /// not layout (call this again after loading).
+    ///
+    /// ```
+    /// use distill::nn::MemoryFormat;
+    /// let mut model = distill::models::create_model("resnet20_cifar", "cifar10", tch::Device::Cpu)?;
+    /// let x = tch::Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    /// let before = model.forward_t(&x, false)?;
+    /// model.to_memory_format(MemoryFormat::ChannelsLast)?;
+    /// assert_eq!(MemoryFormat::of(&model.parameter("layer1.0.conv1.weight")?), MemoryFormat::ChannelsLast);
+    /// let after = model.forward_t(&x, false)?;
+    /// assert!(after.allclose(&before, 1e-4, 1e-5, false));
+    /// # Ok::<(), distill::Error>(())
+    /// ```
+    pub fn to_memory_format(&mut self, format: MemoryFormat) -> Result<()> {
+        let mut relaid = Vec::new();
+        tch::no_grad(|| -> Result<()> {
+            for (_, t) in self.state_dict() {
+                let new = format.apply(&t)?;
+                if new.data_ptr() != t.data_ptr() {
+                    relaid.push((t, new));
+                }
+            }
+            Ok(())
+        })?;
+        for (mut old, new) in relaid {
+            old.set_data(&new);
+        }
+        self.memory_format = format;
+        Ok(())
+    }
+
+    /// The layout set by [`Model::to_memory_format`] (`Contiguous` unless set).
+    pub fn memory_format(&self) -> MemoryFormat {
+        self.memory_format
+    }
+
+    /// `xs` converted to the kind set by [`Model::to_kind`], when it is floating point and of another kind, and
+    /// laid out as [`Model::to_memory_format`] says.
     fn converted_input(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.input_kind {
-            Some(kind) if xs.is_floating_point() && xs.kind() != kind => Ok(xs.f_to_kind(kind)?),
-            _ => Ok(xs.shallow_clone()),
+        let xs = match self.input_kind {
+            Some(kind) if xs.is_floating_point() && xs.kind() != kind => xs.f_to_kind(kind)?,
+            _ => xs.shallow_clone(),
+        };
+        match self.memory_format {
+            MemoryFormat::ChannelsLast => self.memory_format.apply(&xs),
+            MemoryFormat::Contiguous => Ok(xs),
         }
     }
 

@@ -197,8 +197,15 @@ fn equalize_pair(model: &Model, p: &Pair) -> Result<(f64, Tensor)> {
         if let Ok(b1) = model.parameter(&format!("{}.bias", p.first)) {
             let _ = b1.shallow_clone().f_div_(&s)?;
         }
-        let blocks = w2.f_view([out, p.channels, -1])?;
-        let _ = blocks.shallow_clone().f_mul_(&s.f_view([1, p.channels, 1])?)?;
+        if w2.dim() == 2 {
+            // A Linear after a flatten reads each channel as a block of columns.
+            let blocks = w2.f_view([out, p.channels, -1])?;
+            let _ = blocks.shallow_clone().f_mul_(&s.f_view([1, p.channels, 1])?)?;
+        } else {
+            // Broadcast rather than view, which a channels-last weight does not allow.
+            let along_inputs: Vec<i64> = [1, p.channels].into_iter().chain(std::iter::repeat_n(1, w2.dim() - 2)).collect();
+            let _ = w2.shallow_clone().f_mul_(&s.f_view(along_inputs.as_slice())?)?;
+        }
         Ok(())
     })?;
     Ok((largest, applied))

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::nn::{BatchNorm2d, ConstantPad3d, Conv2d, Linear, Model};
+use crate::nn::{BatchNorm2d, ConstantPad3d, Conv2d, Linear, MemoryFormat, Model};
 use crate::optim::Optimizer;
 use crate::scheduler::Masks;
 use crate::{Error, Result};
@@ -49,7 +49,8 @@ fn select(t: &Tensor, selections: &Selections) -> Result<Tensor> {
     for (dim, idx) in selections {
         out = out.f_index_select(*dim, &idx.f_to_device(t.device())?)?;
     }
-    Ok(out.f_contiguous()?)
+    // In the layout of the tensor it replaces, so a channels-last model stays channels-last.
+    MemoryFormat::of(t).apply(&out.f_contiguous()?)
 }
 
 /// Kept indices as a tensor, checked against the dimension they select from.

@@ -621,6 +621,10 @@ struct TrainArgs {
     /// quantization-aware training of a trained model (Distiller's --exp-load-weights-from).
     #[arg(long, conflicts_with = "resume")]
     load_weights: Option<PathBuf>,
+    /// Lay convolution weights and inputs out channels-last (NHWC): libtorch's CPU convolutions skip a reorder at
+    /// every call (a ResNet-20 step ran 20–24% faster); results agree to float rounding (see distill::nn::layout).
+    #[arg(long)]
+    channels_last: bool,
     /// Progress display: auto, bar, lines or quiet.
     #[arg(long, default_value = "auto")]
     progress: String,
@@ -813,6 +817,9 @@ fn train(args: TrainArgs) -> Result<()> {
         distill::train::Checkpoint::load(path)?.restore_model(&mut model, path)?;
     }
     let early_exit = args.early_exit.attach(&mut model)?;
+    if args.channels_last {
+        model.to_memory_format(distill::nn::MemoryFormat::ChannelsLast)?;
+    }
     let data = args.model.data()?;
     let defaults = models::training_defaults(&args.model.arch, &args.model.dataset);
     let (lr, batch_size) = (args.lr.unwrap_or(defaults.lr), args.batch_size.unwrap_or(defaults.batch_size));
