@@ -201,8 +201,8 @@ pub fn create_model(arch: &str, dataset: &str, device: Device) -> Result<Model> 
 
 /// An independent copy of a floating-point zoo model: the same architecture, the same thinning, and copies of its
 /// weights and buffers, on the same device, in the same memory format. For comparing variants of one trained model
-/// (masked, thinned, quantized) without training it again. A model built outside the zoo, or a quantized one, is an error: build
-/// it again and load its state dict.
+/// (masked, thinned, quantized) without training it again. A model built outside the zoo, or a quantized one, is
+/// an error: build it again and load its state dict.
 ///
 /// ```
 /// let mut model = distill::models::create_model("lenet", "mnist", tch::Device::Cpu)?;

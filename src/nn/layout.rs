@@ -42,8 +42,9 @@ impl MemoryFormat {
         }
     }
 
-    /// `t` laid out in this format: a 4-D tensor is copied when its layout differs; other tensors come back
-    /// unchanged (as shallow clones), since only 4-D tensors have a channels-last layout.
+    /// `t` laid out in this format, copied only when its layout differs: `Contiguous` makes any tensor row-major;
+    /// `ChannelsLast` lays out a 4-D tensor NHWC and leaves other ranks as they are (as shallow clones), since only
+    /// 4-D tensors have a channels-last layout.
     ///
     /// ```
     /// use distill::nn::MemoryFormat;
@@ -56,16 +57,11 @@ impl MemoryFormat {
     /// # Ok::<(), distill::Error>(())
     /// ```
     pub fn apply(self, t: &Tensor) -> Result<Tensor> {
-        let laid_out = match self {
-            MemoryFormat::Contiguous => t.is_contiguous(),
-            MemoryFormat::ChannelsLast => t.dim() == 4 && t.f_permute([0, 2, 3, 1])?.is_contiguous(),
-        };
-        if t.dim() != 4 || laid_out {
-            return Ok(t.shallow_clone());
-        }
+        // libtorch's contiguous() returns the tensor itself when it already is.
         Ok(match self {
             MemoryFormat::Contiguous => t.f_contiguous()?,
-            MemoryFormat::ChannelsLast => t.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_permute([0, 3, 1, 2])?,
+            MemoryFormat::ChannelsLast if t.dim() == 4 => t.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_permute([0, 3, 1, 2])?,
+            MemoryFormat::ChannelsLast => t.shallow_clone(),
         })
     }
 }

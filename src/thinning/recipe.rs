@@ -49,8 +49,8 @@ fn select(t: &Tensor, selections: &Selections) -> Result<Tensor> {
     for (dim, idx) in selections {
         out = out.f_index_select(*dim, &idx.f_to_device(t.device())?)?;
     }
-    // In the layout of the tensor it replaces, so a channels-last model stays channels-last.
-    MemoryFormat::of(t).apply(&out.f_contiguous()?)
+    // Dense, in the layout of the tensor it replaces, so a channels-last model stays channels-last.
+    MemoryFormat::of(t).apply(&out)
 }
 
 /// Kept indices as a tensor, checked against the dimension they select from.
